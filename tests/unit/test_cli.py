@@ -1,0 +1,40 @@
+from typer.testing import CliRunner
+
+from streamrec.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("stack", "topics", "produce-request", "consume", "demo"):
+        assert command in result.output
+
+
+def test_a_missing_broker_is_a_readable_error_not_a_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMREC_RUN_DIR", str(tmp_path))
+    monkeypatch.delenv("STREAMREC_KAFKA_BOOTSTRAP", raising=False)
+    from streamrec.config import get_settings
+
+    get_settings.cache_clear()
+    try:
+        result = runner.invoke(app, ["produce-request", "--user", "1"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 1
+    assert "streamrec stack up" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unknown_topic_is_a_readable_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMREC_KAFKA_BOOTSTRAP", "127.0.0.1:1")
+    from streamrec.config import get_settings
+
+    get_settings.cache_clear()
+    try:
+        result = runner.invoke(app, ["consume", "--topic", "nope"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 1
+    assert "unknown topic 'nope'" in result.output
