@@ -1,0 +1,130 @@
+"""Stream-updatable features, computed by the same functions offline and online.
+
+Training replays the training interactions through `update_user` / `ItemPopularity`; the stream
+processors call the same functions on live events. So a user's features at serving time are
+built exactly as they were for training, and a user unknown at training time gets features from
+its first events.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+HISTORY_LEN = 20
+GENRE_DECAY = 0.8  # weight of the past in the genre-affinity moving average
+POPULARITY_HALF_LIFE_MS = 7 * 24 * 3600 * 1000
+
+
+@dataclass
+class UserActivity:
+    """One user's stream state: the `user_activity` feature view."""
+
+    recent_items: list[str] = field(default_factory=list)  # most recent first
+    event_count: int = 0
+    genre_affinity: list[float] = field(default_factory=list)  # a distribution over genres
+    last_event_ms: int = 0
+
+
+def update_user(
+    state: UserActivity | None, item_id: str, genres: np.ndarray, ts_ms: int
+) -> UserActivity:
+    """The state after one more interaction (`genres`: the item's multi-hot genre vector)."""
+    state = state or UserActivity()
+    recent = [item_id] + [i for i in state.recent_items if i != item_id]
+    g = np.asarray(genres, dtype=np.float64)
+    g = g / g.sum() if g.sum() > 0 else g
+    if state.genre_affinity:
+        affinity = GENRE_DECAY * np.asarray(state.genre_affinity) + (1 - GENRE_DECAY) * g
+    else:
+        affinity = g
+    return UserActivity(
+        recent_items=recent[:HISTORY_LEN],
+        event_count=state.event_count + 1,
+        genre_affinity=[float(x) for x in affinity],
+        last_event_ms=max(ts_ms, state.last_event_ms),
+    )
+
+
+def decay(count: float, from_ms: int, to_ms: int) -> float:
+    """A time-decayed count carried forward from `from_ms` to `to_ms`."""
+    if count <= 0 or to_ms <= from_ms:
+        return count
+    return count * math.exp(-(to_ms - from_ms) * math.log(2) / POPULARITY_HALF_LIFE_MS)
+
+
+@dataclass
+class ItemStats:
+    """One item's stream state: the `item_stats` feature view."""
+
+    popularity: float = 0.0  # time-decayed interaction count as of `popularity_ms`
+    popularity_ms: int = 0
+    available: bool = True
+
+    def at(self, ts_ms: int) -> float:
+        return decay(self.popularity, self.popularity_ms, ts_ms)
+
+
+def update_item(stats: ItemStats | None, ts_ms: int) -> ItemStats:
+    stats = stats or ItemStats()
+    ts = max(ts_ms, stats.popularity_ms)
+    return ItemStats(stats.at(ts) + 1.0, ts, stats.available)
+
+
+@dataclass
+class Replay:
+    """Features as they were just before each interaction, and the states after the last."""
+
+    users_before: list[UserActivity]  # aligned with the interactions
+    popularity_before: np.ndarray  # the item's decayed popularity just before each interaction
+    users: dict[str, UserActivity]
+    items: dict[str, ItemStats]
+
+
+def replay(
+    interactions: pd.DataFrame,
+    genre_vectors: dict[str, np.ndarray],
+    users: dict[str, UserActivity] | None = None,
+    items: dict[str, ItemStats] | None = None,
+) -> Replay:
+    """Run interactions (sorted by time) through the stream updates, from optional states."""
+    users = dict(users or {})
+    items = dict(items or {})
+    width = len(next(iter(genre_vectors.values()))) if genre_vectors else 0
+    no_genres = np.zeros(width)
+    before, pop = [], np.zeros(len(interactions), dtype=np.float32)
+    rows = zip(
+        interactions["user_id"].to_numpy(),
+        interactions["item_id"].to_numpy(),
+        interactions["timestamp"].to_numpy(),
+        strict=True,
+    )
+    for n, (user, item, ts) in enumerate(rows):
+        ts_ms = int(ts) * 1000
+        state = users.get(user)
+        before.append(state or UserActivity())
+        stats = items.get(item)
+        pop[n] = stats.at(ts_ms) if stats else 0.0
+        users[user] = update_user(state, item, genre_vectors.get(item, no_genres), ts_ms)
+        items[item] = update_item(stats, ts_ms)
+    return Replay(before, pop, users, items)
+
+
+def genre_vocabulary(genres: Iterable[list[str]]) -> list[str]:
+    return sorted({g for gs in genres for g in gs})
+
+
+def genre_vectors(items: pd.DataFrame, vocabulary: list[str]) -> dict[str, np.ndarray]:
+    index = {g: i for i, g in enumerate(vocabulary)}
+    out = {}
+    for item_id, genres in zip(items["item_id"], items["genres"], strict=True):
+        v = np.zeros(len(vocabulary), dtype=np.float32)
+        for g in genres:
+            if g in index:
+                v[index[g]] = 1.0
+        out[item_id] = v
+    return out

@@ -1,0 +1,81 @@
+"""The ANN index of item embeddings, keyed by raw item id.
+
+Exact inner-product search for small catalogs, HNSW above `EXACT_LIMIT` items. Rows are the
+positions in `ids`; new items are appended (the streams add them without retraining).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+EXACT_LIMIT = 200_000
+HNSW_M = 32
+
+
+class ItemIndex:
+    def __init__(self, index: faiss.Index, ids: list[str]):
+        self.index = index
+        self.ids = ids
+        self._row = {item: n for n, item in enumerate(ids)}
+
+    @classmethod
+    def build(cls, embeddings: np.ndarray, ids: list[str], exact_limit: int = EXACT_LIMIT):
+        emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+        dim = emb.shape[1]
+        if len(ids) <= exact_limit:
+            index = faiss.IndexFlatIP(dim)
+        else:
+            index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = 80
+            index.hnsw.efSearch = 128
+        index.add(emb)
+        return cls(index, list(ids))
+
+    @property
+    def exact(self) -> bool:
+        return isinstance(self.index, faiss.IndexFlat)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def search(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, list[list[str]]]:
+        """Top-n items by inner product for each query row: (scores, item ids)."""
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        scores, rows = self.index.search(q, min(n, len(self.ids)))
+        return scores, [[self.ids[r] for r in row if r >= 0] for row in rows]
+
+    def add(self, embeddings: np.ndarray, ids: list[str]) -> None:
+        """Append new items (an id already present is skipped: its embedding stays)."""
+        new = [(n, i) for n, i in enumerate(ids) if i not in self._row]
+        if not new:
+            return
+        emb = np.ascontiguousarray(embeddings[[n for n, _ in new]], dtype=np.float32)
+        self.index.add(emb)
+        for _, item in new:
+            self._row[item] = len(self.ids)
+            self.ids.append(item)
+
+    def recall_vs_exact(self, queries: np.ndarray, n: int) -> float:
+        """Share of the exact top-n that this index finds (1.0 for an exact index)."""
+        if self.exact:
+            return 1.0
+        flat = faiss.IndexFlatIP(self.index.d)
+        flat.add(self.index.reconstruct_n(0, self.index.ntotal))
+        _, truth = flat.search(np.ascontiguousarray(queries, dtype=np.float32), n)
+        _, found = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), n)
+        hits = sum(len(set(t) & set(f)) for t, f in zip(truth, found, strict=True))
+        return hits / truth.size
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self.index, str(directory / "items.faiss"))
+        (directory / "item_ids.json").write_text(json.dumps(self.ids))
+
+    @classmethod
+    def load(cls, directory: Path) -> ItemIndex:
+        index = faiss.read_index(str(directory / "items.faiss"))
+        return cls(index, json.loads((directory / "item_ids.json").read_text()))

@@ -1,0 +1,360 @@
+"""Two-tower retrieval model (Keras 3 on the TensorFlow backend).
+
+The user tower reads the user's attributes and the user's most recent items (``hist_items``,
+0-padded, in the ``item_id`` vocabulary). The item-id embedding table is shared by the item
+tower and by the history pooling of the user tower, so a user unknown at training time who has
+a few recent items (from the stream) still lands near those items.
+
+Both towers end in an L2 normalisation, so ``user @ item`` is a cosine similarity and a Faiss
+inner-product index retrieves with it.
+
+Training is an in-batch sampled softmax with logQ correction, a temperature and masking of
+in-batch duplicates of the positive item, written as a compiled ``tf.function`` GradientTape
+step.
+
+Only the offline side imports this module (it imports TensorFlow); serving uses the ONNX
+export (:mod:`models.onnx_export`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers, ops
+
+USER_FEATURES: tuple[str, ...] = ("user_age", "user_gender", "user_occupation", "user_zip")
+USER_INPUTS: tuple[str, ...] = (*USER_FEATURES, "hist_items")
+ITEM_INPUTS: tuple[str, ...] = ("item_id", "item_genres", "item_year")
+USER_OUTPUT = "user_embedding"
+ITEM_OUTPUT = "item_embedding"
+
+PAD_INDEX = 0
+OOV_INDEX = 1
+
+ProgressCallback = Callable[[int, float], None]
+
+
+# --------------------------------------------------------------------------------------------
+# graph helpers shared with models.ranking (plain keras.ops, all export cleanly to ONNX)
+# --------------------------------------------------------------------------------------------
+
+
+def safe_index(x, cardinality: int):
+    """Map indices outside ``[0, cardinality)`` to the OOV index 1 (instead of a Gather error).
+
+    The stream can record items newer than the model's vocabulary; they must not crash serving.
+    """
+    x = ops.cast(x, "int64")
+    bad = ops.logical_or(ops.less(x, 0), ops.greater_equal(x, cardinality))
+    return ops.where(bad, ops.ones_like(x) * OOV_INDEX, x)
+
+
+def masked_mean(emb, idx):
+    """Mean of ``emb`` (n, L, d) over positions where ``idx`` (n, L) != 0; zeros when none.
+
+    Returns ``(pooled (n, d), count (n, 1))``.
+    """
+    mask = ops.cast(ops.not_equal(idx, PAD_INDEX), emb.dtype)
+    count = ops.sum(mask, axis=1, keepdims=True)
+    total = ops.sum(emb * ops.expand_dims(mask, -1), axis=1)
+    return total / ops.maximum(count, 1.0), count
+
+
+def l2_normalize(x, eps: float = 1e-12):
+    """Row-wise L2 normalisation; finite for an all-zero row."""
+    sq = ops.sum(x * x, axis=-1, keepdims=True)
+    return x / ops.sqrt(ops.maximum(sq, eps))
+
+
+def check_cardinalities(cardinalities: Mapping[str, int], names) -> None:
+    missing = [n for n in names if n not in cardinalities]
+    if missing:
+        raise ValueError(f"cardinalities missing for {missing}")
+    small = {n: cardinalities[n] for n in names if int(cardinalities[n]) < 2}
+    if small:
+        raise ValueError(f"cardinalities must be >= 2 (0 = pad, 1 = OOV): {small}")
+
+
+def _seeded(seed: int):
+    """Seed generator for initialisers, so a build is reproducible without global seeding."""
+    counter = iter(range(1_000_000))
+
+    def nxt() -> int:
+        return int(seed) * 1000 + next(counter)
+
+    return nxt
+
+
+# --------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TwoTower:
+    user_tower: keras.Model
+    item_tower: keras.Model
+    dim: int
+    hist_len: int
+    n_genres: int
+    temperature: float = 0.05
+    seed: int = 0
+    history: list[float] = field(default_factory=list)
+    _optimizer: keras.optimizers.Optimizer | None = field(default=None, repr=False)
+    _step: Callable | None = field(default=None, repr=False)
+
+    # ---------------------------------------------------------------- training
+    def trainable_variables(self) -> list:
+        seen: set[int] = set()
+        out = []
+        for v in [*self.user_tower.trainable_variables, *self.item_tower.trainable_variables]:
+            if id(v) not in seen:
+                seen.add(id(v))
+                out.append(v)
+        return out
+
+    def _make_step(self, user_inputs: Mapping, item_inputs: Mapping) -> Callable:
+        variables = self.trainable_variables()
+        optimizer = self._optimizer
+        user_tower, item_tower = self.user_tower, self.item_tower
+        inv_temp = 1.0 / float(self.temperature)
+
+        def spec(a: np.ndarray) -> tf.TensorSpec:
+            return tf.TensorSpec((None, *a.shape[1:]), tf.as_dtype(a.dtype))
+
+        signature = (
+            {k: spec(np.asarray(v)) for k, v in user_inputs.items()},
+            {k: spec(np.asarray(v)) for k, v in item_inputs.items()},
+            tf.TensorSpec((None,), tf.float32),
+        )
+
+        @tf.function(input_signature=signature)
+        def step(u, it, log_q):
+            with tf.GradientTape() as tape:
+                ue = user_tower(u, training=True)
+                ie = item_tower(it, training=True)
+                logits = tf.matmul(ue, ie, transpose_b=True) * inv_temp
+                # logQ correction: popular items appear as in-batch negatives more often
+                logits = logits - log_q[None, :]
+                ids = tf.cast(it["item_id"], tf.int64)
+                n = tf.shape(ids)[0]
+                same = tf.equal(ids[:, None], ids[None, :])
+                dup = tf.logical_and(same, tf.logical_not(tf.eye(n, dtype=tf.bool)))
+                logits = tf.where(dup, tf.fill(tf.shape(logits), -1e9), logits)
+                labels = tf.range(n)
+                loss = tf.reduce_mean(
+                    tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+                )
+            grads = tape.gradient(loss, variables)
+            optimizer.apply_gradients(zip(grads, variables, strict=True))
+            return loss
+
+        return step
+
+    def fit(
+        self,
+        user_inputs: Mapping[str, np.ndarray],
+        item_inputs: Mapping[str, np.ndarray],
+        item_log_q: np.ndarray | None = None,
+        epochs: int = 3,
+        batch_size: int = 512,
+        learning_rate: float = 3e-3,
+        verbose: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> list[float]:
+        """Train on positive (user state, item) pairs; row i of both dicts is one pair.
+
+        ``item_log_q[i]`` is the log sampling probability of row i's item (see
+        :func:`item_log_q`); ``None`` computes it from ``item_inputs["item_id"]``.
+        Returns the mean loss per epoch (also appended to ``self.history``).
+        """
+        u = _as_inputs(user_inputs, USER_INPUTS)
+        it = _as_inputs(item_inputs, ITEM_INPUTS)
+        n = _check_rows(u, it)
+        if n < 2:
+            raise ValueError("in-batch softmax needs at least 2 training pairs")
+        if item_log_q is None:
+            item_log_q = item_log_q_from_ids(it["item_id"])
+        log_q = np.asarray(item_log_q, dtype=np.float32).reshape(-1)
+        if log_q.shape[0] != n:
+            raise ValueError(f"item_log_q has {log_q.shape[0]} rows, inputs have {n}")
+        if not np.all(np.isfinite(log_q)):
+            raise ValueError("item_log_q must be finite")
+        if batch_size < 2:
+            raise ValueError("batch_size must be >= 2")
+
+        if self._optimizer is None or float(
+            keras.ops.convert_to_numpy(self._optimizer.learning_rate)
+        ) != float(learning_rate):
+            self._optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+            self._step = None
+        if self._step is None:
+            self._step = self._make_step(u, it)
+
+        rng = np.random.default_rng(self.seed + len(self.history))
+        losses: list[float] = []
+        for epoch in range(epochs):
+            t0 = time.perf_counter()
+            order = rng.permutation(n)
+            total, batches = 0.0, 0
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                if idx.shape[0] < 2:
+                    continue
+                loss = self._step(
+                    {k: v[idx] for k, v in u.items()},
+                    {k: v[idx] for k, v in it.items()},
+                    log_q[idx],
+                )
+                total += float(loss)
+                batches += 1
+            mean = total / max(batches, 1)
+            losses.append(mean)
+            self.history.append(mean)
+            if verbose:
+                dt = time.perf_counter() - t0
+                print(
+                    f"two-tower epoch {epoch + 1}/{epochs} loss {mean:.4f} ({n / dt:,.0f} pairs/s)"
+                )
+            if progress is not None:
+                progress(epoch, mean)
+        return losses
+
+    # ---------------------------------------------------------------- inference
+    def embed_users(self, user_inputs: Mapping[str, np.ndarray], batch_size: int = 8192):
+        return _predict(self.user_tower, _as_inputs(user_inputs, USER_INPUTS), batch_size)
+
+    def embed_items(self, item_inputs: Mapping[str, np.ndarray], batch_size: int = 8192):
+        return _predict(self.item_tower, _as_inputs(item_inputs, ITEM_INPUTS), batch_size)
+
+
+def item_log_q_from_ids(item_ids: np.ndarray) -> np.ndarray:
+    """Per-row log sampling probability of each row's item: log(count(item) / n)."""
+    ids = np.asarray(item_ids).reshape(-1)
+    _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    return np.log(counts[inverse] / ids.shape[0]).astype(np.float32)
+
+
+def build_two_tower(
+    cardinalities: Mapping[str, int],
+    n_genres: int,
+    hist_len: int,
+    dim: int = 64,
+    seed: int = 0,
+    temperature: float = 0.05,
+    attr_dim: int | None = None,
+    hidden: int | None = None,
+) -> TwoTower:
+    """Build the user and item towers (sharing the item-id embedding table)."""
+    check_cardinalities(cardinalities, (*USER_FEATURES, "item_id", "item_year"))
+    if n_genres < 1 or hist_len < 1 or dim < 1:
+        raise ValueError("n_genres, hist_len and dim must be >= 1")
+    attr_dim = attr_dim or max(8, dim // 4)
+    hidden = hidden or 2 * dim
+    nxt = _seeded(seed)
+
+    def emb(name: str, card: int, d: int) -> layers.Embedding:
+        return layers.Embedding(
+            int(card),
+            d,
+            name=f"{name}_emb",
+            embeddings_initializer=keras.initializers.RandomNormal(stddev=0.05, seed=nxt()),
+        )
+
+    def dense(units: int, name: str, activation=None) -> layers.Dense:
+        return layers.Dense(
+            units,
+            activation=activation,
+            name=name,
+            kernel_initializer=keras.initializers.GlorotUniform(seed=nxt()),
+        )
+
+    item_card = int(cardinalities["item_id"])
+    item_emb = emb("item_id", item_card, dim)  # shared by both towers
+
+    # ---- user tower
+    u_in = {n: keras.Input(shape=(), dtype="int64", name=n) for n in USER_FEATURES}
+    u_in["hist_items"] = keras.Input(shape=(hist_len,), dtype="int64", name="hist_items")
+    parts = [
+        emb(n, cardinalities[n], attr_dim)(safe_index(u_in[n], cardinalities[n]))
+        for n in USER_FEATURES
+    ]
+    hist = safe_index(u_in["hist_items"], item_card)
+    pooled, count = masked_mean(item_emb(hist), hist)
+    hist_frac = count / float(hist_len)
+    x = layers.Concatenate(name="user_concat")([*parts, pooled, hist_frac])
+    x = dense(hidden, "user_hidden", "relu")(x)
+    x = dense(dim, "user_out")(x)
+    # residual from the pooled history: an item-to-item term that works for cold users
+    user_vec = l2_normalize(x + pooled)
+    user_vec = layers.Identity(name=USER_OUTPUT)(user_vec)
+    user_tower = keras.Model(u_in, user_vec, name="user_tower")
+
+    # ---- item tower
+    i_in = {
+        "item_id": keras.Input(shape=(), dtype="int64", name="item_id"),
+        "item_genres": keras.Input(shape=(n_genres,), dtype="float32", name="item_genres"),
+        "item_year": keras.Input(shape=(), dtype="int64", name="item_year"),
+    }
+    id_vec = item_emb(safe_index(i_in["item_id"], item_card))
+    genres = dense(attr_dim, "genres_proj")(i_in["item_genres"])
+    year = emb("item_year", cardinalities["item_year"], attr_dim)(
+        safe_index(i_in["item_year"], cardinalities["item_year"])
+    )
+    y = layers.Concatenate(name="item_concat")([id_vec, genres, year])
+    y = dense(hidden, "item_hidden", "relu")(y)
+    y = dense(dim, "item_out")(y)
+    item_vec = l2_normalize(y + id_vec)
+    item_vec = layers.Identity(name=ITEM_OUTPUT)(item_vec)
+    item_tower = keras.Model(i_in, item_vec, name="item_tower")
+
+    return TwoTower(
+        user_tower=user_tower,
+        item_tower=item_tower,
+        dim=dim,
+        hist_len=hist_len,
+        n_genres=n_genres,
+        temperature=temperature,
+        seed=seed,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# input plumbing
+# --------------------------------------------------------------------------------------------
+
+_FLOAT_INPUTS = {"item_genres", "dense"}
+
+
+def _as_inputs(inputs: Mapping[str, np.ndarray], names) -> dict[str, np.ndarray]:
+    missing = [n for n in names if n not in inputs]
+    if missing:
+        raise ValueError(f"missing inputs {missing}")
+    out = {}
+    for n in names:
+        a = np.asarray(inputs[n])
+        out[n] = np.ascontiguousarray(a, dtype=np.float32 if n in _FLOAT_INPUTS else np.int64)
+    return out
+
+
+def _check_rows(*dicts: Mapping[str, np.ndarray]) -> int:
+    sizes = {k: v.shape[0] for d in dicts for k, v in d.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"inputs disagree on the number of rows: {sizes}")
+    return next(iter(sizes.values()))
+
+
+def _predict(model: keras.Model, inputs: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
+    n = _check_rows(inputs)
+    out = [
+        keras.ops.convert_to_numpy(model({k: v[s : s + batch_size] for k, v in inputs.items()}))
+        for s in range(0, n, batch_size)
+    ]
+    if not out:
+        return np.zeros((0, *model.output.shape[1:]), dtype=np.float32)
+    return np.concatenate(out, axis=0)
