@@ -449,3 +449,25 @@ def split_users(split: Split) -> tuple[set[str], set[str]]:
     seen = set(split.train["user_id"].unique())
     test_users = set(split.test["user_id"].unique())
     return test_users & seen, test_users - seen
+
+
+def load(spec: str, cache_dir: Path) -> Dataset:
+    """A data set by name: `ml-100k`, `synthetic:USERS,ITEMS,EVENTS[,SEED]`, or a directory."""
+    if spec == "ml-100k":
+        return load_movielens_100k(cache_dir)
+    if spec.startswith("synthetic:"):
+        try:
+            numbers = [int(x) for x in spec.split(":", 1)[1].split(",")]
+            users, items, events, *seed = numbers
+        except ValueError:
+            raise DataUnavailable(
+                f"bad synthetic spec {spec!r}: expected synthetic:USERS,ITEMS,EVENTS[,SEED]"
+            ) from None
+        return synthetic(users, items, events, seed=seed[0] if seed else 0)
+    path = Path(spec)
+    if path.is_dir():
+        return load_directory(path)
+    raise DataUnavailable(
+        f"unknown data set {spec!r}: use ml-100k, synthetic:USERS,ITEMS,EVENTS or a directory "
+        "of RecBole atomic files (.inter, .user, .item)"
+    )

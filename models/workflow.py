@@ -588,7 +588,7 @@ class Workflow:
     # -- fit / transform -----------------------------------------------------------------------
 
     def fit(self, df: pd.DataFrame) -> Workflow:
-        self._check_columns(df.columns)
+        self._check_columns(df.columns, self.inputs.values())
         shared = {name for name, _ in self._vocab_links()}
         for name in [n for n in self.columns if n not in shared]:
             self._fit_chain(self.columns[name], df[self.inputs[name]])
@@ -605,25 +605,36 @@ class Workflow:
             if i < len(ops) - 1:
                 values = op.transform(values)
 
-    def transform(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
+    def _selected(self, outputs: Iterable[str] | None) -> list[tuple[str, list[Op]]]:
+        if outputs is None:
+            return list(self.columns.items())
+        return [(name, self.columns[name]) for name in outputs]
+
+    def transform(
+        self, df: pd.DataFrame, outputs: Iterable[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """All outputs, or only `outputs` (then only their input columns are needed)."""
         self._check_fitted()
-        self._check_columns(df.columns)
+        selected = self._selected(outputs)
+        self._check_columns(df.columns, [self.inputs[name] for name, _ in selected])
         out = {}
-        for name, ops in self.columns.items():
+        for name, ops in selected:
             values: Any = df[self.inputs[name]]
             for op in ops:
                 values = op.transform(values)
             out[name] = values
         return out
 
-    def transform_one(self, row: Mapping[str, Any]) -> dict[str, Any]:
+    def transform_one(
+        self, row: Mapping[str, Any], outputs: Iterable[str] | None = None
+    ) -> dict[str, Any]:
         """One row (a dict of input values) → {output: np.int64/np.float32 scalar or 1-D array}.
 
         Equal in value and dtype to row ``i`` of ``transform`` on a frame holding that row.
         """
         self._check_fitted()
         out = {}
-        for name, ops in self.columns.items():
+        for name, ops in self._selected(outputs):
             try:
                 value = row[self.inputs[name]]
             except KeyError:
@@ -652,8 +663,8 @@ class Workflow:
             raise ValueError(f"{name!r} has no fitted Categorify")
         return op.vocab
 
-    def _check_columns(self, available: Iterable[str]) -> None:
-        missing = sorted(set(self.inputs.values()) - set(available))
+    def _check_columns(self, available: Iterable[str], needed: Iterable[str]) -> None:
+        missing = sorted(set(needed) - set(available))
         if missing:
             raise KeyError(f"input columns missing: {missing}")
 

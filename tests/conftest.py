@@ -61,3 +61,18 @@ def settings(base_settings, kafka) -> Settings:
     settings = base_settings.model_copy(update={"topics": TopicNames(**names)})
     create_topics(settings, kafka)
     return settings
+
+
+@pytest.fixture(scope="session")
+def movielens(base_settings):
+    from models.data import load_movielens_100k
+
+    return load_movielens_100k(base_settings.data_dir)
+
+
+@pytest.fixture(scope="session")
+def artifacts(base_settings, movielens) -> Path:
+    """A model trained on ML-100K once per session, as `streamrec train` does it."""
+    from models.train import TrainConfig, train
+
+    return train(movielens, base_settings.artifact_dir, TrainConfig(), step=lambda _: None)

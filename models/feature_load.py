@@ -1,0 +1,34 @@
+"""Load an artifact version's feature state into Feast (offline parquet + Redis online store)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from models.feature_repo import TIMESTAMP, load_offline, write_repo
+
+
+def load_features(artifact_dir: Path, redis_url: str, project: str = "streamrec") -> Path:
+    """Write the Feast repo for `redis_url`, its offline sources, and materialize them.
+
+    The stream state after the training period (user activity, item popularity) is stamped
+    with its own last-event time; static profiles with the start of the data.
+    """
+    state = artifact_dir / "state"
+    repo = write_repo(artifact_dir / "feature_repo", redis_url, project)
+    users = pd.read_parquet(state / "user_profile.parquet")
+    items = pd.read_parquet(state / "item_profile.parquet")
+    activity = pd.read_parquet(state / "user_activity.parquet")
+    stats = pd.read_parquet(state / "item_stats.parquet")
+    start = pd.Timestamp(
+        min(activity["last_event_ms"].min(), stats["popularity_ms"].min()), unit="ms", tz="UTC"
+    )
+    users[TIMESTAMP] = start
+    items[TIMESTAMP] = start
+    activity[TIMESTAMP] = pd.to_datetime(activity["last_event_ms"], unit="ms", utc=True)
+    stats[TIMESTAMP] = pd.to_datetime(stats["popularity_ms"], unit="ms", utc=True)
+    users["age"] = users["age"].astype("Int64")
+    items["year"] = items["year"].astype("Int64")
+    load_offline(repo, users, items, activity, stats)
+    return repo

@@ -1,0 +1,110 @@
+"""What the models see: raw user/item rows → the fitted workflow → model inputs.
+
+Training and serving both build rows with `user_row` / `item_row` and the ranker's dense
+features with `dense_features`, so the online inputs are computed as the training inputs were.
+Only numpy and the workflow are imported: this module ships inside the Triton models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from models.features import HISTORY_LEN
+from models.workflow import Bucketize, Categorify, ListCategorify, MultiHot, Workflow, is_null
+
+USER_OUTPUTS = ("user_age", "user_gender", "user_occupation", "user_zip", "hist_items")
+ITEM_OUTPUTS = ("item_id", "item_genres", "item_year")
+DENSE_FEATURES = (
+    "retrieval_score",
+    "log_popularity",
+    "genre_affinity",
+    "log_user_events",
+    "has_history",
+)
+
+AGE_BOUNDARIES = [18, 25, 35, 45, 50, 56]
+YEAR_BOUNDARIES = [1940, 1960, 1970, 1980, 1990, 1994, 1996, 1998]
+
+
+def make_workflow() -> Workflow:
+    return Workflow(
+        {
+            "item_id": [Categorify(freq_threshold=1)],
+            "item_genres": [MultiHot()],
+            "item_year": [Bucketize(YEAR_BOUNDARIES)],
+            "user_age": [Bucketize(AGE_BOUNDARIES)],
+            "user_gender": [Categorify()],
+            "user_occupation": [Categorify()],
+            "user_zip": [Categorify(freq_threshold=2)],
+            "hist_items": [ListCategorify(max_len=HISTORY_LEN, vocab_from="item_id")],
+        },
+        inputs={
+            "item_genres": "genres",
+            "item_year": "year",
+            "user_age": "age",
+            "user_gender": "gender",
+            "user_occupation": "occupation",
+            "user_zip": "zip_prefix",
+            "hist_items": "recent_items",
+        },
+    )
+
+
+def user_row(profile: Mapping[str, Any] | None, recent_items: Sequence[str]) -> dict[str, Any]:
+    """The workflow's user input columns from a profile (may be None) and recent items."""
+    profile = profile or {}
+    zip_code = profile.get("zip_code")
+    return {
+        "age": _none_if_null(profile.get("age")),
+        "gender": _none_if_null(profile.get("gender")),
+        "occupation": _none_if_null(profile.get("occupation")),
+        "zip_prefix": str(zip_code)[:2] if _none_if_null(zip_code) is not None else None,
+        "recent_items": list(recent_items),
+    }
+
+
+def item_row(item_id: str, profile: Mapping[str, Any] | None) -> dict[str, Any]:
+    profile = profile or {}
+    return {
+        "item_id": item_id,
+        "genres": list(profile.get("genres") or []),
+        "year": _none_if_null(profile.get("year")),
+    }
+
+
+def dense_features(
+    retrieval_score: np.ndarray,
+    popularity: np.ndarray,
+    item_genres: np.ndarray,
+    genre_affinity: Sequence[float] | np.ndarray,
+    user_events: int | np.ndarray,
+) -> np.ndarray:
+    """The ranker's dense inputs (n, len(DENSE_FEATURES)); the model standardizes them.
+
+    `retrieval_score`: the two-tower similarity of user and item (the retrieval stage's score).
+
+    `item_genres` (n, G) multi-hot; `genre_affinity` (G,) for one user or (n, G) per row.
+    """
+    genres = np.asarray(item_genres, dtype=np.float32)
+    affinity = np.asarray(genre_affinity, dtype=np.float32)
+    if affinity.size == 0:
+        affinity = np.zeros(genres.shape[1], dtype=np.float32)
+    events = np.broadcast_to(np.asarray(user_events, dtype=np.float32), (len(genres),))
+    match = (genres * affinity).sum(axis=1) if affinity.ndim == 2 else genres @ affinity
+    return np.stack(
+        [
+            np.asarray(retrieval_score, dtype=np.float32),
+            np.log1p(np.asarray(popularity, dtype=np.float32)),
+            match.astype(np.float32),
+            np.log1p(events),
+            (events > 0).astype(np.float32),
+        ],
+        axis=1,
+    )
+
+
+def _none_if_null(value: Any) -> Any:
+    return None if is_null(value) else value

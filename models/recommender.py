@@ -1,0 +1,168 @@
+"""The four stages as plain functions over arrays, shared by offline evaluation and serving.
+
+Retrieval (user tower + ANN index), filtering (seen / unavailable / excluded), scoring (DLRM
+over user × candidate features) and ordering (softmax sampling with a temperature). The serving
+graph wraps these in operators; `evaluate` calls them directly on replayed state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.index import ItemIndex
+from models.inputs import ITEM_OUTPUTS, USER_OUTPUTS, dense_features, item_row, user_row
+from models.onnx_export import onnx_session, run_onnx
+from models.workflow import Workflow
+
+
+@dataclass
+class Catalog:
+    """Static item features, transformed once, in a fixed row order."""
+
+    ids: list[str]
+    row: dict[str, int]
+    inputs: dict[str, np.ndarray]  # item_id, item_genres, item_year; one row per item
+    profiles: dict[str, dict[str, Any]]
+
+    @classmethod
+    def build(cls, workflow: Workflow, profiles: Mapping[str, Mapping[str, Any]]) -> Catalog:
+        ids = list(profiles)
+        rows = [workflow.transform_one(item_row(i, profiles[i]), ITEM_OUTPUTS) for i in ids]
+        inputs = {name: np.stack([r[name] for r in rows]) for name in ITEM_OUTPUTS}
+        return cls(
+            ids, {i: n for n, i in enumerate(ids)}, inputs, {i: dict(profiles[i]) for i in ids}
+        )
+
+    def add(self, workflow: Workflow, item_id: str, profile: Mapping[str, Any]) -> None:
+        out = workflow.transform_one(item_row(item_id, profile), ITEM_OUTPUTS)
+        if item_id in self.row:
+            n = self.row[item_id]
+            for name in ITEM_OUTPUTS:
+                self.inputs[name][n] = out[name]
+        else:
+            self.row[item_id] = len(self.ids)
+            self.ids.append(item_id)
+            for name in ITEM_OUTPUTS:
+                self.inputs[name] = np.concatenate([self.inputs[name], out[name][None]])
+        self.profiles[item_id] = dict(profile)
+
+    def take(self, item_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        rows = np.fromiter((self.row[i] for i in item_ids), dtype=np.int64, count=len(item_ids))
+        return {name: values[rows] for name, values in self.inputs.items()}
+
+
+class Recommender:
+    """Loaded artifacts and the stage functions over them."""
+
+    def __init__(
+        self,
+        workflow: Workflow,
+        user_tower,
+        ranker,
+        index: ItemIndex,
+        catalog: Catalog,
+        item_tower=None,
+    ):
+        self.workflow = workflow
+        self.user_tower = user_tower
+        self.item_tower = item_tower
+        self.ranker = ranker
+        self.index = index
+        self.catalog = catalog
+
+    @classmethod
+    def load(cls, artifact_dir: Path) -> Recommender:
+        import json
+
+        workflow = Workflow.load(artifact_dir / "workflow.json")
+        profiles = json.loads((artifact_dir / "items.json").read_text())
+        return cls(
+            workflow,
+            onnx_session(artifact_dir / "user_tower.onnx"),
+            onnx_session(artifact_dir / "ranker.onnx"),
+            ItemIndex.load(artifact_dir),
+            Catalog.build(workflow, profiles),
+            item_tower=onnx_session(artifact_dir / "item_tower.onnx"),
+        )
+
+    # --- user features -----------------------------------------------------------------------
+    def user_inputs(self, profile: Mapping | None, recent_items: Sequence[str]) -> dict:
+        """Workflow outputs of one user, each with a leading batch dimension of 1."""
+        out = self.workflow.transform_one(user_row(profile, recent_items), USER_OUTPUTS)
+        return {name: np.asarray(out[name])[None] for name in USER_OUTPUTS}
+
+    # --- retrieval ---------------------------------------------------------------------------
+    def embed_user(self, user_inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        return run_onnx(self.user_tower, user_inputs)
+
+    def retrieve(
+        self, user_inputs: Mapping[str, np.ndarray], n: int
+    ) -> tuple[list[str], np.ndarray]:
+        scores, ids = self.index.search(self.embed_user(user_inputs), n)
+        return ids[0], scores[0]
+
+    def embed_items(self, item_ids: Sequence[str]) -> np.ndarray:
+        return run_onnx(self.item_tower, self.catalog.take(item_ids))
+
+    # --- scoring -----------------------------------------------------------------------------
+    def score(
+        self,
+        user_inputs: Mapping[str, np.ndarray],
+        genre_affinity: Sequence[float],
+        user_events: int,
+        candidates: Sequence[str],
+        retrieval_scores: np.ndarray,
+        popularity: np.ndarray,
+    ) -> np.ndarray:
+        """Ranker probabilities of the candidates for one user."""
+        if not candidates:
+            return np.zeros(0, dtype=np.float32)
+        n = len(candidates)
+        items = self.catalog.take(candidates)
+        feed = {name: np.repeat(v, n, axis=0) for name, v in user_inputs.items()}
+        feed.update(items)
+        feed["dense"] = dense_features(
+            retrieval_scores, popularity, items["item_genres"], genre_affinity, user_events
+        )
+        return run_onnx(self.ranker, feed).reshape(-1)
+
+
+def filter_candidates(
+    candidates: Sequence[str],
+    seen: Collection[str],
+    unavailable: Collection[str],
+    excluded: Collection[str],
+) -> tuple[list[str], dict[str, int]]:
+    """Drop seen, unavailable and excluded items; count what each rule removed (in that order)."""
+    removed = {"seen": 0, "unavailable": 0, "excluded": 0}
+    kept = []
+    for item in candidates:
+        if item in seen:
+            removed["seen"] += 1
+        elif item in unavailable:
+            removed["unavailable"] += 1
+        elif item in excluded:
+            removed["excluded"] += 1
+        else:
+            kept.append(item)
+    return kept, removed
+
+
+def order(
+    scores: np.ndarray, k: int, temperature: float = 0.0, seed: int | None = None
+) -> np.ndarray:
+    """Positions of k items: greedy top-k at temperature 0, otherwise softmax sampling without
+    replacement (Gumbel top-k: argsort of logits/T + Gumbel noise), reproducible by seed."""
+    scores = np.asarray(scores, dtype=np.float64)
+    k = min(k, len(scores))
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if temperature <= 0:
+        return np.argsort(-scores, kind="stable")[:k]
+    gumbel = np.random.default_rng(seed).gumbel(size=len(scores))
+    return np.argsort(-(scores / temperature + gumbel), kind="stable")[:k]

@@ -1,0 +1,304 @@
+"""`streamrec train`: data → workflow → two-tower → index → DLRM → evaluation → artifacts.
+
+Artifacts go to `<artifact_dir>/<version>/`, with `manifest.json` describing them; the
+`current` link points at the newest complete version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from models.data import Dataset, temporal_split
+from models.evaluate import EvalConfig, evaluate
+from models.examples import PopularityClock, build_examples, hard_negatives, prepare
+from models.index import ItemIndex
+from models.inputs import DENSE_FEATURES, ITEM_OUTPUTS, USER_OUTPUTS, dense_features, make_workflow
+from models.recommender import Catalog, Recommender
+
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    split_quantile: float = 0.8
+    dim: int = 64
+    retrieval_epochs: int = 8
+    retrieval_batch: int = 512
+    ranker_epochs: int = 3
+    negatives: int = 4
+    candidates: int = 300
+    eval_points_per_user: int = 3
+    seed: int = 0
+
+
+Step = Callable[[str], None]
+
+
+def train(dataset: Dataset, artifact_root: Path, cfg: TrainConfig, step: Step = print) -> Path:
+    import keras
+
+    from models.onnx_export import export_onnx, onnx_session, parity
+    from models.ranking import build_dlrm, evaluate_ranker, fit_ranker
+    from models.retrieval import build_two_tower
+
+    keras.utils.set_random_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    started = time.time()
+    version = time.strftime("%Y%m%d-%H%M%S") + f"-{dataset.name}"
+    out = artifact_root / version
+    out.mkdir(parents=True)
+
+    step(
+        f"splitting {len(dataset.interactions):,} interactions at the {cfg.split_quantile:.0%} "
+        "time quantile"
+    )
+    split = temporal_split(dataset.interactions, cfg.split_quantile)
+    prepared = prepare(dataset, split.train)
+    all_events = pd.concat([split.train, split.test])
+    clock = PopularityClock(
+        all_events["item_id"].to_numpy(), all_events["timestamp"].to_numpy().astype(np.int64) * 1000
+    )
+
+    step("building training examples (features as of each interaction)")
+    train_ex = build_examples(split.train, prepared.state.users_before, prepared, clock)
+    workflow = make_workflow()
+    workflow.fit(train_ex.frame)
+    workflow.save(out / "workflow.json")
+    x = workflow.transform(train_ex.frame)
+    spec = workflow.output_spec()
+    cards = {name: c for name, (_, _, c) in spec.items() if c}
+    n_genres, hist_len = spec["item_genres"][1], spec["hist_items"][1]
+
+    step(f"training the two-tower model on {len(train_ex.frame):,} pairs")
+    tower = build_two_tower(cards, n_genres, hist_len, dim=cfg.dim, seed=cfg.seed)
+    counts = split.train["item_id"].value_counts()
+    log_q = np.log(counts.reindex(train_ex.frame["item_id"]).to_numpy() / counts.sum())
+    tower_loss = tower.fit(
+        {k: x[k] for k in USER_OUTPUTS},
+        {k: x[k] for k in ITEM_OUTPUTS},
+        log_q,
+        epochs=cfg.retrieval_epochs,
+        batch_size=cfg.retrieval_batch,
+        progress=lambda e, loss: step(f"  retrieval epoch {e + 1}: loss {loss:.4f}"),
+    )
+
+    step("embedding the catalog and building the ANN index")
+    catalog = Catalog.build(workflow, prepared.item_profiles)
+    item_emb = tower.embed_items(catalog.inputs)
+    index = ItemIndex.build(item_emb, catalog.ids)
+    index.save(out)
+    queries = tower.embed_users({k: x[k][: min(500, len(x[k]))] for k in USER_OUTPUTS})
+    index_recall = index.recall_vs_exact(queries, 100)
+
+    step(f"training the DLRM ranker ({cfg.negatives} negatives per positive from retrieval)")
+    ranker = build_dlrm(cards, len(DENSE_FEATURES), hist_len, seed=cfg.seed)
+    rx, ry = _ranker_set(
+        split.train,
+        prepared.state.users_before,
+        prepared,
+        clock,
+        workflow,
+        tower,
+        index,
+        cfg,
+        rng,
+        positives=(train_ex, x),
+    )
+    fit_ranker(
+        ranker,
+        rx,
+        ry,
+        epochs=cfg.ranker_epochs,
+        seed=cfg.seed,
+        progress=lambda e, loss: step(f"  ranker epoch {e + 1}: loss {loss:.4f}"),
+    )
+    from models.features import replay
+
+    test_state = replay(split.test, prepared.vectors, prepared.state.users, prepared.state.items)
+    tx, ty = _ranker_set(
+        split.test, test_state.users_before, prepared, clock, workflow, tower, index, cfg, rng
+    )
+    ranker_metrics = evaluate_ranker(ranker, tx, ty)
+
+    step("exporting ONNX models and checking parity with Keras")
+    sample_user = {k: x[k][:64] for k in USER_OUTPUTS}
+    sample_rank = {k: v[:64] for k, v in rx.items()}
+    onnx_parity = {}
+    for name, model, sample in (
+        ("user_tower", tower.user_tower, sample_user),
+        ("item_tower", tower.item_tower, {k: v[:64] for k, v in catalog.inputs.items()}),
+        ("ranker", ranker, sample_rank),
+    ):
+        export_onnx(model, out / f"{name}.onnx")
+        onnx_parity[name] = parity(model, out / f"{name}.onnx", sample)
+    (out / "items.json").write_text(json.dumps(prepared.item_profiles))
+    _write_state(out, dataset, prepared)
+
+    step("evaluating on the temporal hold-out (most-popular vs retrieval vs four-stage)")
+    rec = Recommender(
+        workflow,
+        onnx_session(out / "user_tower.onnx"),
+        onnx_session(out / "ranker.onnx"),
+        index,
+        catalog,
+        item_tower=onnx_session(out / "item_tower.onnx"),
+    )
+    evaluation = evaluate(
+        rec,
+        prepared,
+        split.train,
+        split.test,
+        EvalConfig(cfg.eval_points_per_user, candidates=cfg.candidates, seed=cfg.seed),
+    )
+    manifest = {
+        "format_version": MANIFEST_VERSION,
+        "version": version,
+        "dataset": dataset.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "train_seconds": round(time.time() - started, 1),
+        "config": asdict(cfg),
+        "data": {
+            "interactions": len(dataset.interactions),
+            "train": len(split.train),
+            "test": len(split.test),
+            "cut_timestamp": int(split.cut_timestamp),
+            "train_range": [
+                int(split.train["timestamp"].min()),
+                int(split.train["timestamp"].max()),
+            ],
+            "users": int(dataset.interactions["user_id"].nunique()),
+            "items": len(catalog.ids),
+        },
+        "inputs": {
+            name: {"dtype": d, "width": w, "cardinality": c} for name, (d, w, c) in spec.items()
+        },
+        "dense_features": list(DENSE_FEATURES),
+        "genres": prepared.genres,
+        "models": {
+            "user_tower": {
+                "file": "user_tower.onnx",
+                "inputs": list(USER_OUTPUTS),
+                "output": "user_embedding",
+                "dim": cfg.dim,
+            },
+            "item_tower": {
+                "file": "item_tower.onnx",
+                "inputs": list(ITEM_OUTPUTS),
+                "output": "item_embedding",
+                "dim": cfg.dim,
+            },
+            "ranker": {
+                "file": "ranker.onnx",
+                "inputs": [*USER_OUTPUTS, "item_id", "item_year", "dense"],
+                "output": "score",
+            },
+        },
+        "index": {
+            "type": type(index.index).__name__,
+            "items": len(index),
+            "recall_vs_exact@100": index_recall,
+        },
+        "metrics": {
+            "retrieval_loss": tower_loss,
+            "ranker": ranker_metrics,
+            "onnx_max_abs_diff": onnx_parity,
+            "evaluation": evaluation,
+        },
+        "platform": {"python": platform.python_version(), "machine": platform.machine()},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=_json))
+    _point_current(artifact_root, out)
+    return out
+
+
+def _ranker_set(
+    interactions, before, prepared, clock, workflow, tower, index, cfg, rng, positives=None
+):
+    """Positives (label 1) and hard negatives from retrieval (label 0) with their features."""
+    pos_ex, pos_x = positives or (None, None)
+    if pos_ex is None:
+        pos_ex = build_examples(interactions, before, prepared, clock)
+        pos_x = workflow.transform(pos_ex.frame)
+    user_emb = tower.embed_users({k: pos_x[k] for k in USER_OUTPUTS})
+    item_emb = dict(zip(index.ids, index.index.reconstruct_n(0, len(index)), strict=True))
+    neg_items = hard_negatives(
+        user_emb,
+        index,
+        interactions["item_id"].to_numpy(),
+        [s.recent_items for s in before],
+        cfg.negatives,
+        cfg.candidates,
+        rng,
+    )
+    rep = np.repeat(np.arange(len(interactions)), cfg.negatives)
+    neg_ex = build_examples(
+        interactions.iloc[rep],
+        [before[i] for i in rep],
+        prepared,
+        clock,
+        item_ids=neg_items.reshape(-1),
+    )
+    neg_x = workflow.transform(neg_ex.frame)
+    x = {k: np.concatenate([pos_x[k], neg_x[k]]) for k in pos_x}
+    pos_items = interactions["item_id"].to_numpy()
+    scores = [
+        _similarity(user_emb, pos_items, item_emb),
+        _similarity(user_emb[rep], neg_items.reshape(-1), item_emb),
+    ]
+    x["dense"] = np.concatenate(
+        [
+            dense_features(s, e.popularity, xx["item_genres"], e.affinity, e.user_events)
+            for s, e, xx in zip(scores, (pos_ex, neg_ex), (pos_x, neg_x), strict=True)
+        ]
+    )
+    y = np.r_[np.ones(len(pos_ex.frame)), np.zeros(len(neg_ex.frame))].astype(np.float32)
+    return x, y
+
+
+def _similarity(user_emb: np.ndarray, items: np.ndarray, item_emb: dict) -> np.ndarray:
+    zero = np.zeros(user_emb.shape[1], dtype=np.float32)
+    return np.einsum("nd,nd->n", user_emb, np.stack([item_emb.get(i, zero) for i in items]))
+
+
+def _write_state(out: Path, dataset: Dataset, prepared) -> None:
+    """The stream state after the training period: the features Feast starts from."""
+    state = out / "state"
+    state.mkdir()
+    users = pd.DataFrame([{"user_id": u, **vars(s)} for u, s in prepared.state.users.items()])
+    items = pd.DataFrame([{"item_id": i, **vars(s)} for i, s in prepared.state.items.items()])
+    users.to_parquet(state / "user_activity.parquet")
+    items.to_parquet(state / "item_stats.parquet")
+    dataset.users.to_parquet(state / "user_profile.parquet")
+    pd.DataFrame([{"item_id": i, **p} for i, p in prepared.item_profiles.items()]).to_parquet(
+        state / "item_profile.parquet"
+    )
+
+
+def _point_current(root: Path, version_dir: Path) -> None:
+    link = root / "current"
+    tmp = root / f".current-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(version_dir.name)
+    tmp.replace(link)
+
+
+def current_artifacts(root: Path) -> Path:
+    link = root / "current"
+    if not (link / "manifest.json").exists():
+        raise FileNotFoundError(f"no trained artifacts under {root}: run `streamrec train` first")
+    return link.resolve()
+
+
+def _json(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    return str(o)
