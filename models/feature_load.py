@@ -1,4 +1,5 @@
-"""Load an artifact version's feature state into Feast (offline parquet + Redis online store)."""
+"""Load an artifact version's state: Feast features (offline parquet + Redis online store),
+and the filter/popularity state of `serving.state`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from models.feature_repo import TIMESTAMP, load_offline, write_repo
+from serving.state import RedisState
 
 
 def load_features(artifact_dir: Path, redis_url: str, project: str = "streamrec") -> Path:
@@ -31,4 +33,10 @@ def load_features(artifact_dir: Path, redis_url: str, project: str = "streamrec"
     users["age"] = users["age"].astype("Int64")
     items["year"] = items["year"].astype("Int64")
     load_offline(repo, users, items, activity, stats)
+    seen = pd.read_parquet(state / "seen.parquet")
+    RedisState(redis_url, prefix=project).load(
+        zip(seen["user_id"], seen["item_id"], seen["ts_ms"].astype(int), strict=True),
+        dict(zip(stats["item_id"], stats["popularity"], strict=True)),
+        dict(zip(stats["item_id"], stats["popularity_ms"].astype(int), strict=True)),
+    )
     return repo

@@ -20,7 +20,7 @@ class ItemIndex:
     def __init__(self, index: faiss.Index, ids: list[str]):
         self.index = index
         self.ids = ids
-        self._row = {item: n for n, item in enumerate(ids)}
+        self.row = {item: n for n, item in enumerate(ids)}
 
     @classmethod
     def build(cls, embeddings: np.ndarray, ids: list[str], exact_limit: int = EXACT_LIMIT):
@@ -48,15 +48,21 @@ class ItemIndex:
         scores, rows = self.index.search(q, min(n, len(self.ids)))
         return scores, [[self.ids[r] for r in row if r >= 0] for row in rows]
 
+    def vectors(self, ids: list[str]) -> np.ndarray:
+        """The stored embeddings of these items, in order."""
+        if not ids:
+            return np.zeros((0, self.index.d), dtype=np.float32)
+        return np.stack([self.index.reconstruct(self.row[i]) for i in ids])
+
     def add(self, embeddings: np.ndarray, ids: list[str]) -> None:
         """Append new items (an id already present is skipped: its embedding stays)."""
-        new = [(n, i) for n, i in enumerate(ids) if i not in self._row]
+        new = [(n, i) for n, i in enumerate(ids) if i not in self.row]
         if not new:
             return
         emb = np.ascontiguousarray(embeddings[[n for n, _ in new]], dtype=np.float32)
         self.index.add(emb)
         for _, item in new:
-            self._row[item] = len(self.ids)
+            self.row[item] = len(self.ids)
             self.ids.append(item)
 
     def recall_vs_exact(self, queries: np.ndarray, n: int) -> float:

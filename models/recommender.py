@@ -92,9 +92,7 @@ class Recommender:
 
     # --- user features -----------------------------------------------------------------------
     def user_inputs(self, profile: Mapping | None, recent_items: Sequence[str]) -> dict:
-        """Workflow outputs of one user, each with a leading batch dimension of 1."""
-        out = self.workflow.transform_one(user_row(profile, recent_items), USER_OUTPUTS)
-        return {name: np.asarray(out[name])[None] for name in USER_OUTPUTS}
+        return user_inputs(self.workflow, profile, recent_items)
 
     # --- retrieval ---------------------------------------------------------------------------
     def embed_user(self, user_inputs: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -122,14 +120,35 @@ class Recommender:
         """Ranker probabilities of the candidates for one user."""
         if not candidates:
             return np.zeros(0, dtype=np.float32)
-        n = len(candidates)
         items = self.catalog.take(candidates)
-        feed = {name: np.repeat(v, n, axis=0) for name, v in user_inputs.items()}
-        feed.update(items)
-        feed["dense"] = dense_features(
-            retrieval_scores, popularity, items["item_genres"], genre_affinity, user_events
+        feed = ranker_feed(
+            user_inputs, items, retrieval_scores, popularity, genre_affinity, user_events
         )
         return run_onnx(self.ranker, feed).reshape(-1)
+
+
+def user_inputs(workflow: Workflow, profile: Mapping | None, recent_items: Sequence[str]) -> dict:
+    """Workflow outputs of one user, each with a leading batch dimension of 1."""
+    out = workflow.transform_one(user_row(profile, recent_items), USER_OUTPUTS)
+    return {name: np.asarray(out[name])[None] for name in USER_OUTPUTS}
+
+
+def ranker_feed(
+    user: Mapping[str, np.ndarray],
+    items: Mapping[str, np.ndarray],
+    retrieval_scores: np.ndarray,
+    popularity: np.ndarray,
+    genre_affinity: Sequence[float] | np.ndarray,
+    user_events: int,
+) -> dict[str, np.ndarray]:
+    """The ranker's inputs for one user (batch 1) against n candidate items."""
+    n = len(items["item_id"])
+    feed = {name: np.repeat(v, n, axis=0) for name, v in user.items()}
+    feed.update(items)
+    feed["dense"] = dense_features(
+        retrieval_scores, popularity, items["item_genres"], genre_affinity, user_events
+    )
+    return feed
 
 
 def filter_candidates(
@@ -165,4 +184,6 @@ def order(
     if temperature <= 0:
         return np.argsort(-scores, kind="stable")[:k]
     gumbel = np.random.default_rng(seed).gumbel(size=len(scores))
-    return np.argsort(-(scores / temperature + gumbel), kind="stable")[:k]
+    with np.errstate(over="ignore"):  # shifted scores are <= 0: the worst case is -inf, harmless
+        logits = (scores - scores.max()) / temperature
+    return np.argsort(-(logits + gumbel), kind="stable")[:k]

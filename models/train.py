@@ -141,7 +141,7 @@ def train(dataset: Dataset, artifact_root: Path, cfg: TrainConfig, step: Step = 
         export_onnx(model, out / f"{name}.onnx")
         onnx_parity[name] = parity(model, out / f"{name}.onnx", sample)
     (out / "items.json").write_text(json.dumps(prepared.item_profiles))
-    _write_state(out, dataset, prepared)
+    _write_state(out, dataset, split.train, prepared)
 
     step("evaluating on the temporal hold-out (most-popular vs retrieval vs four-stage)")
     rec = Recommender(
@@ -269,7 +269,7 @@ def _similarity(user_emb: np.ndarray, items: np.ndarray, item_emb: dict) -> np.n
     return np.einsum("nd,nd->n", user_emb, np.stack([item_emb.get(i, zero) for i in items]))
 
 
-def _write_state(out: Path, dataset: Dataset, prepared) -> None:
+def _write_state(out: Path, dataset: Dataset, train: pd.DataFrame, prepared) -> None:
     """The stream state after the training period: the features Feast starts from."""
     state = out / "state"
     state.mkdir()
@@ -278,6 +278,14 @@ def _write_state(out: Path, dataset: Dataset, prepared) -> None:
     users.to_parquet(state / "user_activity.parquet")
     items.to_parquet(state / "item_stats.parquet")
     dataset.users.to_parquet(state / "user_profile.parquet")
+    seen = [
+        {"user_id": u, "item_id": i, "ts_ms": int(t) * 1000}
+        for u, i, t in zip(train["user_id"], train["item_id"], train["timestamp"], strict=True)
+    ]
+    pd.DataFrame(seen).to_parquet(state / "seen.parquet")
+    end = max(s.popularity_ms for s in prepared.state.items.values())
+    by_popularity = sorted(prepared.state.items.items(), key=lambda kv: -kv[1].at(end))
+    (out / "popular.json").write_text(json.dumps([i for i, _ in by_popularity[:1000]]))
     pd.DataFrame([{"item_id": i, **p} for i, p in prepared.item_profiles.items()]).to_parquet(
         state / "item_profile.parquet"
     )

@@ -76,3 +76,26 @@ def artifacts(base_settings, movielens) -> Path:
     from models.train import TrainConfig, train
 
     return train(movielens, base_settings.artifact_dir, TrainConfig(), step=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def serving_config(artifacts, redis_url) -> dict:
+    """Redis loaded with the trained model's feature and filter state."""
+    from models.feature_load import load_features
+    from serving.client import serving_config
+
+    load_features(artifacts, redis_url)
+    return serving_config({"redis_url": redis_url})
+
+
+@pytest.fixture(scope="session")
+def triton_url(artifacts, serving_config, tmp_path_factory):
+    """A real tritonserver serving the exported four-stage ensemble."""
+    from serving.triton_export import export_repository
+    from streamrec.stack.servers import start_triton, stop_service
+
+    root = tmp_path_factory.mktemp("triton")
+    repository = export_repository(artifacts, root / "models", serving_config)
+    service = start_triton(root, timeout=120, repository=repository)
+    yield service.endpoint
+    stop_service(service)
