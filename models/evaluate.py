@@ -28,6 +28,7 @@ METRICS = ("recall@10", "recall@50", "ndcg@10", "coverage@10")
 class EvalConfig:
     points_per_user: int = 3
     horizon: int = 10  # the user's next `horizon` interactions are the relevant items
+    max_users: int = 2000  # test users sampled for evaluation (all of ML-100K's ~300)
     candidates: int = 300
     seed: int = 0
 
@@ -69,7 +70,7 @@ def replay_points(
             )
     k = math.log(2) / POPULARITY_HALF_LIFE_MS
 
-    chosen = _choose_points(test, cfg.points_per_user, rng)
+    chosen = _choose_points(test, cfg.points_per_user, cfg.max_users, rng)
     users_items = test.groupby("user_id", sort=False)["item_id"].apply(list).to_dict()
     position: dict[str, int] = defaultdict(int)
     points = []
@@ -98,8 +99,12 @@ def _no(prepared: Prepared) -> np.ndarray:
     return np.zeros(len(prepared.genres))
 
 
-def _choose_points(test: pd.DataFrame, per_user: int, rng) -> set[tuple[str, int]]:
+def _choose_points(test: pd.DataFrame, per_user: int, max_users: int, rng) -> set[tuple[str, int]]:
     chosen = set()
+    users = np.unique(test["user_id"].to_numpy())
+    if len(users) > max_users:
+        users = set(rng.choice(users, size=max_users, replace=False))
+        test = test[test["user_id"].isin(users)]
     for user, stamps in test.groupby("user_id", sort=True)["timestamp"]:
         distinct = np.unique(stamps.to_numpy())
         for ts in rng.choice(distinct, size=min(per_user, len(distinct)), replace=False):
@@ -211,7 +216,10 @@ def evaluate_artifacts(artifact_dir, dataset, progress=None) -> dict:
     prepared = prepare(dataset, split.train)
     rec = Recommender.load(artifact_dir)
     eval_cfg = EvalConfig(
-        cfg["eval_points_per_user"], candidates=cfg["candidates"], seed=cfg["seed"]
+        cfg["eval_points_per_user"],
+        max_users=cfg.get("eval_max_users", 2000),
+        candidates=cfg["candidates"],
+        seed=cfg["seed"],
     )
     return evaluate(rec, prepared, split.train, split.test, eval_cfg, progress)
 

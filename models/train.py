@@ -37,6 +37,7 @@ class TrainConfig:
     negatives: int = 4
     candidates: int = 300
     eval_points_per_user: int = 3
+    eval_max_users: int = 2000
     seed: int = 0
 
 
@@ -157,7 +158,12 @@ def train(dataset: Dataset, artifact_root: Path, cfg: TrainConfig, step: Step = 
         prepared,
         split.train,
         split.test,
-        EvalConfig(cfg.eval_points_per_user, candidates=cfg.candidates, seed=cfg.seed),
+        EvalConfig(
+            cfg.eval_points_per_user,
+            max_users=cfg.eval_max_users,
+            candidates=cfg.candidates,
+            seed=cfg.seed,
+        ),
     )
     manifest = {
         "format_version": MANIFEST_VERSION,

@@ -394,6 +394,140 @@ def evaluate_cmd(
     console.print(f"written to {path}")
 
 
+# --- serving --------------------------------------------------------------------------------
+
+serve_app = typer.Typer(help="Run the online side: the Triton ensemble and the stream workers.")
+app.add_typer(serve_app, name="serve")
+
+
+def _artifacts():
+    from models.train import current_artifacts
+
+    try:
+        return current_artifacts(get_settings().artifact_dir)
+    except FileNotFoundError as e:
+        fail(str(e))
+
+
+@serve_app.command("triton")
+def serve_triton(
+    instances: Annotated[int, typer.Option(help="Instances of each stage model.")] = 1,
+    candidates: Annotated[int, typer.Option(help="Items retrieval hands to ranking.")] = 300,
+    temperature: Annotated[
+        float, typer.Option(help="Default sampling temperature (0 = greedy).")
+    ] = 0.0,
+    max_per_genre: Annotated[
+        int, typer.Option(help="At most this many items per primary genre (0 = no limit).")
+    ] = 0,
+) -> None:
+    """Export the current artifacts as a Triton model repository and (re)start Triton on it.
+
+    With STREAMREC_TRITON_URL set, only exports: point that server at the printed repository.
+    """
+    from serving.client import serving_config
+    from serving.triton_export import ENSEMBLE, export_repository
+
+    settings = get_settings()
+    stack = _stack()
+    artifacts = _artifacts()
+    try:
+        stack.up(("redis",))
+        config = serving_config(
+            {
+                "redis_url": stack.endpoint("redis"),
+                "candidates": candidates,
+                "temperature": temperature,
+                "max_per_genre": max_per_genre,
+            }
+        )
+        repository = export_repository(
+            artifacts, stack.root / "triton" / "models", config, instances=instances
+        )
+        console.print(f"exported {artifacts.name} to {repository}")
+        if settings.triton_url:
+            console.print(
+                f"Triton is external ({settings.triton_url}): load model '{ENSEMBLE}' "
+                "from that repository there."
+            )
+            return
+        with console.status("(re)starting tritonserver"):
+            stack.down(("triton",))
+            stack.up(("triton",))
+    except (StartupError, StackNotRunning) as e:
+        fail(str(e))
+    console.print(f"[green]Triton serving '{ENSEMBLE}'[/] at {stack.endpoint('triton')} (gRPC)")
+
+
+@app.command("recommend")
+def recommend(
+    user: Annotated[str, typer.Option("--user", "-u", help="User id.")],
+    k: Annotated[int, typer.Option("--k", "-k", help="Number of items.")] = 10,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", "-x", help="Item id never to recommend.")
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="Sampling temperature (default: the server's).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the sampling.")] = None,
+) -> None:
+    """Ask the Triton ensemble directly (no Kafka) and print the ranked items and stage timings."""
+    from serving.client import TritonRecommender
+    from serving.operators import validate_request
+
+    request = {
+        "request_id": uuid.uuid4().hex,
+        "user_id": user,
+        "k": k,
+        "exclude": exclude or [],
+        "temperature": temperature,
+        "seed": seed,
+        "timestamp_ms": now_ms(),
+    }
+    if error := validate_request(request):
+        fail(error)
+    try:
+        client = TritonRecommender(_stack().endpoint("triton"))
+        response = client.recommend(request)
+    except StackNotRunning as e:
+        fail(str(e))
+    except Exception as e:  # tritonclient's errors: server down, model not loaded
+        fail(f"Triton did not answer: {e}. Is `streamrec serve triton` running?")
+    print_recommendations(response, _titles())
+
+
+def _titles() -> dict[str, dict]:
+    try:
+        return json.loads((_artifacts() / "items.json").read_text())
+    except (OSError, typer.Exit):
+        return {}
+
+
+def print_recommendations(response: dict, items: dict[str, dict]) -> None:
+    table = Table(
+        "#",
+        "item",
+        "title",
+        "genres",
+        "score",
+        title=f"user {response['user_id']} ({response['path']}, model {response['model_version']})",
+    )
+    for n, item in enumerate(response["items"], 1):
+        info = items.get(item["item_id"], {})
+        table.add_row(
+            str(n),
+            item["item_id"],
+            str(info.get("title") or ""),
+            ", ".join(info.get("genres") or []),
+            f"{item['score']:.4f}",
+        )
+    console.print(table)
+    stages = "  ".join(
+        f"{s['name']} {s['candidates_out']} in {s['duration_ms']:.2f} ms"
+        for s in response["stages"]
+    )
+    console.print(f"[dim]{stages}; removed {response['removed']}[/]")
+
+
 # --- demo -----------------------------------------------------------------------------------
 
 
