@@ -38,5 +38,6 @@ def load_features(artifact_dir: Path, redis_url: str, project: str = "streamrec"
         zip(seen["user_id"], seen["item_id"], seen["ts_ms"].astype(int), strict=True),
         dict(zip(stats["item_id"], stats["popularity"], strict=True)),
         dict(zip(stats["item_id"], stats["popularity_ms"].astype(int), strict=True)),
+        epoch_ms=int(stats["popularity_ms"].max()),
     )
     return repo

@@ -349,6 +349,15 @@ class OnlineReader:
         """One dict of ``features`` (default: all of ``view``) per item; None where no row."""
         return self._read("item", item_ids, view, features)
 
+    def timestamps(self, entity: str, ids: Sequence[str], view: str) -> list[int | None]:
+        """The stored event time (whole seconds, as Feast keeps it) of each entity's row."""
+        from google.protobuf.timestamp_pb2 import Timestamp
+
+        pipe = self._client.pipeline(transaction=False)
+        for entity_id in ids:
+            pipe.hget(self._redis_key(ENTITIES[entity], entity_id), f"_ts:{view}")
+        return [Timestamp.FromString(v).seconds if v else None for v in pipe.execute()]
+
     def close(self) -> None:
         self._client.close()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -33,8 +33,14 @@ class UserActivity:
 def update_user(
     state: UserActivity | None, item_id: str, genres: np.ndarray, ts_ms: int
 ) -> UserActivity:
-    """The state after one more interaction (`genres`: the item's multi-hot genre vector)."""
+    """The state after one more interaction (`genres`: the item's multi-hot genre vector).
+
+    An event older than the newest one applied (late, out of order) is counted but does not
+    rewrite the recency features: it never overwrites newer state.
+    """
     state = state or UserActivity()
+    if ts_ms < state.last_event_ms:
+        return replace(state, event_count=state.event_count + 1)
     recent = [item_id] + [i for i in state.recent_items if i != item_id]
     g = np.asarray(genres, dtype=np.float64)
     g = g / g.sum() if g.sum() > 0 else g

@@ -129,14 +129,36 @@ class Retrieval(Operator):
         from models.onnx_export import onnx_session
 
         self.user_tower = onnx_session(artifacts / "user_tower.onnx")
+        self.item_tower = onnx_session(artifacts / "item_tower.onnx")
+        self.workflow = Workflow.load(artifacts / "workflow.json")
         self.index = ItemIndex.load(artifacts)
         self.n = int(config["candidates"])
         self.popular_fallback = json.loads((artifacts / "popular.json").read_text())
         self.state = _state(config)
+        self.catalog_version = 0
+
+    def refresh(self) -> int:
+        """Embed items added to the catalog since training and add them to the index."""
+        from models.inputs import item_row
+        from models.onnx_export import run_onnx
+
+        version = self.state.catalog_version()
+        if version == self.catalog_version:
+            return 0
+        self.catalog_version = version
+        new = {i: p for i, p in self.state.catalog_additions().items() if i not in self.index.row}
+        if new:
+            rows = [
+                self.workflow.transform_one(item_row(i, p), ITEM_OUTPUTS) for i, p in new.items()
+            ]
+            inputs = {name: np.stack([r[name] for r in rows]) for name in ITEM_OUTPUTS}
+            self.index.add(run_onnx(self.item_tower, inputs), list(new))
+        return len(new)
 
     def compute(self, path, **user):
         from models.onnx_export import run_onnx
 
+        self.refresh()
         embedding = run_onnx(self.user_tower, user)
         if decode(path)[0] == COLD_START:
             ids = [
@@ -208,13 +230,19 @@ class ItemFeatures(Operator):
         )
         self.reader = _reader(config)
         self.state = _state(config)
+        self.catalog_version = 0
+
+    def refresh(self) -> None:
+        """Take in catalog additions and attribute changes since the last request."""
+        version = self.state.catalog_version()
+        if version != self.catalog_version:
+            self.catalog_version = version
+            for item, profile in self.state.catalog_additions().items():
+                self.catalog.add(self.workflow, item, profile)
 
     def compute(self, kept, now_ms):
-        ids = decode(kept)
-        new = [i for i in ids if i not in self.catalog.row]
-        for item, profile in self.state.catalog_additions(new).items():
-            self.catalog.add(self.workflow, item, profile)
-        ids = [i for i in ids if i in self.catalog.row]
+        self.refresh()
+        ids = [i for i in decode(kept) if i in self.catalog.row]
         out = self.catalog.take(ids)
         now = int(now_ms[0])
         stats = self.reader.items(ids, "item_stats", ["popularity", "popularity_ms"]) if ids else []

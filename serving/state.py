@@ -1,11 +1,16 @@
-"""The serving state in Redis that is not a Feast feature: filter sets, live popularity ranking,
-catalog additions, and event ids already applied. One place for the key layout.
+"""Redis state beside the Feast features: filter sets, the live popularity ranking, catalog
+additions, and the stream processors' authoritative user state. One place for the key layout.
 
 - `{p}:seen:{user}`      ZSET item → last interaction ms (bounded to the newest `SEEN_LIMIT`)
 - `{p}:unavailable`      SET of item ids that must not be recommended
-- `{p}:popular`          ZSET item → popularity on a growing scale (see `popularity_weight`)
-- `{p}:catalog`          HASH item → JSON profile of items added after training
-- `{p}:applied:{user}`   SET of event ids applied to that user's state (idempotency)
+- `{p}:popular`          ZSET item → Σ exp(k·(t_event − epoch)): ranking by it is ranking by
+                         time-decayed popularity at any time; the decayed count at time t is
+                         score · exp(−k·(t − epoch)) (see `popularity_at`)
+- `{p}:popular:epoch`    the epoch (ms) of that scale, set when the state is loaded
+- `{p}:catalog`          HASH item → JSON profile (title, year, genres, timestamp_ms) of items
+                         added or changed after training; `{p}:catalog:version` counts changes
+- `{p}:user:{user}`      JSON `UserActivity`: the user's stream state (Feast gets a projection)
+- `{p}:applied:{user}`   ZSET event id → event ms of the newest `APPLIED_LIMIT` applied events
 """
 
 from __future__ import annotations
@@ -14,19 +19,11 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 
-from models.features import POPULARITY_HALF_LIFE_MS
+from models.features import POPULARITY_HALF_LIFE_MS, UserActivity
 
 SEEN_LIMIT = 1000
-# Time origin of the popularity scale; far enough back that real event times are after it and
-# close enough that exp() stays finite for centuries at a 7-day half-life.
-POPULARITY_EPOCH_MS = 946_684_800_000  # 2000-01-01
-
-
-def popularity_weight(ts_ms: int) -> float:
-    """Weight of one event in `popular` so that ranking by the sum equals ranking by the
-    time-decayed count at any later time (every score decays by the same factor)."""
-    exponent = (ts_ms - POPULARITY_EPOCH_MS) * math.log(2) / POPULARITY_HALF_LIFE_MS
-    return math.exp(min(exponent, 700.0))
+APPLIED_LIMIT = 1000
+_K = math.log(2) / POPULARITY_HALF_LIFE_MS
 
 
 class RedisState:
@@ -35,11 +32,27 @@ class RedisState:
 
         self.client = redis.Redis.from_url(redis_url)
         self.prefix = prefix
+        self._epoch: int | None = None
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
 
-    # --- reads (hot path) --------------------------------------------------------------------
+    # --- popularity scale ----------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        if self._epoch is None:
+            value = self.client.get(self.key("popular", "epoch"))
+            self._epoch = int(value) if value is not None else 0
+        return self._epoch
+
+    def popularity_weight(self, ts_ms: int) -> float:
+        """One event's weight on the `popular` scale; good for ~1000 half-lives past the epoch."""
+        return math.exp((ts_ms - self.epoch) * _K)
+
+    def popularity_at(self, score: float, ts_ms: int) -> float:
+        return score * math.exp(-(ts_ms - self.epoch) * _K)
+
+    # --- reads (hot path) ----------------------------------------------------------------------
     def seen_mask(self, user_id: str, items: Sequence[str]) -> list[bool]:
         if not items:
             return []
@@ -54,29 +67,55 @@ class RedisState:
     def popular(self, n: int) -> list[str]:
         return [i.decode() for i in self.client.zrevrange(self.key("popular"), 0, n - 1)]
 
-    def catalog_additions(self, items: Iterable[str]) -> dict[str, dict]:
+    def popularity_scores(self, items: Sequence[str]) -> list[float]:
+        if not items:
+            return []
+        return [s or 0.0 for s in self.client.zmscore(self.key("popular"), list(items))]
+
+    def catalog_version(self) -> int:
+        return int(self.client.get(self.key("catalog", "version")) or 0)
+
+    def catalog_additions(self, items: Iterable[str] | None = None) -> dict[str, dict]:
+        """Profiles of items added or changed after training (all of them when `items` is None)."""
+        if items is None:
+            raw = self.client.hgetall(self.key("catalog"))
+            return {k.decode(): json.loads(v) for k, v in raw.items()}
         items = list(items)
         if not items:
             return {}
         values = self.client.hmget(self.key("catalog"), items)
         return {i: json.loads(v) for i, v in zip(items, values, strict=True) if v is not None}
 
-    def all_catalog_additions(self) -> dict[str, dict]:
-        return {
-            k.decode(): json.loads(v) for k, v in self.client.hgetall(self.key("catalog")).items()
-        }
-
     def seen(self, user_id: str) -> list[str]:
         return [i.decode() for i in self.client.zrevrange(self.key("seen", user_id), 0, -1)]
 
-    # --- writes (stream processors, feature load) --------------------------------------------
+    def users(self, user_ids: Sequence[str]) -> list[UserActivity | None]:
+        values = self.client.mget([self.key("user", u) for u in user_ids]) if user_ids else []
+        return [UserActivity(**json.loads(v)) if v else None for v in values]
+
+    def applied_mask(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+        """Which (user, event id) pairs were already applied."""
+        pipe = self.client.pipeline(transaction=False)
+        for user, event_id in pairs:
+            pipe.zscore(self.key("applied", user), event_id)
+        return [s is not None for s in pipe.execute()] if pairs else []
+
+    # --- writes (stream processors, state load), queued on a pipeline ------------------------
     def add_seen(self, pipe, user_id: str, item_id: str, ts_ms: int) -> None:
         key = self.key("seen", user_id)
         pipe.zadd(key, {item_id: ts_ms}, gt=True)  # adds new members; keeps the newest time
         pipe.zremrangebyrank(key, 0, -SEEN_LIMIT - 1)
 
     def add_popularity(self, pipe, item_id: str, ts_ms: int) -> None:
-        pipe.zincrby(self.key("popular"), popularity_weight(ts_ms), item_id)
+        pipe.zincrby(self.key("popular"), self.popularity_weight(ts_ms), item_id)
+
+    def mark_applied(self, pipe, user_id: str, event_id: str, ts_ms: int) -> None:
+        key = self.key("applied", user_id)
+        pipe.zadd(key, {event_id: ts_ms})
+        pipe.zremrangebyrank(key, 0, -APPLIED_LIMIT - 1)
+
+    def put_user(self, pipe, user_id: str, state: UserActivity) -> None:
+        pipe.set(self.key("user", user_id), json.dumps(vars(state)))
 
     def set_available(self, pipe, item_id: str, available: bool) -> None:
         if available:
@@ -84,14 +123,16 @@ class RedisState:
         else:
             pipe.sadd(self.key("unavailable"), item_id)
 
-    def add_catalog_item(self, pipe, item_id: str, profile: dict) -> None:
+    def put_catalog_item(self, pipe, item_id: str, profile: dict) -> None:
         pipe.hset(self.key("catalog"), item_id, json.dumps(profile))
+        pipe.incr(self.key("catalog", "version"))
 
     def load(
         self,
         seen: Iterable[tuple[str, str, int]],
         popularity: dict[str, float],
         popularity_ms: dict[str, int],
+        epoch_ms: int,
     ) -> None:
         """Bulk-load the state after training: seen sets and the popularity ranking."""
         pipe = self.client.pipeline(transaction=False)
@@ -99,9 +140,11 @@ class RedisState:
             self.add_seen(pipe, user, item, ts_ms)
             if n % 5000 == 4999:
                 pipe.execute()
+        pipe.set(self.key("popular", "epoch"), epoch_ms)
+        self._epoch = epoch_ms
         pipe.delete(self.key("popular"))
         scores = {
-            i: p * popularity_weight(popularity_ms[i]) for i, p in popularity.items() if p > 0
+            i: p * self.popularity_weight(popularity_ms[i]) for i, p in popularity.items() if p > 0
         }
         if scores:
             pipe.zadd(self.key("popular"), scores)

@@ -92,6 +92,10 @@ def stack_status() -> None:
 @stack_app.command("down")
 def stack_down(services: ServiceNames = None) -> None:
     """Stop the embedded services by PID and remove their leftovers (data stays in run_dir)."""
+    from streams.workers import Workers
+
+    if Workers(get_settings()).stop_all():
+        console.print("stopped the stream workers")
     stopped = _stack().down(_names(services))
     console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
@@ -456,6 +460,37 @@ def serve_triton(
     except (StartupError, StackNotRunning) as e:
         fail(str(e))
     console.print(f"[green]Triton serving '{ENSEMBLE}'[/] at {stack.endpoint('triton')} (gRPC)")
+
+
+@serve_app.command("workers")
+def serve_workers(
+    workers: Annotated[int, typer.Option("--workers", "-n", help="Worker processes to start.")] = 1,
+) -> None:
+    """Start stream workers: interactions → features/filters, item updates → catalog,
+    requests → Triton → responses. They run until `streamrec serve stop` or `stack down`."""
+    from streams.topics import create_topics
+    from streams.workers import Workers
+
+    settings = get_settings()
+    _artifacts()
+    try:
+        create_topics(settings, _stack().endpoint("kafka"))
+        with console.status(f"starting {workers} worker(s)"):
+            running = Workers(settings).start(workers)
+    except (StartupError, StackNotRunning) as e:
+        fail(str(e))
+    table = Table("pid", "metrics", "log", title=f"{len(running)} stream worker(s)")
+    for w in running:
+        table.add_row(str(w.pid), f"http://127.0.0.1:{w.metrics_port}/metrics", w.log)
+    console.print(table)
+
+
+@serve_app.command("stop")
+def serve_stop() -> None:
+    """Stop the stream workers (by PID, gracefully: they commit their offsets)."""
+    from streams.workers import Workers
+
+    console.print(f"stopped {Workers(get_settings()).stop_all()} worker(s)")
 
 
 @app.command("recommend")

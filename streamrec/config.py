@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     partitions: int = Field(4, ge=1)
     replication_factor: int = Field(1, ge=1)
 
+    feast_project: str = Field("streamrec", description="Feast project; also the Redis key prefix")
+    worker_group: str = Field("streamrec-workers", description="Consumer group of the workers")
+    interaction_batch: int = Field(500, ge=1, description="Max events per micro-batch")
+    request_concurrency: int = Field(32, ge=1, description="Requests in flight per worker")
+
     run_dir: Path = Path(".streamrec/run")
     artifact_dir: Path = Path(".streamrec/artifacts")
     data_dir: Path = Path(".streamrec/data")

@@ -31,6 +31,36 @@ def client_config(settings: Settings, bootstrap: str) -> dict[str, Any]:
     return conf
 
 
+def faust_broker_settings(settings: Settings) -> dict[str, Any]:
+    """The same security settings in Faust's (aiokafka's) terms."""
+    import faust
+
+    sec = settings.kafka_security
+    if sec.protocol == "PLAINTEXT":
+        return {}
+    ssl_context = None
+    if sec.protocol.endswith("SSL"):
+        import ssl
+
+        ssl_context = ssl.create_default_context(
+            cafile=str(sec.ssl_cafile) if sec.ssl_cafile else None
+        )
+        if sec.ssl_certfile:
+            ssl_context.load_cert_chain(
+                str(sec.ssl_certfile), str(sec.ssl_keyfile) if sec.ssl_keyfile else None
+            )
+    if sec.protocol.startswith("SASL"):
+        credentials = faust.SASLCredentials(
+            username=sec.sasl_username,
+            password=sec.sasl_password,
+            mechanism=sec.sasl_mechanism or "PLAIN",
+            ssl_context=ssl_context,
+        )
+    else:
+        credentials = faust.SSLCredentials(ssl_context)
+    return {"broker_credentials": credentials}
+
+
 class EventProducer:
     """Encodes records with their topic's schema and keys them by the topic's key field."""
 

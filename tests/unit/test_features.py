@@ -56,3 +56,11 @@ def test_replay_gives_the_state_before_each_interaction():
     assert r.users_before[1].recent_items == ["a"]
     assert r.users["u"].recent_items == ["b", "a"]
     assert r.popularity_before[0] == 0.0 and r.popularity_before[2] > 0.99
+
+
+def test_a_late_event_is_counted_but_does_not_rewrite_recency():
+    state = update_user(None, "new", G, 2000)
+    late = update_user(state, "old", H, 1000)
+    assert late.recent_items == ["new"]
+    assert late.genre_affinity == state.genre_affinity
+    assert late.last_event_ms == 2000 and late.event_count == 2

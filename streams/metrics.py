@@ -1,0 +1,39 @@
+"""Prometheus metrics of the stream workers (served on 127.0.0.1:<metrics port>)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+EVENTS = Counter("streamrec_events_total", "Events handled", ["processor", "outcome"])
+BATCH_SIZE = Histogram(
+    "streamrec_batch_size",
+    "Events per micro-batch",
+    ["processor"],
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000),
+)
+DEAD_LETTERS = Counter(
+    "streamrec_dead_letters_total", "Events sent to the dead-letter topic", ["processor"]
+)
+FRESHNESS = Histogram(
+    "streamrec_feature_freshness_seconds",
+    "From an interaction's produce time to its online feature write",
+    buckets=LATENCY_BUCKETS,
+)
+REQUEST_LATENCY = Histogram(
+    "streamrec_request_latency_seconds",
+    "Request latency per stage and end to end (request produce → response sent)",
+    ["stage"],
+    buckets=LATENCY_BUCKETS,
+)
+RESPONSES = Counter("streamrec_responses_total", "Responses published", ["status", "path"])
+CONSUMER_LAG = Gauge(
+    "streamrec_consumer_lag", "Highwater minus committed offset", ["topic", "partition"]
+)
+
+
+def serve(port: int) -> int:
+    """Start the metrics endpoint; port 0 picks a free one. Returns the port."""
+    server, _ = start_http_server(port, addr="127.0.0.1")
+    return server.server_port

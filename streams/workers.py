@@ -1,0 +1,95 @@
+"""Start and stop stream workers (Faust worker processes) by PID, like the embedded servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from streamrec.config import Settings
+from streamrec.stack import EmbeddedStack
+from streamrec.stack.process import free_port, pid_alive, spawn, stop, wait_ready
+
+READY = "streamrec worker ready"
+
+
+@dataclass
+class Worker:
+    pid: int
+    log: str
+    metrics_port: int
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """The worker's environment: every endpoint resolved, so it reads no stack state."""
+    stack = EmbeddedStack(settings)
+    env = dict(os.environ)
+    env.update({
+        "STREAMREC_KAFKA_BOOTSTRAP": stack.endpoint("kafka"),
+        "STREAMREC_REDIS_URL": stack.endpoint("redis"),
+        "STREAMREC_TRITON_URL": stack.endpoint("triton"),
+        "STREAMREC_RUN_DIR": str(settings.run_dir.resolve()),
+        "STREAMREC_ARTIFACT_DIR": str(settings.artifact_dir.resolve()),
+        "STREAMREC_PARTITIONS": str(settings.partitions),
+        "STREAMREC_FEAST_PROJECT": settings.feast_project,
+        "STREAMREC_WORKER_GROUP": settings.worker_group,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONUNBUFFERED": "1",
+    })
+    for role, name in settings.topics.model_dump().items():
+        env[f"STREAMREC_TOPICS__{role.upper()}"] = name
+    return env
+
+
+class Workers:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.root = settings.run_dir.resolve() / "workers"
+        self.state_file = self.root / "workers.json"
+
+    def running(self) -> list[Worker]:
+        if not self.state_file.exists():
+            return []
+        workers = [Worker(**w) for w in json.loads(self.state_file.read_text())]
+        return [w for w in workers if pid_alive(w.pid)]
+
+    def _save(self, workers: list[Worker]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.state_file.write_text(json.dumps([asdict(w) for w in workers], indent=2))
+
+    def start(self, n: int = 1, timeout: float = 120.0) -> list[Worker]:
+        """Start `n` more workers and wait until each has built its processors."""
+        env = worker_env(self.settings)
+        workers = self.running()
+        for _ in range(n):
+            port = free_port()
+            log = self.root / f"worker-{len(workers)}-{port}.log"
+            cmd = [sys.executable, "-m", "faust", "-A", "streams.app", "worker",
+                   "--without-web", "--loglevel", "info"]
+            pid = spawn(cmd, log, env=env | {"STREAMREC_METRICS_PORT": str(port)})
+            wait_ready("stream worker", pid, lambda log=log: READY in log.read_text(), timeout,
+                       log)
+            workers.append(Worker(pid, str(log), port))
+            self._save(workers)
+        return workers
+
+    def kill(self, worker: Worker) -> None:
+        """SIGKILL, no clean-up: what a crash looks like to the rest of the system."""
+        import signal
+
+        os.kill(worker.pid, signal.SIGKILL)
+        stop(worker.pid, grace=5)
+        self._save([w for w in self.running() if w.pid != worker.pid])
+
+    def stop_all(self) -> int:
+        workers = self.running()
+        for w in workers:
+            stop(w.pid, grace=15)
+        self._save([])
+        return len(workers)
+
+
+def log_of(worker: Worker) -> str:
+    return Path(worker.log).read_text(errors="replace")

@@ -1,0 +1,311 @@
+"""Stream workers (real Faust processes) on the embedded broker, Valkey and tritonserver."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from models.feature_repo import feature_store
+from serving.state import RedisState
+from streamrec.config import TopicNames
+from streams.kafka import EventConsumer, EventProducer
+from streams.topics import create_topics
+from streams.workers import Workers, log_of
+
+pytestmark = pytest.mark.integration
+
+T0 = 893_300_000_000  # ML-100K's last weeks, in ms
+
+
+def _settings(base_settings, kafka, redis_url, triton_url, artifacts):
+    prefix = f"s{uuid.uuid4().hex[:6]}"
+    names = {role: f"{prefix}-{name}" for role, name in TopicNames().model_dump().items()}
+    settings = base_settings.model_copy(
+        update={
+            "kafka_bootstrap": kafka,
+            "redis_url": redis_url,
+            "triton_url": triton_url,
+            "artifact_dir": artifacts.parent,
+            "topics": TopicNames(**names),
+            "worker_group": f"{prefix}-workers",
+        }
+    )
+    create_topics(settings, kafka)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def live(base_settings, kafka, redis_url, triton_url, artifacts, serving_config):
+    """Fresh topics and one worker for the module."""
+    settings = _settings(base_settings, kafka, redis_url, triton_url, artifacts)
+    workers = Workers(settings)
+    workers.start(1)
+    yield settings
+    workers.stop_all()
+
+
+@pytest.fixture(scope="module")
+def state(serving_config):
+    return RedisState(serving_config["redis_url"], prefix=serving_config["feast_project"])
+
+
+def interaction(user: str, item: str, ts: int, event_id: str | None = None) -> dict:
+    return {
+        "event_id": event_id or uuid.uuid4().hex,
+        "user_id": user,
+        "item_id": item,
+        "event_type": "view",
+        "value": None,
+        "timestamp_ms": ts,
+        "session_id": None,
+        "context": {},
+    }
+
+
+def request(user: str, k: int = 10, request_id: str | None = None, **extra) -> dict:
+    return {
+        "request_id": request_id or uuid.uuid4().hex,
+        "user_id": user,
+        "k": k,
+        "exclude": [],
+        "context": {},
+        "temperature": 0.0,
+        "seed": None,
+        "deadline_ms": None,
+        "timestamp_ms": T0,
+    } | extra
+
+
+def produce(settings, role: str, records: list[dict], raw: list[bytes] = ()) -> None:
+    producer = EventProducer(settings, settings.kafka_bootstrap)
+    for value in raw:
+        producer.send_raw(role, value, key=b"k")
+    for r in records:
+        producer.send(role, r)
+    producer.close()
+
+
+def responses(settings, request_ids: set[str], timeout: float = 60.0) -> dict[str, list[dict]]:
+    """All responses to these requests (a list each, to see duplicates) once each has one."""
+    consumer = EventConsumer(
+        settings, settings.kafka_bootstrap, ["recommendations"], f"reader-{uuid.uuid4().hex}"
+    )
+    got: dict[str, list[dict]] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not request_ids <= set(got):
+        event = consumer.poll(0.2)
+        if event is not None and event.value and event.value["request_id"] in request_ids:
+            got.setdefault(event.value["request_id"], []).append(event.value)
+    extra_until = time.monotonic() + 1.0  # a moment more, to catch duplicates
+    while time.monotonic() < extra_until:
+        event = consumer.poll(0.1)
+        if event is not None and event.value and event.value["request_id"] in request_ids:
+            got.setdefault(event.value["request_id"], []).append(event.value)
+    consumer.close()
+    return got
+
+
+def ask(settings, user: str, k: int = 10) -> dict:
+    r = request(user, k)
+    produce(settings, "requests", [r])
+    return responses(settings, {r["request_id"]})[r["request_id"]][0]
+
+
+def wait_for(condition, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def items_of(response: dict) -> list[str]:
+    return [i["item_id"] for i in response["items"]]
+
+
+def test_each_request_gets_exactly_one_response_with_its_id(live):
+    batch = [request(str(u), k=5) for u in range(100, 130)]
+    batch.append(request("17", k=0))  # invalid: answered with an error
+    produce(live, "requests", batch)
+    got = responses(live, {r["request_id"] for r in batch})
+    assert set(got) == {r["request_id"] for r in batch}
+    assert all(len(v) == 1 for v in got.values())
+    assert sum(v[0]["status"] == "ok" for v in got.values()) == 30
+    bad = got[batch[-1]["request_id"]][0]
+    assert bad["status"] == "error" and "k must be" in bad["error"]
+
+
+def test_an_interaction_removes_the_item_from_the_users_next_recommendation(live, state):
+    user = "59"
+    top = items_of(ask(live, user))[0]
+    produce(live, "interactions", [interaction(user, top, T0 + 1000)])
+    wait_for(lambda: top in state.seen(user), what="the interaction to be applied")
+    assert top not in items_of(ask(live, user, k=50))
+
+
+def test_features_read_back_from_feast_reflect_the_events(live, artifacts):
+    user = f"new-{uuid.uuid4().hex[:6]}"
+    items = ["50", "181", "100", "258"]
+    produce(
+        live, "interactions", [interaction(user, i, T0 + n * 1000) for n, i in enumerate(items)]
+    )
+    store = feature_store(artifacts / "feature_repo")
+
+    def features():
+        return store.get_online_features(
+            ["user_activity:recent_items", "user_activity:event_count"], [{"user_id": user}]
+        ).to_dict()
+
+    wait_for(lambda: features()["event_count"][0] == len(items), what="Feast to show 4 events")
+    assert features()["recent_items"][0] == list(reversed(items))
+    response = ask(live, user)
+    assert response["path"] == "personalized"
+    assert set(items).isdisjoint(items_of(response))
+
+
+def test_an_item_marked_unavailable_disappears_from_all_responses(live, state):
+    users = ["201", "202", "203"]
+    target = items_of(ask(live, users[0]))[0]
+    update = {
+        "item_id": target,
+        "available": False,
+        "title": None,
+        "year": None,
+        "genres": [],
+        "attributes": {},
+        "timestamp_ms": T0,
+    }
+    produce(live, "item_updates", [update])
+    wait_for(lambda: state.unavailable_mask([target]) == [True], what="the item update")
+    try:
+        for user in users:
+            assert target not in items_of(ask(live, user, k=100))
+    finally:
+        produce(live, "item_updates", [update | {"available": True, "timestamp_ms": T0 + 1}])
+        wait_for(lambda: state.unavailable_mask([target]) == [False], what="re-enabling")
+
+
+def test_malformed_bytes_are_dead_lettered_and_later_events_still_processed(live, state):
+    user = f"dlq-{uuid.uuid4().hex[:6]}"
+    produce(live, "interactions", [interaction(user, "1", T0)], raw=[b"\x00broken bytes"])
+    wait_for(lambda: state.seen(user) == ["1"], what="the valid event after the bad one")
+    consumer = EventConsumer(live, live.kafka_bootstrap, ["dead_letter"], uuid.uuid4().hex)
+    letters = [e.value for e in consumer.events(idle_timeout=3)]
+    consumer.close()
+    broken = [d for d in letters if d["value"] == b"\x00broken bytes"]
+    assert len(broken) == 1
+    assert broken[0]["topic"] == live.topics.interactions
+    assert "bad or missing header" in broken[0]["error"]
+    assert broken[0]["processor"] == "interactions"
+
+
+def test_a_new_catalog_item_is_embedded_and_retrievable_without_retraining(
+    live, state, artifacts, serving_config
+):
+    from serving.operators import Retrieval
+
+    item = f"new-item-{uuid.uuid4().hex[:6]}"
+    update = {
+        "item_id": item,
+        "available": True,
+        "title": "Brand New (2026)",
+        "year": 1998,
+        "genres": ["Comedy", "Romance"],
+        "attributes": {},
+        "timestamp_ms": T0,
+    }
+    produce(live, "item_updates", [update])
+    wait_for(lambda: item in state.catalog_additions([item]), what="the catalog addition")
+    retrieval = Retrieval(artifacts, serving_config)  # the stage's own code, in this process
+    assert retrieval.refresh() >= 1
+    own = retrieval.index.vectors([item])
+    scores, found = retrieval.index.search(own, 100)
+    # Its nearest neighbour is itself, up to ties with other unseen items of the same genres/year.
+    best = [i for i, s in zip(found[0], scores[0], strict=True) if s >= scores[0][0] - 1e-6]
+    assert item in best
+
+
+def test_a_worker_killed_mid_stream_loses_and_doubles_nothing(
+    base_settings,
+    kafka,
+    redis_url,
+    triton_url,
+    artifacts,
+    serving_config,
+    state,
+):
+    settings = _settings(base_settings, kafka, redis_url, triton_url, artifacts)
+    users = [f"kill-{uuid.uuid4().hex[:6]}-{n}" for n in range(20)]
+    events = [interaction(users[n % 20], str(1 + n % 300), T0 + n * 1000) for n in range(600)]
+    requests = [request(users[n % 20], k=5) for n in range(150)]
+    workers = Workers(settings)
+    try:
+        workers.start(1)
+        produce(settings, "interactions", events)
+        produce(settings, "requests", requests)
+        wait_for(lambda: sum(len(state.seen(u)) for u in users) > 50, what="some progress")
+        workers.kill(workers.running()[0])
+        workers.start(1)
+        got = responses(settings, {r["request_id"] for r in requests}, timeout=120)
+    finally:
+        workers.stop_all()
+    assert set(got) == {r["request_id"] for r in requests}  # none lost (duplicates allowed)
+    expected: dict[str, int] = {}
+    for e in events:
+        expected[e["user_id"]] = expected.get(e["user_id"], 0) + 1
+    wait_for(
+        lambda: all(
+            s is not None and s.event_count == expected[u]
+            for u, s in zip(users, state.users(users), strict=True)
+        ),
+        timeout=60,
+        what="every event applied",
+    )
+    for user, s in zip(users, state.users(users), strict=True):
+        assert s.event_count == expected[user]  # not doubled by the replay after the kill
+        assert set(state.seen(user)) == {e["item_id"] for e in events if e["user_id"] == user}
+    store = feature_store(artifacts / "feature_repo")
+    online = store.get_online_features(
+        ["user_activity:event_count"], [{"user_id": u} for u in users]
+    ).to_dict()
+    assert online["event_count"] == [expected[u] for u in users]
+
+
+def test_two_workers_split_the_partitions_and_answer_everything(
+    base_settings,
+    kafka,
+    redis_url,
+    triton_url,
+    artifacts,
+    serving_config,
+):
+    settings = _settings(base_settings, kafka, redis_url, triton_url, artifacts)
+    workers = Workers(settings)
+    try:
+        running = workers.start(2)
+        batch = [request(str(u), k=3) for u in range(300, 380)]
+        produce(settings, "requests", batch)
+        got = responses(settings, {r["request_id"] for r in batch}, timeout=90)
+        logs = [log_of(w) for w in running]
+        metrics = [_responses_metric(w.metrics_port) for w in running]
+    finally:
+        workers.stop_all()
+    assert set(got) == {r["request_id"] for r in batch}
+    assert all(len(v) == 1 for v in got.values())
+    assert all(m > 0 for m in metrics), metrics  # both workers answered some
+    assert sum(metrics) == len(batch)
+    assert all("Setting newly assigned partitions" in log for log in logs)
+
+
+def _responses_metric(port: int) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("streamrec_responses_total{")
+    )
