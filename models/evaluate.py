@@ -42,6 +42,7 @@ class Point:
     popularity: np.ndarray  # catalog-aligned decayed popularity at ts
     relevant: set[str]
     warm: bool
+    position: int  # row of the hold-out frame this point comes just before
 
 
 def replay_points(
@@ -74,7 +75,8 @@ def replay_points(
     users_items = test.groupby("user_id", sort=False)["item_id"].apply(list).to_dict()
     position: dict[str, int] = defaultdict(int)
     points = []
-    for u, i, ts in zip(test["user_id"], test["item_id"], test["timestamp"], strict=True):
+    rows = zip(test["user_id"], test["item_id"], test["timestamp"], strict=True)
+    for n, (u, i, ts) in enumerate(rows):
         t = int(ts) * 1000
         if (u, int(ts)) in chosen:
             chosen.discard((u, int(ts)))
@@ -83,7 +85,7 @@ def replay_points(
             if relevant:
                 decayed = pop * np.exp(-np.maximum(t - pop_ms, 0) * k)
                 points.append(
-                    Point(u, t, users.get(u), set(seen[u]), decayed, set(relevant), u in warm)
+                    Point(u, t, users.get(u), set(seen[u]), decayed, set(relevant), u in warm, n)
                 )
         position[u] += 1
         users[u] = update_user(users.get(u), i, prepared.vectors.get(i, _no(prepared)), t)

@@ -11,14 +11,17 @@ from models.feature_repo import TIMESTAMP, load_offline, write_repo
 from serving.state import RedisState
 
 
-def load_features(artifact_dir: Path, redis_url: str, project: str = "streamrec") -> Path:
-    """Write the Feast repo for `redis_url`, its offline sources, and materialize them.
+def load_features(
+    artifact_dir: Path, redis_url: str, repo_dir: Path, project: str = "streamrec"
+) -> Path:
+    """Write the Feast repo (in `repo_dir`) for `redis_url`, its offline sources from the
+    artifacts, and materialize them.
 
     The stream state after the training period (user activity, item popularity) is stamped
     with its own last-event time; static profiles with the start of the data.
     """
     state = artifact_dir / "state"
-    repo = write_repo(artifact_dir / "feature_repo", redis_url, project)
+    repo = write_repo(repo_dir, redis_url, project)
     users = pd.read_parquet(state / "user_profile.parquet")
     items = pd.read_parquet(state / "item_profile.parquet")
     activity = pd.read_parquet(state / "user_activity.parquet")

@@ -42,6 +42,7 @@ def example_records(now_ms: int) -> dict[str, dict]:
             "status": "ok",
             "error": None,
             "items": [{"item_id": "100", "score": 0.91}, {"item_id": "181", "score": 0.87}],
+            "removed": {"seen": 12, "unavailable": 1, "excluded": 0},
             "path": "personalized",
             "model_version": "example",
             "stages": [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -59,16 +60,22 @@ def decode(values: np.ndarray) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in values.reshape(-1)]
 
 
+def _redis_url(config) -> str:
+    """The server's STREAMREC_REDIS_URL wins over the exported one: secrets stay out of the
+    model repository."""
+    return os.environ.get("STREAMREC_REDIS_URL") or config["redis_url"]
+
+
 def _reader(config):
     from models.feature_repo import OnlineReader
 
-    return OnlineReader(config["redis_url"], project=config["feast_project"])
+    return OnlineReader(_redis_url(config), project=config["feast_project"])
 
 
 def _state(config):
     from serving.state import RedisState
 
-    return RedisState(config["redis_url"], prefix=config["feast_project"])
+    return RedisState(_redis_url(config), prefix=config["feast_project"])
 
 
 class UserFeatures(Operator):

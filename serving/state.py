@@ -11,6 +11,7 @@ additions, and the stream processors' authoritative user state. One place for th
                          added or changed after training; `{p}:catalog:version` counts changes
 - `{p}:user:{user}`      JSON `UserActivity`: the user's stream state (Feast gets a projection)
 - `{p}:applied:{user}`   ZSET event id → event ms of the newest `APPLIED_LIMIT` applied events
+- `{p}:acked`            count of interactions whose effects are all written (replay barrier)
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ class RedisState:
         return self._epoch
 
     def popularity_weight(self, ts_ms: int) -> float:
-        """One event's weight on the `popular` scale; good for ~1000 half-lives past the epoch."""
-        return math.exp((ts_ms - self.epoch) * _K)
+        """One event's weight on the `popular` scale. float64 holds ~1000 half-lives past the
+        epoch (19 years at 7 days); beyond that the weight saturates instead of overflowing."""
+        return math.exp(min((ts_ms - self.epoch) * _K, 700.0))
 
     def popularity_at(self, score: float, ts_ms: int) -> float:
         return score * math.exp(-(ts_ms - self.epoch) * _K)
@@ -85,6 +87,13 @@ class RedisState:
             return {}
         values = self.client.hmget(self.key("catalog"), items)
         return {i: json.loads(v) for i, v in zip(items, values, strict=True) if v is not None}
+
+    def acked(self) -> int:
+        """Interactions fully processed (state and Feast written) since the state was loaded."""
+        return int(self.client.get(self.key("acked")) or 0)
+
+    def ack(self, n: int) -> None:
+        self.client.incrby(self.key("acked"), n)
 
     def seen(self, user_id: str) -> list[str]:
         return [i.decode() for i in self.client.zrevrange(self.key("seen", user_id), 0, -1)]

@@ -333,7 +333,13 @@ def _load_features(artifact_dir) -> None:
         with console.status("starting Valkey"):
             stack.up(("redis",))
         with console.status("loading features into Feast (offline store + Redis)"):
-            load_features(artifact_dir, stack.endpoint("redis"))
+            settings = get_settings()
+            load_features(
+                artifact_dir,
+                stack.endpoint("redis"),
+                settings.feature_repo(),
+                settings.feast_project,
+            )
     except (StartupError, StackNotRunning) as e:
         fail(str(e))
     console.print(f"features loaded into Feast, online store {stack.endpoint('redis')}")
@@ -439,6 +445,7 @@ def serve_triton(
         config = serving_config(
             {
                 "redis_url": stack.endpoint("redis"),
+            "feast_project": settings.feast_project,
                 "candidates": candidates,
                 "temperature": temperature,
                 "max_per_genre": max_per_genre,
@@ -563,20 +570,122 @@ def print_recommendations(response: dict, items: dict[str, dict]) -> None:
     console.print(f"[dim]{stages}; removed {response['removed']}[/]")
 
 
+# --- replay ---------------------------------------------------------------------------------
+
+
+@app.command("replay")
+def replay_cmd(
+    data: DataOption = "ml-100k",
+    users: Annotated[int, typer.Option(help="Test users who get requests.")] = 100,
+    points_per_user: Annotated[int, typer.Option(help="Requests per user.")] = 2,
+    k: Annotated[int, typer.Option(help="Items per request.")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of the request points and sampling.")] = 0,
+    speed: Annotated[
+        float | None, typer.Option(help="N x real time (default: as fast as possible).")
+    ] = None,
+    barrier: Annotated[
+        bool,
+        typer.Option(
+            help="Produce each request only after every earlier interaction is "
+            "processed (deterministic state)."
+        ),
+    ] = True,
+    bad_events: Annotated[bool, typer.Option(help="Inject undecodable and invalid events.")] = True,
+    record: Annotated[
+        str | None, typer.Option(help="Write the responses here (JSON lines).")
+    ] = None,
+) -> None:
+    """Replay the data set's hold-out period through the live system (stack, Triton and
+    workers must be running) and compare the served quality with the offline evaluation."""
+    from pathlib import Path
+
+    from rich.progress import Progress
+
+    from serving.state import RedisState
+    from streams.replay import Recorder, build_timeline, produce_timeline
+
+    settings = get_settings()
+    dataset = _load_data(data)
+    artifacts = _artifacts()
+    try:
+        bootstrap, redis_url = _stack().endpoint("kafka"), _stack().endpoint("redis")
+    except StackNotRunning as e:
+        fail(str(e))
+    with console.status("building the timeline and its offline evaluation"):
+        timeline = build_timeline(dataset, artifacts, users, points_per_user, k, seed, bad_events)
+    state = RedisState(redis_url, prefix=settings.feast_project)
+    ids = {s.record["request_id"] for s in timeline.requests}
+    with Recorder(settings, bootstrap) as recorder, Progress(console=console) as progress:
+        task = progress.add_task("replaying", total=len(timeline.steps))
+        try:
+            result = produce_timeline(
+                timeline,
+                settings,
+                bootstrap,
+                recorder,
+                state.acked if barrier else None,
+                speed,
+                lambda n, _total: progress.update(task, completed=n),
+            )
+        except TimeoutError as e:
+            fail(str(e))
+        progress.update(task, description=f"collecting {len(ids)} responses")
+        recorder.wait(ids, timeout=120)
+        time.sleep(1.0)  # a moment more: duplicates would show here
+        got = recorder.responses
+        if record:
+            recorder.write(Path(record))
+    print_replay_summary(timeline, result, got, k)
+
+
+def print_replay_summary(timeline, result, got: dict, k: int) -> None:
+    from streams.replay import served_quality
+
+    answered = [v[0] for v in got.values()]
+    table = Table(
+        "",
+        "",
+        title=f"replay: {result.produced['interactions']:,} interactions, "
+        f"{result.produced['requests']} requests in {result.seconds:.1f} s",
+        show_header=False,
+    )
+    table.add_row(
+        "responses",
+        f"{len(got)} of {len(timeline.requests)} requests "
+        f"({sum(len(v) - 1 for v in got.values())} duplicates)",
+    )
+    table.add_row(
+        "errors",
+        ", ".join(f"{r['request_id']}: {r['error']}" for r in answered if r["status"] == "error")
+        or "none",
+    )
+    table.add_row(
+        "injected bad events",
+        ", ".join(f"{n} {kind}" for kind, n in timeline.bad.items()) or "none",
+    )
+    for name, m in served_quality(timeline, got, k).items():
+        table.add_row(name, "  ".join(f"{key} {v:.4f}" for key, v in m.items()))
+    console.print(table)
+
+
 # --- demo -----------------------------------------------------------------------------------
 
 
 @app.command("demo")
 def demo(
     keep: Annotated[
-        bool, typer.Option(help="Leave the embedded stack running afterwards.")
+        bool, typer.Option(help="Leave the stack, Triton and the worker running afterwards.")
+    ] = False,
+    retrain: Annotated[
+        bool, typer.Option(help="Train again even if trained artifacts exist.")
     ] = False,
 ) -> None:
-    """Run the demo on the embedded stack: start it, round-trip events, shut it down."""
+    """The whole system on the embedded stack: train on ML-100K, serve on Triton, replay part
+    of the hold-out through Kafka, show the stream's effect on recommendations, shut down."""
     from streamrec.demo import run_demo
 
     try:
-        run_demo(get_settings(), console, keep=keep)
+        run_demo(get_settings(), console, keep=keep, retrain=retrain)
     except (StackNotRunning, StartupError) as e:
         fail(str(e))
 

@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     worker_group: str = Field("streamrec-workers", description="Consumer group of the workers")
     interaction_batch: int = Field(500, ge=1, description="Max events per micro-batch")
     request_concurrency: int = Field(32, ge=1, description="Requests in flight per worker")
+    metrics_port: int | None = Field(None, description="Workers' Prometheus port (0 = any)")
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds")
 
     run_dir: Path = Path(".streamrec/run")
     artifact_dir: Path = Path(".streamrec/artifacts")
@@ -66,6 +68,10 @@ class Settings(BaseSettings):
     kafka_start_timeout: float = 30.0
     redis_start_timeout: float = 15.0
     triton_start_timeout: float = 90.0
+
+    def feature_repo(self) -> Path:
+        """The Feast repository of this deployment (its Redis and project)."""
+        return self.run_dir / "feature_repo" / self.feast_project
 
 
 @lru_cache(maxsize=1)

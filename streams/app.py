@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from functools import cached_property
@@ -55,7 +54,7 @@ class Runtime:
             return InteractionProcessor(
                 self.serdes["interactions"],
                 self.stack.endpoint("redis"),
-                self.artifacts / "feature_repo",
+                self.settings.feature_repo(),
                 self.artifacts,
                 self.settings.feast_project,
             )
@@ -164,6 +163,7 @@ def create_app(settings: Settings) -> faust.App:
     @app.timer(interval=5.0)
     async def consumer_lag():
         consumer = app.consumer
+        metrics.CONSUMER_LAG.clear()  # partitions revoked since the last tick report nothing
         for tp in consumer.assignment():
             committed = consumer._committed_offset.get(tp)  # noqa: SLF001 - no public accessor
             lag = consumer.highwater(tp) - (committed or 0)
@@ -172,8 +172,9 @@ def create_app(settings: Settings) -> faust.App:
     @app.task
     async def warm_up():
         """Build the processors before traffic (Feast and ONNX imports take seconds)."""
-        if port := os.environ.get("STREAMREC_METRICS_PORT"):
-            log.info("metrics on 127.0.0.1:%s", metrics.serve(int(port)))
+        if settings.metrics_port is not None:
+            port = metrics.serve(settings.metrics_port, settings.metrics_host)
+            log.info("metrics on %s:%s", settings.metrics_host, port)
         try:
             await asyncio.to_thread(lambda: (runtime.interactions, runtime.item_updates))
             await runtime.requests()

@@ -33,7 +33,7 @@ CONSUMER_LAG = Gauge(
 )
 
 
-def serve(port: int) -> int:
+def serve(port: int, host: str = "127.0.0.1") -> int:
     """Start the metrics endpoint; port 0 picks a free one. Returns the port."""
-    server, _ = start_http_server(port, addr="127.0.0.1")
+    server, _ = start_http_server(port, addr=host)
     return server.server_port

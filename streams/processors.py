@@ -115,6 +115,7 @@ class InteractionProcessor:
         if good:
             fresh = self._apply(good, result)
             self._project(fresh)
+            self.state.ack(result.applied)
             done = time.time() * 1000
             result.freshness_s = [(done - e.timestamp_ms) / 1000 for e, _ in good]
         return result

@@ -26,18 +26,20 @@ def worker_env(settings: Settings) -> dict[str, str]:
     """The worker's environment: every endpoint resolved, so it reads no stack state."""
     stack = EmbeddedStack(settings)
     env = dict(os.environ)
-    env.update({
-        "STREAMREC_KAFKA_BOOTSTRAP": stack.endpoint("kafka"),
-        "STREAMREC_REDIS_URL": stack.endpoint("redis"),
-        "STREAMREC_TRITON_URL": stack.endpoint("triton"),
-        "STREAMREC_RUN_DIR": str(settings.run_dir.resolve()),
-        "STREAMREC_ARTIFACT_DIR": str(settings.artifact_dir.resolve()),
-        "STREAMREC_PARTITIONS": str(settings.partitions),
-        "STREAMREC_FEAST_PROJECT": settings.feast_project,
-        "STREAMREC_WORKER_GROUP": settings.worker_group,
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "STREAMREC_KAFKA_BOOTSTRAP": stack.endpoint("kafka"),
+            "STREAMREC_REDIS_URL": stack.endpoint("redis"),
+            "STREAMREC_TRITON_URL": stack.endpoint("triton"),
+            "STREAMREC_RUN_DIR": str(settings.run_dir.resolve()),
+            "STREAMREC_ARTIFACT_DIR": str(settings.artifact_dir.resolve()),
+            "STREAMREC_PARTITIONS": str(settings.partitions),
+            "STREAMREC_FEAST_PROJECT": settings.feast_project,
+            "STREAMREC_WORKER_GROUP": settings.worker_group,
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     for role, name in settings.topics.model_dump().items():
         env[f"STREAMREC_TOPICS__{role.upper()}"] = name
     return env
@@ -66,11 +68,19 @@ class Workers:
         for _ in range(n):
             port = free_port()
             log = self.root / f"worker-{len(workers)}-{port}.log"
-            cmd = [sys.executable, "-m", "faust", "-A", "streams.app", "worker",
-                   "--without-web", "--loglevel", "info"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "faust",
+                "-A",
+                "streams.app",
+                "worker",
+                "--without-web",
+                "--loglevel",
+                "info",
+            ]
             pid = spawn(cmd, log, env=env | {"STREAMREC_METRICS_PORT": str(port)})
-            wait_ready("stream worker", pid, lambda log=log: READY in log.read_text(), timeout,
-                       log)
+            wait_ready("stream worker", pid, lambda log=log: READY in log.read_text(), timeout, log)
             workers.append(Worker(pid, str(log), port))
             self._save(workers)
         return workers

@@ -79,12 +79,12 @@ def artifacts(base_settings, movielens) -> Path:
 
 
 @pytest.fixture(scope="session")
-def serving_config(artifacts, redis_url) -> dict:
+def serving_config(artifacts, redis_url, base_settings) -> dict:
     """Redis loaded with the trained model's feature and filter state."""
     from models.feature_load import load_features
     from serving.client import serving_config
 
-    load_features(artifacts, redis_url)
+    load_features(artifacts, redis_url, base_settings.feature_repo())
     return serving_config({"redis_url": redis_url})
 
 

@@ -61,11 +61,11 @@ def test_evaluation_is_reproducible_from_the_artifacts(artifacts, manifest, movi
     assert again["points"]["cold-at-cut"] > again["points"]["warm"]  # ML-100K's time shape
 
 
-def test_feature_state_is_materialized_into_redis(artifacts, redis_url):
-    load_features(artifacts, redis_url, project="offline_test")
+def test_feature_state_is_materialized_into_redis(artifacts, redis_url, tmp_path):
+    load_features(artifacts, redis_url, tmp_path / "repo", project="offline_test")
     activity = pd.read_parquet(artifacts / "state" / "user_activity.parquet").set_index("user_id")
     users = list(activity.index[:5])
-    store = feature_store(artifacts / "feature_repo")
+    store = feature_store(tmp_path / "repo")
     online = store.get_online_features(
         ["user_activity:recent_items", "user_activity:event_count"],
         [{"user_id": u} for u in users],

@@ -152,7 +152,7 @@ def test_features_read_back_from_feast_reflect_the_events(live, artifacts):
     produce(
         live, "interactions", [interaction(user, i, T0 + n * 1000) for n, i in enumerate(items)]
     )
-    store = feature_store(artifacts / "feature_repo")
+    store = feature_store(live.feature_repo())
 
     def features():
         return store.get_online_features(
@@ -267,7 +267,7 @@ def test_a_worker_killed_mid_stream_loses_and_doubles_nothing(
     for user, s in zip(users, state.users(users), strict=True):
         assert s.event_count == expected[user]  # not doubled by the replay after the kill
         assert set(state.seen(user)) == {e["item_id"] for e in events if e["user_id"] == user}
-    store = feature_store(artifacts / "feature_repo")
+    store = feature_store(settings.feature_repo())
     online = store.get_online_features(
         ["user_activity:event_count"], [{"user_id": u} for u in users]
     ).to_dict()
