@@ -3,6 +3,8 @@ and the filter/popularity state of `serving.state`."""
 
 from __future__ import annotations
 
+import io
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pandas as pd
@@ -35,7 +37,8 @@ def load_features(
     stats[TIMESTAMP] = pd.to_datetime(stats["popularity_ms"], unit="ms", utc=True)
     users["age"] = users["age"].astype("Int64")
     items["year"] = items["year"].astype("Int64")
-    load_offline(repo, users, items, activity, stats)
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # Feast's progress bars
+        load_offline(repo, users, items, activity, stats)
     seen = pd.read_parquet(state / "seen.parquet")
     RedisState(redis_url, prefix=project).load(
         zip(seen["user_id"], seen["item_id"], seen["ts_ms"].astype(int), strict=True),
