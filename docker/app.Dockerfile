@@ -1,5 +1,5 @@
 # streamrec workers and CLI: `streamrec ...`, and one Faust stream worker per container
-# (docker/worker.py). Build from the repository root:
+# (`python -m faust -A streams.app worker`). Build from the repository root:
 #   docker build -f docker/app.Dockerfile -t streamrec-app .
 FROM python:3.11.11-slim-bookworm
 
@@ -32,14 +32,14 @@ COPY streamrec ./streamrec
 RUN pip install --no-cache-dir --no-deps . \
  && rm -rf build ./*.egg-info
 
-COPY docker/worker.py docker/train.sh /opt/streamrec/bin/
+COPY docker/train.sh /opt/streamrec/bin/
 
 # Writable state of the non-root user; the compose file mounts named volumes here, which
 # inherit this ownership when they are created.
 RUN mkdir -p /var/lib/streamrec/run/triton/models /var/lib/streamrec/run/feature_repo \
       /var/lib/streamrec/artifacts /var/lib/streamrec/data \
  && chown -R streamrec:streamrec /var/lib/streamrec \
- && chmod 0755 /opt/streamrec/bin/worker.py /opt/streamrec/bin/train.sh
+ && chmod 0755 /opt/streamrec/bin/train.sh
 
 ENV STREAMREC_RUN_DIR=/var/lib/streamrec/run \
     STREAMREC_ARTIFACT_DIR=/var/lib/streamrec/artifacts \

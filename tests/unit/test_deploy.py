@@ -27,9 +27,6 @@ PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
 ALERTS = ROOT / "deploy" / "alerts.yml"
 DOCS = ROOT / "docs" / "PRODUCTION.md"
 
-# Read by the app straight from os.environ, not through Settings (see streams/app.py).
-DIRECT_ENV = {"STREAMREC_METRICS_PORT": ROOT / "streams" / "app.py"}
-
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}, $VAR; $$ is a literal $.
 _VAR = re.compile(
     r"\$(?:(?P<escaped>\$)|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:?[-?])?(?P<arg>[^}]*)\}"
@@ -149,8 +146,6 @@ def test_settings_path_maps_env_names_generically():
 
 
 def test_every_streamrec_variable_is_a_setting(compose):
-    for name, path in DIRECT_ENV.items():
-        assert name in path.read_text(), f"{name} is no longer read by {path}"
     names = {
         (service_name, var)
         for service_name, service in compose["services"].items()
@@ -158,11 +153,7 @@ def test_every_streamrec_variable_is_a_setting(compose):
         if var.upper().startswith("STREAMREC_")
     }
     assert names, "no STREAMREC_* variable in docker-compose.yml"
-    unknown = sorted(
-        f"{service}: {var}"
-        for service, var in names
-        if var not in DIRECT_ENV and settings_path(var) is None
-    )
+    unknown = sorted(f"{service}: {var}" for service, var in names if settings_path(var) is None)
     assert not unknown, f"not fields of streamrec.config.Settings: {unknown}"
 
 
@@ -178,7 +169,7 @@ def test_app_services_environment_round_trips_through_settings(compose, monkeypa
             monkeypatch.setenv(var, str(value))
         settings = Settings()
         for var, value in env.items():
-            if var.upper().startswith("STREAMREC_") and var not in DIRECT_ENV:
+            if var.upper().startswith("STREAMREC_"):
                 field: Any = settings
                 for part in settings_path(var).split("."):
                     field = getattr(field, part)
@@ -348,7 +339,7 @@ def test_prometheus_scrapes_services_of_the_stack(compose):
             targets |= {t.rsplit(":", 1)[0] for t in static["targets"]}
         for dns in job.get("dns_sd_configs", []):
             targets |= set(dns["names"])
-            assert str(dns["port"]) == environment(services["workers"])["METRICS_PORT"]
+            assert str(dns["port"]) == environment(services["workers"])["STREAMREC_METRICS_PORT"]
     assert {"workers", "triton"} <= targets
     assert targets - {"localhost"} <= set(services), targets - set(services)
     assert "--metrics-port=8002" in services["triton"]["command"]
