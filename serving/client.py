@@ -15,8 +15,14 @@ from serving.triton_export import ENSEMBLE
 _NP_TO_TRITON = {np.object_: "BYTES", np.int64: "INT64", np.int32: "INT32", np.float32: "FP32"}
 
 
-def _triton_dtype(array: np.ndarray) -> str:
-    return _NP_TO_TRITON[array.dtype.type]
+def _infer_args(grpc, tensors: dict[str, np.ndarray]) -> tuple[list, list]:
+    """The request tensors as tritonclient inputs, and the graph's response as outputs."""
+    inputs = []
+    for name, value in tensors.items():
+        t = grpc.InferInput(name, list(value.shape), _NP_TO_TRITON[value.dtype.type])
+        t.set_data_from_numpy(value)
+        inputs.append(t)
+    return inputs, [grpc.InferRequestedOutput(n) for n in GRAPH.response]
 
 
 class TritonRecommender:
@@ -32,12 +38,7 @@ class TritonRecommender:
         self.version = config["parameters"]["artifact_version"]["string_value"]
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        inputs = []
-        for name, value in tensors.items():
-            t = self._grpc.InferInput(name, list(value.shape), _triton_dtype(value))
-            t.set_data_from_numpy(value)
-            inputs.append(t)
-        outputs = [self._grpc.InferRequestedOutput(n) for n in GRAPH.response]
+        inputs, outputs = _infer_args(self._grpc, tensors)
         result = self.client.infer(ENSEMBLE, inputs, outputs=outputs, client_timeout=self.timeout)
         return {n: result.as_numpy(n) for n in GRAPH.response}
 
@@ -63,12 +64,7 @@ class AsyncTritonRecommender:
         self.version = config["config"]["parameters"]["artifact_version"]["string_value"]
 
     async def run(self, tensors: dict[str, np.ndarray], timeout: float | None = None) -> dict:
-        inputs = []
-        for name, value in tensors.items():
-            t = self._grpc.InferInput(name, list(value.shape), _triton_dtype(value))
-            t.set_data_from_numpy(value)
-            inputs.append(t)
-        outputs = [self._grpc.InferRequestedOutput(n) for n in GRAPH.response]
+        inputs, outputs = _infer_args(self._grpc, tensors)
         result = await self.client.infer(ENSEMBLE, inputs, outputs=outputs, client_timeout=timeout)
         return {n: result.as_numpy(n) for n in GRAPH.response}
 

@@ -145,25 +145,19 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-@app.command("produce-request")
-def produce_request(
-    user: Annotated[str, typer.Option("--user", "-u", help="User id to recommend for.")],
-    k: Annotated[int, typer.Option("--k", "-k", help="Number of items wanted.")] = 10,
-    exclude: Annotated[
-        list[str] | None, typer.Option("--exclude", "-x", help="Item id never to recommend.")
-    ] = None,
-    temperature: Annotated[
-        float | None, typer.Option(help="Sampling temperature; 0 = greedy top-k.")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the sampling.")] = None,
-    deadline_ms: Annotated[
-        int | None, typer.Option(help="Milliseconds from now after which no answer is wanted.")
-    ] = None,
-) -> None:
-    """Produce one recommendation request; its answer appears on the recommendations topic."""
-    from streams.kafka import EventProducer
+UserOption = Annotated[str, typer.Option("--user", "-u", help="User id to recommend for.")]
+KOption = Annotated[int, typer.Option("--k", "-k", help="Number of items wanted.")]
+ExcludeOption = Annotated[
+    list[str] | None, typer.Option("--exclude", "-x", help="Item id never to recommend.")
+]
+TemperatureOption = Annotated[
+    float | None, typer.Option(help="Sampling temperature; 0 = greedy (default: the server's).")
+]
+SeedOption = Annotated[int | None, typer.Option(help="Seed of the sampling.")]
 
-    request = {
+
+def request_record(user, k, exclude, temperature, seed, deadline_ms=None) -> dict:
+    return {
         "request_id": uuid.uuid4().hex,
         "user_id": user,
         "k": k,
@@ -171,9 +165,27 @@ def produce_request(
         "context": {"source": "cli"},
         "temperature": temperature,
         "seed": seed,
-        "deadline_ms": now_ms() + deadline_ms if deadline_ms is not None else None,
+        "deadline_ms": deadline_ms,
         "timestamp_ms": now_ms(),
     }
+
+
+@app.command("produce-request")
+def produce_request(
+    user: UserOption,
+    k: KOption = 10,
+    exclude: ExcludeOption = None,
+    temperature: TemperatureOption = None,
+    seed: SeedOption = None,
+    deadline_ms: Annotated[
+        int | None, typer.Option(help="Milliseconds from now after which no answer is wanted.")
+    ] = None,
+) -> None:
+    """Produce one recommendation request; its answer appears on the recommendations topic."""
+    from streams.kafka import EventProducer
+
+    deadline = now_ms() + deadline_ms if deadline_ms is not None else None
+    request = request_record(user, k, exclude, temperature, seed, deadline)
     producer = EventProducer(get_settings(), _bootstrap())
     producer.send("requests", request)
     producer.flush()
@@ -445,7 +457,7 @@ def serve_triton(
         config = serving_config(
             {
                 "redis_url": stack.endpoint("redis"),
-            "feast_project": settings.feast_project,
+                "feast_project": settings.feast_project,
                 "candidates": candidates,
                 "temperature": temperature,
                 "max_per_genre": max_per_genre,
@@ -502,29 +514,17 @@ def serve_stop() -> None:
 
 @app.command("recommend")
 def recommend(
-    user: Annotated[str, typer.Option("--user", "-u", help="User id.")],
-    k: Annotated[int, typer.Option("--k", "-k", help="Number of items.")] = 10,
-    exclude: Annotated[
-        list[str] | None, typer.Option("--exclude", "-x", help="Item id never to recommend.")
-    ] = None,
-    temperature: Annotated[
-        float | None, typer.Option(help="Sampling temperature (default: the server's).")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the sampling.")] = None,
+    user: UserOption,
+    k: KOption = 10,
+    exclude: ExcludeOption = None,
+    temperature: TemperatureOption = None,
+    seed: SeedOption = None,
 ) -> None:
     """Ask the Triton ensemble directly (no Kafka) and print the ranked items and stage timings."""
     from serving.client import TritonRecommender
     from serving.operators import validate_request
 
-    request = {
-        "request_id": uuid.uuid4().hex,
-        "user_id": user,
-        "k": k,
-        "exclude": exclude or [],
-        "temperature": temperature,
-        "seed": seed,
-        "timestamp_ms": now_ms(),
-    }
+    request = request_record(user, k, exclude, temperature, seed)
     if error := validate_request(request):
         fail(error)
     try:
