@@ -42,11 +42,19 @@ class ItemIndex:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def search(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, list[list[str]]]:
-        """Top-n items by inner product for each query row: (scores, item ids)."""
+    def search(self, queries: np.ndarray, n: int) -> tuple[list[np.ndarray], list[list[str]]]:
+        """Top-n items by inner product for each query row: (scores, item ids) per row.
+
+        An approximate index may return fewer than n hits (Faiss pads with -1): rows are cut to
+        the hits, scores and ids alike.
+        """
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         scores, rows = self.index.search(q, min(n, len(self.ids)))
-        return scores, [[self.ids[r] for r in row if r >= 0] for row in rows]
+        hits = [row >= 0 for row in rows]
+        return (
+            [s[h] for s, h in zip(scores, hits, strict=True)],
+            [[self.ids[r] for r in row[h]] for row, h in zip(rows, hits, strict=True)],
+        )
 
     def vectors(self, ids: list[str]) -> np.ndarray:
         """The stored embeddings of these items, in order."""
@@ -71,10 +79,13 @@ class ItemIndex:
             return 1.0
         flat = faiss.IndexFlatIP(self.index.d)
         flat.add(self.index.reconstruct_n(0, self.index.ntotal))
-        _, truth = flat.search(np.ascontiguousarray(queries, dtype=np.float32), n)
-        _, found = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), n)
-        hits = sum(len(set(t) & set(f)) for t, f in zip(truth, found, strict=True))
-        return hits / truth.size
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        truth, _ = flat.search(q, n)
+        found, rows = self.index.search(q, n)
+        # A hit is a found item scoring at least the exact n-th score: items with identical
+        # embeddings (e.g. unseen items sharing the out-of-vocabulary id) tie, any of them counts.
+        kth = truth[:, -1:] - 1e-5
+        return float(((found >= kth) & (rows >= 0)).sum() / truth.size)
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
