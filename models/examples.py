@@ -11,7 +11,6 @@ import pandas as pd
 from models.data import Dataset
 from models.features import (
     POPULARITY_HALF_LIFE_MS,
-    ItemStats,
     Replay,
     UserActivity,
     genre_vectors,
@@ -113,37 +112,85 @@ def build_examples(
     )
 
 
+class SeenBefore:
+    """Which items each user had interacted with before a position of a time-ordered log.
+
+    The filtering stage drops everything the user has seen, so negatives must not be seen
+    items either: the ranker would learn that high-scoring (memorised) items are negatives.
+    """
+
+    def __init__(self, user_ids: np.ndarray, item_ids: np.ndarray):
+        user_codes, users = pd.factorize(np.asarray(user_ids, dtype=object))
+        item_codes, items = pd.factorize(np.asarray(item_ids, dtype=object))
+        self._users, self._items = pd.Index(users), pd.Index(items)
+        self._width = len(self._items) + 1  # the last code: an item not in the log
+        keys = user_codes.astype(np.int64) * self._width + item_codes
+        order = np.argsort(keys, kind="stable")  # the first occurrence of a pair comes first
+        self._keys, self._first = keys[order], order
+
+    def mask(self, user_ids: np.ndarray, positions: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """(n, k) bool: user_ids[r] had items[r, c] at a log position before positions[r]."""
+        items = np.asarray(items, dtype=object)
+        users = self._users.get_indexer(np.asarray(user_ids, dtype=object)).astype(np.int64)
+        codes = self._items.get_indexer(items.reshape(-1)).reshape(items.shape).astype(np.int64)
+        codes[codes < 0] = self._width - 1
+        keys = users[:, None] * self._width + codes
+        if not len(self._keys):
+            return np.zeros(items.shape, dtype=bool)
+        at = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
+        hit = (self._keys[at] == keys) & (users >= 0)[:, None]
+        return hit & (self._first[at] < np.asarray(positions)[:, None])
+
+
 def hard_negatives(
     user_embeddings: np.ndarray,
     index: ItemIndex,
     positives: np.ndarray,
-    recent: list[list[str]],
+    user_ids: np.ndarray,
+    positions: np.ndarray,
+    seen: SeenBefore,
     n: int,
     depth: int,
     rng: np.random.Generator,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """`n` negatives per positive drawn from the retrieval top-`depth` for that user state.
 
-    The ranker then learns to order what retrieval actually hands it, not random items; a draw
-    that is the positive or an item the user has just seen is redrawn uniformly from the catalog.
+    The ranker then learns to order what retrieval actually hands it after filtering: the draws
+    are uniform over the top-`depth` items the user had not seen before `positions` (the
+    interaction's place in the log `seen` was built from) and that are not the positive. When
+    fewer than `n` such items remain, the rest are drawn uniformly from the unseen catalog.
+
+    Returns the draws (len, n) and whether each positive was among the top-`depth` candidates.
     """
     _, rows = index.index.search(np.ascontiguousarray(user_embeddings, dtype=np.float32), depth)
     ids = np.asarray(index.ids, dtype=object)
-    picks = rows[np.arange(len(rows))[:, None], rng.integers(0, rows.shape[1], (len(rows), n))]
-    draws = ids[np.maximum(picks, 0)]
-    for r in range(len(draws)):
-        bad = set(recent[r]) | {positives[r]}
-        for c in range(n):
-            while draws[r, c] in bad:
-                draws[r, c] = ids[rng.integers(len(ids))]
-    return draws
+    candidates = ids[np.maximum(rows, 0)]
+    is_positive = candidates == np.asarray(positives, dtype=object)[:, None]
+    bad = is_positive | (rows < 0) | seen.mask(user_ids, positions, candidates)
+    keys = rng.random(candidates.shape)
+    keys[bad] = 2.0  # sorts after every allowed candidate
+    pick = np.argsort(keys, axis=1, kind="stable")[:, :n]
+    draws = np.take_along_axis(candidates, pick, axis=1)
+    for r, c in zip(*np.nonzero(np.take_along_axis(keys, pick, axis=1) > 1.0), strict=True):
+        draws[r, c] = _unseen_draw(ids, positives[r], user_ids[r], positions[r], seen, rng)
+    return draws, is_positive.any(axis=1)
 
 
-def state_items(state: Replay) -> pd.DataFrame:
-    return pd.DataFrame(
-        [{"item_id": i, **vars(s)} for i, s in state.items.items()],
-        columns=["item_id", *vars(ItemStats()).keys()],
-    )
+def _unseen_draw(ids, positive, user, position, seen: SeenBefore, rng, tries: int = 100):
+    """A uniform catalog item other than the positive, unseen if one turns up in `tries`."""
+    item = positive
+    for _ in range(tries):
+        item = ids[rng.integers(len(ids))]
+        if (
+            item != positive
+            and not seen.mask(
+                np.array([user], dtype=object),
+                np.array([position]),
+                np.array([[item]], dtype=object),
+            )[0, 0]
+        ):
+            return item
+    return item
 
 
 def _int_or_none(value) -> int | None:

@@ -5,6 +5,14 @@ feature; the masked mean of the user's recent items (``hist_items``, embedded wi
 table as ``item_id``); pairwise dot products of all these vectors (upper triangle, no self)
 concatenated with the bottom output -> top MLP -> logit -> sigmoid ``score`` (n, 1).
 
+With ``wide=True`` a linear ("wide") path from the standardised dense features is added to the
+logit and the deep logit starts at zero, so the model starts as a logistic regression on the
+dense features and the DLRM part learns a residual; :func:`fit_ranker` can train that residual
+at a lower learning rate (``deep_lr_scale``), or not at all (0: the wide model alone). On a
+temporal split the deep interactions fit the training period (static item appeal, in-sample
+retrieval scores) and do not carry forward, while the wide combination of retrieval score and
+time-decayed popularity does: see ``TrainConfig.ranker_deep_lr_scale`` in :mod:`models.train`.
+
 The dense features are standardised inside the graph by a :class:`Standardize` layer
 that :func:`fit_ranker` adapts on the training data the first time, so serving feeds
 the raw dense values.
@@ -43,6 +51,7 @@ CATEGORICAL: tuple[str, ...] = (
 RANKER_INPUTS: tuple[str, ...] = (*CATEGORICAL, "dense", "hist_items")
 RANKER_OUTPUT = "score"
 DENSE_NORM_LAYER = "dense_norm"
+WIDE_LAYER = "wide"
 
 ProgressCallback = Callable[[int, float], None]
 
@@ -91,8 +100,13 @@ def build_dlrm(
     bottom: Sequence[int] = (64, 16),
     top: Sequence[int] = (64, 32),
     seed: int = 0,
+    wide: bool = False,
 ) -> keras.Model:
-    """Build the DLRM; inputs are :data:`RANKER_INPUTS`, output ``score`` (n, 1) in (0, 1)."""
+    """Build the DLRM; inputs are :data:`RANKER_INPUTS`, output ``score`` (n, 1) in (0, 1).
+
+    ``wide``: add a linear path from the standardised dense features (layer ``wide``) to the
+    logit, and start the deep logit at zero.
+    """
     check_cardinalities(cardinalities, CATEGORICAL)
     if n_dense < 1 or hist_len < 1:
         raise ValueError("n_dense and hist_len must be >= 1")
@@ -114,7 +128,7 @@ def build_dlrm(
     inputs["hist_items"] = keras.Input(shape=(hist_len,), dtype="int64", name="hist_items")
 
     # bottom MLP over standardised dense features
-    x = Standardize(name=DENSE_NORM_LAYER)(inputs["dense"])
+    x = normed = Standardize(name=DENSE_NORM_LAYER)(inputs["dense"])
     for i, units in enumerate(bottom):
         x = dense(units, f"bottom_{i}", "relu")(x)
     vectors = [x]
@@ -143,7 +157,11 @@ def build_dlrm(
     z = layers.Concatenate(name="interaction")([x, pairs])
     for i, units in enumerate(top):
         z = dense(int(units), f"top_{i}", "relu")(z)
-    logit = dense(1, "logit")(z)
+    if wide:
+        logit = layers.Dense(1, name="logit", kernel_initializer="zeros")(z)
+        logit = layers.Add(name="wide_deep")([dense(1, WIDE_LAYER)(normed), logit])
+    else:
+        logit = dense(1, "logit")(z)
     score = layers.Activation("sigmoid", name=RANKER_OUTPUT)(logit)
     return keras.Model(inputs, score, name="dlrm")
 
@@ -159,11 +177,13 @@ def fit_ranker(
     adapt_dense: bool | None = None,
     verbose: bool = False,
     progress: ProgressCallback | None = None,
+    deep_lr_scale: float = 1.0,
 ) -> list[float]:
     """Train with binary cross-entropy; returns the mean loss per epoch.
 
     ``adapt_dense`` (default: only if not yet adapted) fits the in-graph standardisation of
-    ``dense`` on these inputs.
+    ``dense`` on these inputs. For a model built with ``wide=True``, ``deep_lr_scale`` scales
+    the learning rate of everything but the wide path (0 freezes it: the wide model alone).
     """
     x = _as_inputs(inputs, RANKER_INPUTS)
     n = _check_rows(x)
@@ -177,8 +197,22 @@ def fit_ranker(
     if adapt_dense or (adapt_dense is None and not norm.adapted):
         norm.set_stats(x["dense"])
 
-    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
-    variables = model.trainable_variables
+    if deep_lr_scale < 0:
+        raise ValueError("deep_lr_scale must be >= 0")
+    has_wide = any(layer.name == WIDE_LAYER for layer in model.layers)
+    wide_ids = (
+        {id(v) for v in model.get_layer(WIDE_LAYER).trainable_variables} if has_wide else set()
+    )
+    groups = [(list(model.trainable_variables), learning_rate)]
+    if has_wide and deep_lr_scale != 1.0:
+        wide_vars = [v for v in model.trainable_variables if id(v) in wide_ids]
+        deep_vars = [v for v in model.trainable_variables if id(v) not in wide_ids]
+        groups = [(wide_vars, learning_rate)]
+        if deep_lr_scale > 0:
+            groups.append((deep_vars, learning_rate * deep_lr_scale))
+    optimizers = [keras.optimizers.Adam(learning_rate=lr) for _, lr in groups]
+    variables = [v for vs, _ in groups for v in vs]
+    logit_model = keras.Model(model.inputs, model.get_layer(RANKER_OUTPUT).input)
     signature = (
         {k: tf.TensorSpec((None, *v.shape[1:]), tf.as_dtype(v.dtype)) for k, v in x.items()},
         tf.TensorSpec((None,), tf.float32),
@@ -187,11 +221,13 @@ def fit_ranker(
     @tf.function(input_signature=signature)
     def step(batch, target):
         with tf.GradientTape() as tape:
-            p = tf.reshape(model(batch, training=True), [-1])
-            p = tf.clip_by_value(p, 1e-7, 1.0 - 1e-7)
-            loss = -tf.reduce_mean(target * tf.math.log(p) + (1.0 - target) * tf.math.log(1.0 - p))
+            z = tf.reshape(logit_model(batch, training=True), [-1])
+            loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=target, logits=z))
         grads = tape.gradient(loss, variables)
-        optimizer.apply_gradients(zip(grads, variables, strict=True))
+        start = 0
+        for optimizer, (vs, _) in zip(optimizers, groups, strict=True):
+            optimizer.apply_gradients(zip(grads[start : start + len(vs)], vs, strict=True))
+            start += len(vs)
         return loss
 
     rng = np.random.default_rng(seed)

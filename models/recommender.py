@@ -104,9 +104,6 @@ class Recommender:
         scores, ids = self.index.search(self.embed_user(user_inputs), n)
         return ids[0], scores[0]
 
-    def embed_items(self, item_ids: Sequence[str]) -> np.ndarray:
-        return run_onnx(self.item_tower, self.catalog.take(item_ids))
-
     # --- scoring -----------------------------------------------------------------------------
     def score(
         self,

@@ -64,3 +64,45 @@ def test_a_late_event_is_counted_but_does_not_rewrite_recency():
     assert late.recent_items == ["new"]
     assert late.genre_affinity == state.genre_affinity
     assert late.last_event_ms == 2000 and late.event_count == 2
+
+
+def test_seen_before_only_counts_earlier_positions_of_the_same_user():
+    from models.examples import SeenBefore
+
+    seen = SeenBefore(np.array(["u", "u", "v", "u"]), np.array(["a", "b", "a", "c"]))
+    got = seen.mask(
+        np.array(["u", "u", "v", "w"]),
+        np.array([1, 3, 2, 9]),
+        np.array([["a", "b", "c"], ["a", "b", "c"], ["a", "b", "zz"], ["a", "b", "c"]]),
+    )
+    assert got.tolist() == [
+        [True, False, False],
+        [True, True, False],
+        [False, False, False],
+        [False, False, False],
+    ]
+
+
+def test_hard_negatives_come_from_the_unseen_retrieval_candidates():
+    from models.examples import SeenBefore, hard_negatives
+    from models.index import ItemIndex
+
+    ids = ["a", "b", "c", "d", "e", "f", "g"]
+    emb = np.eye(len(ids), dtype=np.float32)[:, :6]  # "g" scores 0 for every user below
+    index = ItemIndex.build(emb, ids)
+    seen = SeenBefore(np.array(["u", "u", "u"]), np.array(["a", "b", "c"]))
+    user = np.ones((1, 6), dtype=np.float32)
+    for seed in range(5):
+        draws, inside = hard_negatives(
+            user,
+            index,
+            np.array(["c"]),
+            np.array(["u"]),
+            np.array([2]),
+            seen,
+            3,
+            6,
+            np.random.default_rng(seed),
+        )
+        # a and b were seen before position 2, c is the positive; g is not a top-6 candidate
+        assert sorted(draws[0]) == ["d", "e", "f"] and inside.tolist() == [True]
