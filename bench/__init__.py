@@ -1,0 +1,1 @@
+"""Benchmarks of streamrec (see bench/README.md). Results go to bench/results/."""
