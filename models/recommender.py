@@ -66,11 +66,9 @@ class Recommender:
         ranker,
         index: ItemIndex,
         catalog: Catalog,
-        item_tower=None,
     ):
         self.workflow = workflow
         self.user_tower = user_tower
-        self.item_tower = item_tower
         self.ranker = ranker
         self.index = index
         self.catalog = catalog
@@ -87,7 +85,6 @@ class Recommender:
             onnx_session(artifact_dir / "ranker.onnx"),
             ItemIndex.load(artifact_dir),
             Catalog.build(workflow, profiles),
-            item_tower=onnx_session(artifact_dir / "item_tower.onnx"),
         )
 
     # --- user features -----------------------------------------------------------------------

@@ -181,7 +181,6 @@ def train(dataset: Dataset, artifact_root: Path, cfg: TrainConfig, step: Step = 
         onnx_session(out / "ranker.onnx"),
         index,
         catalog,
-        item_tower=onnx_session(out / "item_tower.onnx"),
     )
     evaluation = evaluate(
         rec,
