@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -504,6 +505,19 @@ def request_record(
 # --- phase 1: interactions ---------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def quiet_gc():
+    """The cyclic collector off for a timed section (it can pause this process for tens of
+    ms once the benchmark holds many objects; setup objects are frozen beforehand)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def wait_acked(acked: Callable[[], int], target: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while acked() < target:
@@ -655,25 +669,29 @@ def run_paced(
     before = wait_histogram(ports, "streamrec_feature_freshness_seconds", count0 + 1, {})
     latencies: list[float] = []
     timeouts = 0
-    for i in range(n):
-        u, it = users[rng.integers(len(users))], items[rng.integers(len(items))]
-        record = interaction(f"e2e-paced-{uuid.uuid4().hex[:8]}-{i}", u, it, start_ms + i * 1000)
-        base = state.acked()
-        t0 = time.perf_counter()
-        producer.send("interactions", record)
-        deadline = t0 + 10.0
-        while state.acked() <= base:
-            if time.perf_counter() > deadline:
-                timeouts += 1
-                break
-            time.sleep(0.001)
-        else:
-            latencies.append((time.perf_counter() - t0) * 1000)
-        if (i + 1) % 50 == 0:
-            phases.log(
-                f"  {i + 1}/{n} single interactions, median so far {np.median(latencies):,.1f} ms"
+    with quiet_gc():
+        for i in range(n):
+            u, it = users[rng.integers(len(users))], items[rng.integers(len(items))]
+            record = interaction(
+                f"e2e-paced-{uuid.uuid4().hex[:8]}-{i}", u, it, start_ms + i * 1000
             )
-        time.sleep(gap_s)
+            base = state.acked()
+            t0 = time.perf_counter()
+            producer.send("interactions", record)
+            deadline = t0 + 10.0
+            while state.acked() <= base:
+                if time.perf_counter() > deadline:
+                    timeouts += 1
+                    break
+                time.sleep(0.001)
+            else:
+                latencies.append((time.perf_counter() - t0) * 1000)
+            if (i + 1) % 50 == 0:
+                phases.log(
+                    f"  {i + 1}/{n} single interactions, "
+                    f"median so far {np.median(latencies):,.1f} ms"
+                )
+            time.sleep(gap_s)
     producer.close()
     after = wait_histogram(ports, "streamrec_feature_freshness_seconds", before["count"] + n, {})
     return {
@@ -751,9 +769,10 @@ def run_rate(
     thread.start()
     cpu_start = cpu.snapshot()
     start_box.append(time.perf_counter() + 0.05)
-    ready.set()
-    thread.join()
-    cpu_end = cpu.snapshot()  # over the send window: the steady load
+    with quiet_gc():  # no collector pause in this process may delay a send or an arrival
+        ready.set()
+        thread.join()
+        cpu_end = cpu.snapshot()  # over the send window: the steady load
     if errors:
         raise BenchmarkFailure(f"request producer failed: {errors[0]}")
     send_window = sent[-1] - scheduled[0]
@@ -762,7 +781,8 @@ def run_rate(
         f"  sent {n:,} requests in {send_window:,.1f} s ({n / send_window:,.1f}/s); "
         f"{got:,} answered so far; waiting for the rest"
     )
-    complete = arrivals.wait(ids, args.deadline_s + 10.0)
+    with quiet_gc():
+        complete = arrivals.wait(ids, args.deadline_s + 10.0)
     time.sleep(0.5)  # late duplicates
     after = scrape(ports)
     producer.close()
@@ -1222,7 +1242,9 @@ def markdown_report(r: dict[str, Any]) -> str:
         f"{cfg['deadline_s']:g} s after the scheduled send. Percentiles over the ok responses; "
         "'p99 all' counts errors and missing responses as failures (∞). "
         'Worker p50/p99: the worker\'s own `streamrec_request_latency_seconds{stage="end_to_end"}`'
-        " (produce → response sent, bucket estimate).",
+        " (produce → response sent, bucket estimate). 'Send lag': how late the benchmark's "
+        "sender was against the schedule (included in the latency; the benchmark runs its "
+        "timed sections with Python's cyclic collector off).",
         "",
     ]
     rows = []
@@ -1426,7 +1448,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         data=args.data,
         train_config="auto",
     )
-    with MemorySampler() as sampler:
+    with MemorySampler(interval=2.0) as sampler:
         phases = Phases(sampler)
         phases.log(
             f"[bold]e2e benchmark[/bold] {label}: {machine['cpus_usable']} CPUs, "
@@ -1532,6 +1554,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "  idle CPU: " + ", ".join(f"{k} {v:g} %" for k, v in idle.items() if v >= 1.0)
                 )
 
+            gc.collect()
+            gc.freeze()  # what the setup built is never collected: shorter pauses from here on
             snap = cpu.snapshot()
             with phases.phase("interaction burst", f"({len(events):,} events)"):
                 burst = run_burst(events, settings, kafka.endpoint, state, ports, phases)
