@@ -351,3 +351,12 @@ def full_gc_ms() -> dict[str, Any]:
         "tracked_objects": tracked,
         "full_collect_ms": round((time.perf_counter() - t0) * 1000, 1),
     }
+
+
+def public(d: Any) -> Any:
+    """Drop the private (`_`-prefixed) keys used for raw samples."""
+    if isinstance(d, dict):
+        return {k: public(v) for k, v in d.items() if not str(k).startswith("_")}
+    if isinstance(d, list):
+        return [public(v) for v in d]
+    return d

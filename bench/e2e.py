@@ -64,6 +64,7 @@ from bench.common import (
     fmt,
     machine_info,
     markdown_table,
+    public,
     ratio,
     summarize,
     write_results,
@@ -1418,14 +1419,6 @@ def bucket_cell(h: dict[str, Any], name: str) -> Any:
 
 
 # --- main --------------------------------------------------------------------------------------
-
-
-def public(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {k: public(v) for k, v in d.items() if not str(k).startswith("_")}
-    if isinstance(d, list):
-        return [public(v) for v in d]
-    return d
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

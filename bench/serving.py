@@ -45,6 +45,7 @@ from bench.common import (
     full_gc_ms,
     machine_info,
     markdown_table,
+    public,
     ratio,
     rss_mb,
     summarize,
@@ -844,15 +845,6 @@ def markdown_report(r: dict[str, Any]) -> str:
 
 
 # --- main ------------------------------------------------------------------------------------
-
-
-def public(d: Any) -> Any:
-    """Drop the private (`_`-prefixed) keys used for raw samples."""
-    if isinstance(d, dict):
-        return {k: public(v) for k, v in d.items() if not str(k).startswith("_")}
-    if isinstance(d, list):
-        return [public(v) for v in d]
-    return d
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
