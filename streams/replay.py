@@ -200,7 +200,7 @@ class Recorder:
                     self._changed.notify_all()
 
     def wait(self, request_ids: set[str], timeout: float) -> bool:
-        """Until every id has a response; then a moment more, so duplicates show too."""
+        """Until every id has a response (or `timeout` seconds); True if all arrived."""
         with self._changed:
             done = self._changed.wait_for(lambda: request_ids <= set(self.responses), timeout)
         return done

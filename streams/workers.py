@@ -79,7 +79,8 @@ class Workers:
                 "--loglevel",
                 "info",
             ]
-            pid = spawn(cmd, log, env=env | {"STREAMREC_METRICS_PORT": str(port)})
+            # cwd: Faust keeps its data directory in the working directory
+            pid = spawn(cmd, log, env=env | {"STREAMREC_METRICS_PORT": str(port)}, cwd=self.root)
             wait_ready("stream worker", pid, lambda log=log: READY in log.read_text(), timeout, log)
             workers.append(Worker(pid, str(log), port))
             self._save(workers)

@@ -28,7 +28,9 @@ def port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def spawn(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> int:
+def spawn(
+    cmd: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> int:
     """Start `cmd` in its own session (so it outlives the CLI and its children die with it)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
@@ -38,6 +40,7 @@ def spawn(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> 
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
+            cwd=cwd,
             start_new_session=True,
         )
     _children[proc.pid] = proc
