@@ -32,6 +32,8 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
+from serving.state import TIMEOUT_S, redis_client
+
 if TYPE_CHECKING:
     import feast
 
@@ -117,6 +119,7 @@ def redis_connection_string(redis_url: str) -> str:
         parts.append(f"password={unquote(url.password)}")
     if url.scheme == "rediss":
         parts.append("ssl=true")
+    parts += [f"socket_timeout={TIMEOUT_S}", f"socket_connect_timeout={TIMEOUT_S}"]
     if any("," in p for p in parts):
         raise ValueError("Feast's connection string cannot hold a ',' in a user name or password")
     return ",".join(parts)
@@ -189,10 +192,20 @@ def definitions() -> list[Any]:
     return objects
 
 
-def feature_store(repo_dir: Path) -> feast.FeatureStore:
+def feature_store(repo_dir: Path, redis_url: str | None = None) -> feast.FeatureStore:
+    """The repo's feature store; with `redis_url`, its online store is that Redis, whatever
+    `feature_store.yaml` names (the workers pass their settings: one source for endpoints)."""
     import feast
+    import yaml
+    from feast.repo_config import RepoConfig
 
-    return feast.FeatureStore(repo_path=str(repo_dir))
+    if redis_url is None:
+        return feast.FeatureStore(repo_path=str(repo_dir))
+    raw = yaml.safe_load((Path(repo_dir) / "feature_store.yaml").read_text())
+    raw["online_store"]["connection_string"] = redis_connection_string(redis_url)
+    config = RepoConfig(**raw)
+    config.repo_path = Path(repo_dir)
+    return feast.FeatureStore(repo_path=str(repo_dir), config=config)
 
 
 # --- offline load --------------------------------------------------------------------------
@@ -314,13 +327,12 @@ class OnlineReader:
     """
 
     def __init__(self, redis_url: str, project: str = DEFAULT_PROJECT, cache_keys: int = 65536):
-        import redis
         from feast.infra.online_stores.helpers import _mmh3, _redis_key
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Value
 
         self.project = project
-        self._client = redis.Redis.from_url(redis_url)
+        self._client = redis_client(redis_url)
 
         def redis_key(join_key: str, entity_id: str) -> bytes:
             entity_key = EntityKey(

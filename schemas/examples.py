@@ -55,6 +55,8 @@ def example_records(now_ms: int) -> dict[str, dict]:
             ],
             "request_timestamp_ms": now_ms,
             "timestamp_ms": now_ms + 4,
+            "backfilled": 0,
+            "note": None,
         },
         "dead_letter": {
             "topic": "interactions",

@@ -1,18 +1,74 @@
-"""Run the graph: on Triton through tritonclient (sync and asyncio), or in this process."""
+"""Run the graph: on Triton through tritonclient (sync and asyncio), or in this process.
+
+Triton's ready flag says nothing about the Python-backend stubs: a SIGKILLed stub is not
+restarted, `/v2/health/ready` stays 200, and every request to its stage fails after ~1 s (or
+times out queued behind others). So the serving path is judged by `canary()`, a real inference,
+and a dead stage is brought back by `heal()`, a forced reload through the repository API.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from serving.graph import LocalRuntime
-from serving.operators import DEFAULTS, GRAPH, request_tensors, response_record
+from serving.operators import DEFAULTS, GRAPH, OPERATORS, request_tensors, response_record
 from serving.triton_export import ENSEMBLE
 
 _NP_TO_TRITON = {np.object_: "BYTES", np.int64: "INT64", np.int32: "INT32", np.float32: "FP32"}
+STAGES: tuple[str, ...] = tuple(op.name for op in OPERATORS)  # the ensemble's stage models
+# Read-only: an unknown user takes the cold-start path, through all six stages.
+CANARY_REQUEST: dict[str, Any] = {"user_id": "__canary__", "k": 1, "temperature": 0.0, "seed": 0}
+_DEAD_STUB = re.compile(r"Stub process '(\w+?)_\d+_\d+' is not healthy")
+_RELOAD_KEY = "streamrec_reload"
+
+
+@dataclass(frozen=True)
+class CanaryResult:
+    """One inference through the ensemble: ok, or why not and which stages look dead."""
+
+    ok: bool
+    seconds: float
+    reason: str = ""
+    # Stages Triton named as dead, or that only failed (no success) while the canary ran.
+    suspects: tuple[str, ...] = ()
+
+
+_Counts = dict[str, tuple[int, int]]  # stage -> (successes, failures) since its last load
+
+
+def _stage_counts(stats) -> _Counts:
+    return {
+        m.name: (m.inference_stats.success.count, m.inference_stats.fail.count)
+        for m in stats.model_stats
+        if m.name in STAGES
+    }
+
+
+def _suspects(before: _Counts, after: _Counts, reason: str) -> tuple[str, ...]:
+    named = set(_DEAD_STUB.findall(reason))
+    failing = {
+        n
+        for n, (ok, fail) in after.items()
+        if n in before and ok == before[n][0] and fail > before[n][1]
+    }
+    return tuple(n for n in STAGES if n in named | failing)
+
+
+def _reload_config(config: dict) -> str:
+    """The model's own config plus a fresh parameter: Triton ignores a load of an unchanged
+    model, and this one makes it start new stubs (the old ones serve until they are up)."""
+    config.setdefault("parameters", {})[_RELOAD_KEY] = {"string_value": str(time.time_ns())}
+    return json.dumps(config)
 
 
 def _infer_args(grpc, tensors: dict[str, np.ndarray]) -> tuple[list, list]:
@@ -34,6 +90,7 @@ class TritonRecommender:
         self._grpc = grpcclient
         self.client = grpcclient.InferenceServerClient(url)
         self.timeout = timeout
+        self._heal_lock = threading.Lock()
         config = self.client.get_model_config(ENSEMBLE, as_json=True)["config"]
         self.version = config["parameters"]["artifact_version"]["string_value"]
 
@@ -44,6 +101,34 @@ class TritonRecommender:
 
     def recommend(self, request: dict) -> dict:
         return response_record(request, self.run(request_tensors(request)), self.version)
+
+    def canary(self, timeout: float = 2.0) -> CanaryResult:
+        """One real inference of CANARY_REQUEST through the ensemble within `timeout` s.
+        Costs a statistics call and one cold-start request; never raises."""
+        start, before = time.monotonic(), {}
+        try:
+            before = _stage_counts(self.client.get_inference_statistics(client_timeout=timeout))
+            inputs, outputs = _infer_args(self._grpc, request_tensors(CANARY_REQUEST))
+            self.client.infer(ENSEMBLE, inputs, outputs=outputs, client_timeout=timeout)
+            return CanaryResult(True, time.monotonic() - start)
+        except Exception as e:
+            reason = str(e) or type(e).__name__
+        try:
+            after = _stage_counts(self.client.get_inference_statistics(client_timeout=timeout))
+        except Exception:
+            after = {}
+        return CanaryResult(
+            False, time.monotonic() - start, reason, _suspects(before, after, reason)
+        )
+
+    def heal(self, stages: Sequence[str] = STAGES, timeout: float = 30.0) -> list[str]:
+        """Reload `stages` (e.g. a failed canary's suspects) with new stub processes through
+        Triton's repository API, one after another (~2-4 s each); concurrent calls queue."""
+        with self._heal_lock:
+            for name in stages:
+                config = self.client.get_model_config(name, as_json=True)["config"]
+                self.client.load_model(name, config=_reload_config(config), client_timeout=timeout)
+        return list(stages)
 
     def close(self) -> None:
         self.client.close()
@@ -58,6 +143,7 @@ class AsyncTritonRecommender:
         self._grpc = aioclient
         self.client = aioclient.InferenceServerClient(url)
         self.version = ""
+        self._heal_lock = asyncio.Lock()
 
     async def connect(self) -> None:
         config = await self.client.get_model_config(ENSEMBLE, as_json=True)
@@ -67,6 +153,37 @@ class AsyncTritonRecommender:
         inputs, outputs = _infer_args(self._grpc, tensors)
         result = await self.client.infer(ENSEMBLE, inputs, outputs=outputs, client_timeout=timeout)
         return {n: result.as_numpy(n) for n in GRAPH.response}
+
+    async def canary(self, timeout: float = 2.0) -> CanaryResult:
+        """As `TritonRecommender.canary`."""
+        start, before = time.monotonic(), {}
+        try:
+            before = _stage_counts(
+                await self.client.get_inference_statistics(client_timeout=timeout)
+            )
+            inputs, outputs = _infer_args(self._grpc, request_tensors(CANARY_REQUEST))
+            await self.client.infer(ENSEMBLE, inputs, outputs=outputs, client_timeout=timeout)
+            return CanaryResult(True, time.monotonic() - start)
+        except Exception as e:
+            reason = str(e) or type(e).__name__
+        try:
+            stats = await self.client.get_inference_statistics(client_timeout=timeout)
+            after = _stage_counts(stats)
+        except Exception:
+            after = {}
+        return CanaryResult(
+            False, time.monotonic() - start, reason, _suspects(before, after, reason)
+        )
+
+    async def heal(self, stages: Sequence[str] = STAGES, timeout: float = 30.0) -> list[str]:
+        """As `TritonRecommender.heal`."""
+        async with self._heal_lock:
+            for name in stages:
+                config = (await self.client.get_model_config(name, as_json=True))["config"]
+                await self.client.load_model(
+                    name, config=_reload_config(config), client_timeout=timeout
+                )
+        return list(stages)
 
     async def close(self) -> None:
         await self.client.close()

@@ -42,6 +42,10 @@ REQUEST = {
     "now_ms": Tensor(INT64, ONE),
 }
 PERSONALIZED, COLD_START = "personalized", "cold_start"
+# The most items one response carries. Up to it a request gets exactly k items: the ranked ones,
+# then popular items passing the same filters (backfill); only when the catalog minus the
+# filters is smaller does the list come back short, and the response says so.
+MAX_K = 1000
 
 DEFAULTS: dict[str, Any] = {
     "redis_url": "redis://127.0.0.1:6379/0",
@@ -182,40 +186,84 @@ class Retrieval(Operator):
 
 
 class Filtering(Operator):
-    """Drop items the user already consumed, unavailable items and the request's exclusions."""
+    """Drop items the user already consumed, unavailable items and the request's exclusions.
+    When fewer than k candidates are left, pick the backfill: the most popular other items that
+    pass the same rules (the live ranking from Redis, then the artifacts' popular.json, then the
+    rest of the trained catalog, items nobody interacted with)."""
 
     name = "filtering"
     inputs = {
         "user_id": REQUEST["user_id"],
         "exclude": REQUEST["exclude"],
+        "k": REQUEST["k"],
         **Retrieval.outputs,
     }
     outputs = {
         "kept": Tensor(STRING, ANY),
         "kept_scores": Tensor(FP32, ANY),
         "removed": Tensor(INT32, (3,)),  # seen, unavailable, excluded
+        "backfill": Tensor(STRING, ANY),  # most popular first; empty when k items were kept
     }
+    files = ("popular.json", "item_ids.json")
     count_in, count_out = "candidates", "kept"
 
     def __init__(self, artifacts: Path, config: dict[str, Any]):
         super().__init__(artifacts, config)
         self.state = _state(config)
+        self.popular_fallback = json.loads((artifacts / "popular.json").read_text())
+        self.catalog_ids = json.loads((artifacts / "item_ids.json").read_text())
 
-    def compute(self, user_id, exclude, candidates, candidate_scores):
+    def compute(self, user_id, exclude, k, candidates, candidate_scores):
         from models.recommender import filter_candidates
 
         ids = decode(candidates)
-        seen = {
-            i for i, s in zip(ids, self.state.seen_mask(decode(user_id)[0], ids), strict=True) if s
-        }
+        user = decode(user_id)[0]
+        excluded = set(decode(exclude)) - {""}
+        seen = {i for i, s in zip(ids, self.state.seen_mask(user, ids), strict=True) if s}
         unavailable = {i for i, u in zip(ids, self.state.unavailable_mask(ids), strict=True) if u}
-        kept, removed = filter_candidates(ids, seen, unavailable, set(decode(exclude)) - {""})
+        kept, removed = filter_candidates(ids, seen, unavailable, excluded)
         score = dict(zip(ids, candidate_scores.tolist(), strict=True))
+        need = int(k[0]) - len(kept)
+        fill = self.backfill(user, need, set(ids), excluded) if need > 0 else []
         return {
             "kept": strings(kept),
             "kept_scores": np.array([score[i] for i in kept], dtype=np.float32),
             "removed": np.array(list(removed.values()), dtype=np.int32),
+            "backfill": strings(fill),
         }
+
+    def backfill(self, user: str, need: int, skip: set[str], excluded: set[str]) -> list[str]:
+        """Up to `need` items, most popular first, that are not in `skip` (the candidates: kept
+        ones are already listed, the others were filtered) and pass the filter rules. Reads the
+        ranking in growing windows; each next source only after the one before runs out."""
+        from models.recommender import filter_candidates
+
+        out: list[str] = []
+        taken = set(skip)
+        sources = (
+            self.state.popular,
+            lambda n: self.popular_fallback[:n],
+            lambda n: self.catalog_ids[:n],
+        )
+        for source in sources:
+            start, n = 0, 2 * (need + len(skip))
+            while len(out) < need:
+                ranking = source(n)
+                pool = [i for i in dict.fromkeys(ranking[start:]) if i not in taken]
+                taken.update(pool)
+                seen = self.state.seen_mask(user, pool)
+                unavailable = self.state.unavailable_mask(pool)
+                passed, _ = filter_candidates(
+                    pool,
+                    {i for i, s in zip(pool, seen, strict=True) if s},
+                    {i for i, u in zip(pool, unavailable, strict=True) if u},
+                    excluded,
+                )
+                out += passed[: need - len(out)]
+                if len(ranking) < n:  # this source is exhausted
+                    break
+                start, n = len(ranking), 4 * n
+        return out
 
 
 class ItemFeatures(Operator):
@@ -300,21 +348,27 @@ class Scoring(Operator):
 
 
 class Ordering(Operator):
-    """Softmax sampling with a temperature (greedy at 0), at most N per genre, top-k."""
+    """Softmax sampling with a temperature (greedy at 0), at most N per genre, top-k; then the
+    backfill (score 0, after every ranked item) up to k, and how many items it added."""
 
     name = "ordering"
     inputs = {
         "kept": Filtering.outputs["kept"],
+        "backfill": Filtering.outputs["backfill"],
         "scores": Scoring.outputs["scores"],
         "item_genres": ITEM_TENSORS["item_genres"],
         "k": REQUEST["k"],
         "temperature": REQUEST["temperature"],
         "seed": REQUEST["seed"],
     }
-    outputs = {"items": Tensor(STRING, ANY), "item_scores": Tensor(FP32, ANY)}
+    outputs = {
+        "items": Tensor(STRING, ANY),
+        "item_scores": Tensor(FP32, ANY),
+        "backfilled": Tensor(INT32, ONE),
+    }
     count_in, count_out = "scores", "items"
 
-    def compute(self, kept, scores, item_genres, k, temperature, seed):
+    def compute(self, kept, backfill, scores, item_genres, k, temperature, seed):
         from models.recommender import order
 
         t = float(temperature[0])
@@ -324,9 +378,11 @@ class Ordering(Operator):
         positions = order(logits, len(scores), t, None if s < 0 else s)
         positions = limit_per_genre(positions, item_genres, int(self.config["max_per_genre"]))
         top = positions[: int(k[0])]
+        fill = backfill[: max(0, int(k[0]) - len(top))]
         return {
-            "items": kept[top] if len(top) else strings([]),
-            "item_scores": scores[top].astype(np.float32),
+            "items": np.concatenate([kept[top] if len(top) else strings([]), fill]),
+            "item_scores": np.concatenate([scores[top], np.zeros(len(fill))]).astype(np.float32),
+            "backfilled": np.array([len(fill)], dtype=np.int32),
         }
 
 
@@ -353,7 +409,9 @@ OPERATORS: list[type[Operator]] = [
     Scoring,
     Ordering,
 ]
-GRAPH = Graph(REQUEST, OPERATORS, response=("items", "item_scores", "path", "removed"))
+GRAPH = Graph(
+    REQUEST, OPERATORS, response=("items", "item_scores", "backfilled", "path", "removed")
+)
 
 
 def request_tensors(request: dict, now_ms: int | None = None) -> dict[str, np.ndarray]:
@@ -390,6 +448,7 @@ def response_record(
             }
         )
     seen, unavailable, excluded = (int(x) for x in outputs["removed"].tolist())
+    backfilled = int(outputs["backfilled"][0])
     return {
         "request_id": request["request_id"],
         "user_id": request["user_id"],
@@ -400,9 +459,26 @@ def response_record(
         "path": decode(outputs["path"])[0],
         "model_version": model_version,
         "stages": stages,
+        "backfilled": backfilled,
+        "note": _note(len(items), request.get("k"), backfilled),
         "request_timestamp_ms": int(request.get("timestamp_ms") or 0),
         "timestamp_ms": now_ms or int(time.time() * 1000),
     }
+
+
+def _note(n: int, k: int | None, backfilled: int) -> str | None:
+    """Why the list is not k ranked items, or None."""
+    if isinstance(k, int) and n < k:
+        return (
+            f"short list: {n} of {k} items ({backfilled} backfilled from popularity); "
+            "no other item passes the filters (seen, unavailable, excluded, per-genre limit)"
+        )
+    if backfilled:
+        return (
+            f"{backfilled} of {n} items backfilled from popularity: "
+            f"filtering left {n - backfilled} ranked candidates"
+        )
+    return None
 
 
 def error_record(request: dict, error: str, model_version: str = "") -> dict:
@@ -416,12 +492,14 @@ def error_record(request: dict, error: str, model_version: str = "") -> dict:
         "path": "",
         "model_version": model_version,
         "stages": [],
+        "backfilled": 0,
+        "note": None,
         "request_timestamp_ms": int(request.get("timestamp_ms") or 0),
         "timestamp_ms": int(time.time() * 1000),
     }
 
 
-def validate_request(request: dict, max_k: int = 1000) -> str | None:
+def validate_request(request: dict, max_k: int = MAX_K) -> str | None:
     """Why a request cannot be served, or None."""
     if not request.get("request_id"):
         return "request_id is empty"
@@ -429,7 +507,7 @@ def validate_request(request: dict, max_k: int = 1000) -> str | None:
         return "user_id is empty"
     k = request.get("k")
     if not isinstance(k, int) or not 1 <= k <= max_k:
-        return f"k must be between 1 and {max_k}, got {k}"
+        return f"k must be between 1 and {max_k} (the most items one response carries), got {k}"
     t = request.get("temperature")
     if t is not None and (not math.isfinite(t) or t < 0):
         return f"temperature must be a finite number >= 0, got {t}"

@@ -9,9 +9,14 @@ additions, and the stream processors' authoritative user state. One place for th
 - `{p}:popular:epoch`    the epoch (ms) of that scale, set when the state is loaded
 - `{p}:catalog`          HASH item → JSON profile (title, year, genres, timestamp_ms) of items
                          added or changed after training; `{p}:catalog:version` counts changes
+- `{p}:updated`          HASH item → event ms of the newest item update applied (newest wins)
 - `{p}:user:{user}`      JSON `UserActivity`: the user's stream state (Feast gets a projection)
 - `{p}:applied:{user}`   ZSET event id → event ms of the newest `APPLIED_LIMIT` applied events
+- `{p}:pending`          SET of `user:event id` applied to the state but not yet to Feast
 - `{p}:acked`            count of interactions whose effects are all written (replay barrier)
+
+Every client has socket timeouts: a stalled server raises `redis.TimeoutError` instead of
+hanging a stream worker or a serving stage for ever.
 """
 
 from __future__ import annotations
@@ -24,16 +29,41 @@ from models.features import POPULARITY_HALF_LIFE_MS, UserActivity
 
 SEEN_LIMIT = 1000
 APPLIED_LIMIT = 1000
+TIMEOUT_S = 2.0  # socket timeouts of every streamrec Redis client
 _K = math.log(2) / POPULARITY_HALF_LIFE_MS
+
+# Counts as acked the pending events that are still pending: a batch retried after a failure
+# (or by a new worker after a crash) acks each event once.
+_ACK = """
+local n = redis.call('SREM', KEYS[1], unpack(ARGV))
+redis.call('INCRBY', KEYS[2], n)
+return n
+"""
+
+
+def redis_client(redis_url: str):
+    import redis
+
+    return redis.Redis.from_url(
+        redis_url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S
+    )
+
+
+class NotDurable(RuntimeError):
+    """Redis did not confirm that a write reached its append-only file in time."""
+
+
+def pending_id(user_id: str, event_id: str) -> str:
+    return f"{user_id}:{event_id}"
 
 
 class RedisState:
-    def __init__(self, redis_url: str, prefix: str = "streamrec"):
-        import redis
-
-        self.client = redis.Redis.from_url(redis_url)
+    def __init__(self, redis_url: str, prefix: str = "streamrec", wait_aof: bool = True):
+        self.client = redis_client(redis_url)
         self.prefix = prefix
+        self.wait_aof = wait_aof
         self._epoch: int | None = None
+        self._ack = self.client.register_script(_ACK)
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -88,12 +118,35 @@ class RedisState:
         values = self.client.hmget(self.key("catalog"), items)
         return {i: json.loads(v) for i, v in zip(items, values, strict=True) if v is not None}
 
+    def update_times(self, items: Sequence[str]) -> list[int | None]:
+        if not items:
+            return []
+        return [
+            None if v is None else int(v) for v in self.client.hmget(self.key("updated"), items)
+        ]
+
     def acked(self) -> int:
         """Interactions fully processed (state and Feast written) since the state was loaded."""
         return int(self.client.get(self.key("acked")) or 0)
 
-    def ack(self, n: int) -> None:
-        self.client.incrby(self.key("acked"), n)
+    def ack(self, pending: Sequence[str]) -> int:
+        """Ack these pending events (see `mark_pending`); returns how many were still pending."""
+        if not pending:
+            return 0
+        return int(self._ack(keys=[self.key("pending"), self.key("acked")], args=list(pending)))
+
+    def wait_durable(self, timeout_ms: int = 5000) -> None:
+        """Block until this client's writes (and all before them) are fsynced to the AOF.
+
+        WAITAOF makes the server fsync at once, so under `appendfsync everysec` this costs
+        about as much as a ping; it needs `appendonly yes`. Off (`wait_aof=False`) for a Redis
+        without an AOF, where a crash may lose what was written in its last second.
+        """
+        if not self.wait_aof:
+            return
+        local, _ = self.client.execute_command("WAITAOF", 1, 0, timeout_ms)
+        if local < 1:
+            raise NotDurable(f"Redis did not fsync its AOF within {timeout_ms} ms")
 
     def seen(self, user_id: str) -> list[str]:
         return [i.decode() for i in self.client.zrevrange(self.key("seen", user_id), 0, -1)]
@@ -122,6 +175,7 @@ class RedisState:
         key = self.key("applied", user_id)
         pipe.zadd(key, {event_id: ts_ms})
         pipe.zremrangebyrank(key, 0, -APPLIED_LIMIT - 1)
+        pipe.sadd(self.key("pending"), pending_id(user_id, event_id))
 
     def put_user(self, pipe, user_id: str, state: UserActivity) -> None:
         pipe.set(self.key("user", user_id), json.dumps(vars(state)))
@@ -131,6 +185,9 @@ class RedisState:
             pipe.srem(self.key("unavailable"), item_id)
         else:
             pipe.sadd(self.key("unavailable"), item_id)
+
+    def put_update_time(self, pipe, item_id: str, ts_ms: int) -> None:
+        pipe.hset(self.key("updated"), item_id, ts_ms)
 
     def put_catalog_item(self, pipe, item_id: str, profile: dict) -> None:
         pipe.hset(self.key("catalog"), item_id, json.dumps(profile))

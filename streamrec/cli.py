@@ -338,23 +338,26 @@ def train_cmd(
 
 
 def _load_features(artifact_dir) -> None:
-    from models.feature_load import load_features
+    from streams.rebuild import load_snapshot
 
     stack = _stack()
     try:
         with console.status("starting Valkey"):
             stack.up(("redis",))
+        try:
+            bootstrap = stack.endpoint("kafka")
+        except StackNotRunning:
+            bootstrap = None
         with console.status("loading features into Feast (offline store + Redis)"):
-            settings = get_settings()
-            load_features(
-                artifact_dir,
-                stack.endpoint("redis"),
-                settings.feature_repo(),
-                settings.feast_project,
-            )
+            record = load_snapshot(get_settings(), artifact_dir, stack.endpoint("redis"), bootstrap)
     except (StartupError, StackNotRunning) as e:
         fail(str(e))
     console.print(f"features loaded into Feast, online store {stack.endpoint('redis')}")
+    if record["error"]:
+        err.print(
+            f"[yellow]warning:[/] {record['error']}: stream offsets not recorded, so "
+            "`streamrec state rebuild` cannot restore this snapshot"
+        )
 
 
 def _print_summary(manifest: dict) -> None:
@@ -512,6 +515,29 @@ def serve_stop() -> None:
     console.print(f"stopped {Workers(get_settings()).stop_all()} worker(s)")
 
 
+@serve_app.command("status")
+def serve_status() -> None:
+    """Health of each stream worker, from its metrics: serving path (canary inference through
+    Triton), processors waiting for a dependency, consumer lag, retries and dead letters."""
+    from streams.workers import Workers
+
+    table = Table("pid", "serving", "stalled", "lag", "retries", "dead letters", "log")
+    rows = Workers(get_settings()).health()
+    for h in rows:
+        serving = {1.0: "[green]ready[/]", 0.0: "[red]degraded[/]"}.get(h["serving_ready"], "?")
+        stalled = ", ".join(h["stalled"]) or "-"
+        table.add_row(
+            str(h["pid"]),
+            serving if h["up"] else "[red]no metrics[/]",
+            f"[red]{stalled}[/]" if h["stalled"] else stalled,
+            f"{h['lag']:.0f}",
+            f"{h['retries']:.0f}",
+            f"{h['dead_letters']:.0f}",
+            h["log"],
+        )
+    console.print(table if rows else "no stream workers running")
+
+
 @app.command("recommend")
 def recommend(
     user: UserOption,
@@ -666,6 +692,165 @@ def print_replay_summary(timeline, result, got: dict, k: int) -> None:
     for name, m in served_quality(timeline, got, k).items():
         table.add_row(name, "  ".join(f"{key} {v:.4f}" for key, v in m.items()))
     console.print(table)
+
+
+# --- state ----------------------------------------------------------------------------------
+
+state_app = typer.Typer(
+    help="The online state (Redis: Feast rows, seen sets, popularity, catalog) and its "
+    "rebuild from the Kafka log."
+)
+app.add_typer(state_app, name="state")
+
+
+def _state_endpoints() -> tuple[str, str]:
+    """(bootstrap, redis URL); starts the embedded Valkey if it is not running."""
+    stack = _stack()
+    try:
+        bootstrap = stack.endpoint("kafka")
+        stack.up(("redis",))
+        return bootstrap, stack.endpoint("redis")
+    except (StartupError, StackNotRunning) as e:
+        fail(str(e))
+        raise
+
+
+def _days(ms: float) -> str:
+    return f"{ms / 86_400_000:.1f} d"
+
+
+@state_app.command(
+    "check",
+    help="Check that the topics still hold every event since the loaded snapshot (retention)."
+    "\n\nFor each partition of the interactions and item-updates topics: the offset recorded "
+    "with the snapshot, the earliest offset still retained (low watermark) and the end; and "
+    "each topic's retention.ms against the snapshot's age. Exits 1 if events were deleted: "
+    "the state could then not be rebuilt from the log.",
+)
+def state_check() -> None:
+    from rich.markup import escape
+
+    from streams.rebuild import (
+        RetentionError,
+        SnapshotError,
+        check_retention,
+        plan,
+        read_snapshot,
+        retention_ms,
+        watermarks,
+    )
+
+    settings = get_settings()
+    bootstrap = _bootstrap()
+    try:
+        record = read_snapshot(settings)
+        marks = watermarks(settings, bootstrap)
+    except SnapshotError as e:
+        fail(escape(str(e)))
+    except Exception as e:  # librdkafka
+        fail(f"cannot read the topics' offsets from Kafka ({bootstrap}): {escape(str(e))}")
+    ranges = plan(record, marks)
+    age = time.time() * 1000 - record["loaded_at_ms"]
+    table = Table(
+        "topic",
+        "partition",
+        "snapshot offset",
+        "earliest retained",
+        "end",
+        "to replay",
+        title=f"snapshot {record['artifacts']}, loaded {_days(age)} ago",
+    )
+    for r in ranges:
+        ok = r.earliest <= r.start <= r.end
+        table.add_row(
+            r.topic,
+            str(r.partition),
+            f"{r.start:,}",
+            f"{r.earliest:,}" if ok else f"[red]{r.earliest:,}[/]",
+            f"{r.end:,}",
+            f"{r.events:,}",
+        )
+    console.print(table)
+    for name, ms in retention_ms(settings, bootstrap).items():
+        left = "kept forever" if ms < 0 else f"{_days(ms - age)} of it left before events the "
+        left += "" if ms < 0 else "snapshot needs may be deleted"
+        console.print(f"{name}: retention.ms {ms} ({'∞' if ms < 0 else _days(ms)}); {left}")
+    try:
+        check_retention(record, marks, ranges)
+    except RetentionError as e:
+        fail(escape(str(e)))
+    console.print(
+        f"[green]ok[/]: all {sum(r.events for r in ranges):,} events since the snapshot are "
+        "retained; `streamrec state rebuild` can restore the state"
+    )
+
+
+_REBUILD_HELP = (
+    "Rebuild the online state after a Redis loss: reload the training-time snapshot and replay "
+    "the interactions and item-updates topics from the offsets recorded with it.\n\n"
+    "Kafka is the source of truth: the topics' retention must cover the time since the snapshot "
+    "was loaded (see `streamrec state check`). If events were deleted, this fails before "
+    "touching Redis, and retraining is the way back.\n\n"
+    "It first deletes streamrec's keys ('<project>:*') and the Feast project's online rows; "
+    "other keys are left alone. Stale applied-event ids would otherwise turn the replayed events "
+    "into duplicates, so it is also safe on a Redis that lost only part of its data.\n\n"
+    "Stop the stream workers first (`streamrec serve stop`) and start them again afterwards: "
+    "they resume from their own committed offsets and skip what the rebuild applied."
+)
+
+
+@state_app.command("rebuild", help=_REBUILD_HELP)
+def state_rebuild(
+    batch: Annotated[
+        int | None, typer.Option(help="Events per processor batch (default: the workers').")
+    ] = None,
+) -> None:
+    from redis.exceptions import RedisError
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from streams.rebuild import RetentionError, SnapshotError, rebuild
+    from streams.workers import Workers
+
+    settings = get_settings()
+    if running := Workers(settings).running():
+        fail(
+            f"{len(running)} stream worker(s) running (pids "
+            f"{', '.join(str(w.pid) for w in running)}): stop them first with "
+            "`streamrec serve stop`, they would write to the state while it is rebuilt"
+        )
+    bootstrap, redis_url = _state_endpoints()
+    columns = (*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
+        tasks: dict[str, int] = {}
+
+        def on_progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                label = {"load": "loading the snapshot", "replay": "replaying the topics"}
+                tasks[phase] = progress.add_task(label[phase], total=total or None)
+            progress.update(tasks[phase], completed=done, total=total or None)
+
+        try:
+            result = rebuild(settings, bootstrap, redis_url, batch, on_progress)
+        except (SnapshotError, RetentionError) as e:
+            fail(escape(str(e)))
+        except RedisError as e:
+            fail(f"Redis ({redis_url}) failed during the rebuild: {escape(str(e))}; run it again")
+        except Exception as e:  # librdkafka, Feast: say what and where, no traceback
+            fail(f"the rebuild failed: {type(e).__name__}: {escape(str(e))}; run it again")
+    table = Table("", "interactions", "item updates", title=f"rebuilt from {result.artifacts}")
+    for name, counts in (
+        ("events replayed", result.replayed),
+        ("applied", result.applied),
+        ("duplicates (already applied)", result.duplicates),
+        ("undecodable or invalid (dead letters)", result.dead_letters),
+    ):
+        table.add_row(name, f"{counts['interactions']:,}", f"{counts['item_updates']:,}")
+    console.print(table)
+    console.print(
+        f"cleared {result.cleared_keys:,} keys; snapshot loaded in {result.load_seconds:.1f} s, "
+        f"{sum(result.replayed.values()):,} events replayed in {result.replay_seconds:.1f} s"
+    )
 
 
 # --- demo -----------------------------------------------------------------------------------

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     worker_group: str = Field("streamrec-workers", description="Consumer group of the workers")
     interaction_batch: int = Field(500, ge=1, description="Max events per micro-batch")
     request_concurrency: int = Field(32, ge=1, description="Requests in flight per worker")
+    redis_wait_aof: bool = Field(
+        True, description="Commit offsets only after Redis fsynced the effects (WAITAOF)"
+    )
+    response_cache_ttl_s: int = Field(
+        3600, ge=1, description="How long a response is kept to answer a redelivered request"
+    )
     metrics_port: int | None = Field(None, description="Workers' Prometheus port (0 = any)")
     metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds")
 

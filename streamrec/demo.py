@@ -25,9 +25,9 @@ DEMO_USERS = ("405", "655", "13")
 def run_demo(settings: Settings, console: Console, keep: bool = False, retrain: bool = False):
     from models.data import load_movielens_100k
     from models.evaluate import markdown_table
-    from models.feature_load import load_features
     from serving.client import serving_config
     from serving.triton_export import export_repository
+    from streams.rebuild import load_snapshot
     from streams.topics import create_topics
     from streams.workers import Workers
 
@@ -54,7 +54,7 @@ def run_demo(settings: Settings, console: Console, keep: bool = False, retrain: 
 
         step("3. features into Feast (Redis online store), the ensemble onto Triton, a worker")
         with console.status("loading features"):
-            load_features(artifacts, redis_url, settings.feature_repo(), settings.feast_project)
+            load_snapshot(settings, artifacts, redis_url, bootstrap)  # + the topics' offsets
         config = serving_config({"redis_url": redis_url, "feast_project": settings.feast_project})
         export_repository(artifacts, stack.root / "triton" / "models", config)
         with console.status("starting tritonserver (six stage models + ensemble)"):

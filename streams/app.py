@@ -1,34 +1,44 @@
 """The Faust app: agents over the topics of `streams.topics`, as plain async functions.
 
 Run a worker with `streamrec serve workers` (or `faust -A streams.app worker --without-web`).
-Processing is at-least-once: Faust commits offsets after the agents have handled the events,
-and every effect is idempotent (event ids for interactions, newest-wins for item updates), so a
-worker killed mid-batch resumes from the committed offsets without lost or doubled effects.
-Requests are answered at least once: consumers de-duplicate responses by request id.
+An event's offset is acked, and so committed, only after its effects are durable (written and
+fsynced by Redis, its dead letter or response acknowledged by the broker); `streams.durable`
+retries through dependency outages and dead-letters poison events. Every effect is idempotent
+(event ids for interactions, newest-wins for item updates), so a worker killed mid-batch resumes
+from the committed offsets without lost or doubled effects. Requests are answered at least once;
+a redelivered request gets the same bytes as its first answer (consumers drop it by request id).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 import threading
 import time
 from functools import cached_property
-from pathlib import Path
+from typing import NoReturn
 
 import faust
 
 from schemas.serde import Serde
+from serving.state import RedisState
 from streamrec.config import Settings, get_settings
-from streamrec.stack import EmbeddedStack
+from streamrec.stack import EmbeddedStack, StackNotRunning
 from streams import metrics
+from streams.durable import Guard, until_sent
 from streams.processors import (
+    Answer,
+    BatchResult,
     InteractionProcessor,
     ItemUpdateProcessor,
     RawEvent,
     RequestProcessor,
+    ResponseCache,
 )
 from streams.topics import TOPICS, serde_for, topic_name
+from streams.workers import FAILED, READY
 
 log = logging.getLogger("streamrec.workers")
 
@@ -41,40 +51,82 @@ class Runtime:
         self.stack = EmbeddedStack(settings)
         self.serdes: dict[str, Serde] = {role: serde_for(settings, role) for role in TOPICS}
         self._lock = threading.Lock()
+        self._processors: dict[str, InteractionProcessor | ItemUpdateProcessor] = {}
+        self._requests: RequestProcessor | None = None
 
     @cached_property
-    def artifacts(self) -> Path:
+    def redis_url(self) -> str:
+        return self.stack.endpoint("redis")
+
+    def check(self) -> None:
+        """Fail with a readable reason when something the worker needs is missing (cheap: runs
+        before the worker joins its consumer group)."""
         from models.train import current_artifacts
 
-        return current_artifacts(self.settings.artifact_dir)
-
-    @cached_property
-    def interactions(self) -> InteractionProcessor:
-        with self._lock:
-            return InteractionProcessor(
-                self.serdes["interactions"],
-                self.stack.endpoint("redis"),
-                self.settings.feature_repo(),
-                self.artifacts,
-                self.settings.feast_project,
+        current_artifacts(self.settings.artifact_dir)  # FileNotFoundError says what to run
+        repo = self.settings.feature_repo()
+        if not (repo / "feature_store.yaml").exists():
+            raise FileNotFoundError(
+                f"no Feast repository at {repo}: run `streamrec train` (it loads the features)"
             )
+        state = self._state()
+        try:
+            state.client.ping()
+            state.wait_durable()
+        except Exception as e:
+            raise ConnectionError(f"Redis at {self.redis_url}: {e}") from e
 
-    @cached_property
-    def item_updates(self) -> ItemUpdateProcessor:
-        return ItemUpdateProcessor(
-            self.serdes["item_updates"], self.stack.endpoint("redis"), self.settings.feast_project
+    def build(self) -> None:
+        """Build the processors (Feast and ONNX imports take seconds)."""
+        self.processor("interactions")
+        self.processor("item_updates")
+
+    def _state(self) -> RedisState:
+        return RedisState(
+            self.redis_url, self.settings.feast_project, wait_aof=self.settings.redis_wait_aof
+        )
+
+    def processor(self, name: str) -> InteractionProcessor | ItemUpdateProcessor:
+        with self._lock:
+            if name not in self._processors:
+                self._processors[name] = self._build(name)
+            return self._processors[name]
+
+    def _build(self, name: str) -> InteractionProcessor | ItemUpdateProcessor:
+        from models.train import current_artifacts
+
+        s = self.settings
+        if name == "item_updates":
+            return ItemUpdateProcessor(
+                self.serdes["item_updates"], self.redis_url, s.feast_project, s.redis_wait_aof
+            )
+        return InteractionProcessor(
+            self.serdes["interactions"],
+            self.redis_url,
+            s.feature_repo(),
+            current_artifacts(s.artifact_dir),
+            s.feast_project,
+            s.redis_wait_aof,
         )
 
     async def requests(self) -> RequestProcessor:
-        if "_requests" not in self.__dict__:
+        if self._requests is None:
             from serving.client import AsyncTritonRecommender
 
             triton = AsyncTritonRecommender(self.stack.endpoint("triton"))
-            await triton.connect()
-            self.__dict__["_requests"] = RequestProcessor(
-                self.serdes["requests"], triton, self.settings.request_concurrency
+            try:
+                await triton.connect()
+            except Exception as e:
+                raise ConnectionError(f"Triton at {self.stack.endpoint('triton')}: {e}") from e
+            cache = ResponseCache(self._state(), self.settings.response_cache_ttl_s)
+            self._requests = RequestProcessor(
+                self.serdes["requests"],
+                self.serdes["recommendations"],
+                triton,
+                cache,
+                self.settings.request_concurrency,
             )
-        return self.__dict__["_requests"]
+        return self._requests
 
 
 def _raw(event) -> RawEvent:
@@ -86,6 +138,8 @@ def create_app(settings: Settings) -> faust.App:
     from streams.kafka import faust_broker_settings
 
     bootstrap = EmbeddedStack(settings).endpoint("kafka")
+    runtime = Runtime(settings)
+    runtime.check()
     app = faust.App(
         settings.worker_group,
         broker=[f"kafka://{b}" for b in bootstrap.split(",")],
@@ -104,7 +158,6 @@ def create_app(settings: Settings) -> faust.App:
         web_enabled=False,
         **faust_broker_settings(settings),
     )
-    runtime = Runtime(settings)
     topics = {
         role: app.topic(
             topic_name(settings, role),
@@ -116,49 +169,74 @@ def create_app(settings: Settings) -> faust.App:
         for role in TOPICS
     }
     serdes = runtime.serdes
+    guards = {name: Guard(name) for name in ("interactions", "item_updates", "requests")}
 
-    async def send_dead_letters(letters: list[dict], processor: str) -> None:
-        for letter in letters:
-            await topics["dead_letter"].send(
-                key=letter["key"], value=serdes["dead_letter"].encode(letter)
-            )
+    async def publish(role: str, messages: list[tuple[bytes | None, bytes]]) -> None:
+        """Produce and wait until the broker has every message (retried while it is away)."""
+
+        async def send_all() -> None:
+            sent = [await topics[role].send(key=k, value=v) for k, v in messages]
+            await asyncio.gather(*sent)
+
+        if messages:
+            await until_sent(send_all, role)
+
+    async def dead_letters(letters: list[dict], processor: str) -> None:
+        await publish("dead_letter", [(d["key"], serdes["dead_letter"].encode(d)) for d in letters])
         if letters:
             metrics.DEAD_LETTERS.labels(processor).inc(len(letters))
 
-    async def run_batch(processor, events) -> None:
-        raw = [_raw(e) for e in events]
-        result = await asyncio.to_thread(processor.process, raw)
-        await send_dead_letters(result.dead_letters, processor.name)
-        metrics.BATCH_SIZE.labels(processor.name).observe(len(raw))
-        metrics.EVENTS.labels(processor.name, "applied").inc(result.applied)
-        metrics.EVENTS.labels(processor.name, "duplicate").inc(result.duplicates)
-        for seconds in result.freshness_s:
-            metrics.FRESHNESS.observe(seconds)
+    async def ack(stream, events) -> None:
+        for event in events:
+            await stream.ack(event)
 
+    async def run_batch(stream, processor, events) -> None:
+        """Apply a batch until durable, publish its dead letters, then ack its offsets."""
+        results = await guards[processor.name].run(
+            lambda batch: asyncio.to_thread(processor.process, batch),
+            [_raw(e) for e in events],
+            lambda letter: BatchResult(dead_letters=[letter]),
+        )
+        await dead_letters([d for r in results for d in r.dead_letters], processor.name)
+        await ack(stream, events)
+        metrics.BATCH_SIZE.labels(processor.name).observe(len(events))
+        for r in results:
+            metrics.EVENTS.labels(processor.name, "applied").inc(r.applied)
+            metrics.EVENTS.labels(processor.name, "duplicate").inc(r.duplicates)
+            for seconds in r.freshness_s:
+                metrics.FRESHNESS.observe(seconds)
+
+    # noack_take: an event is acked by `ack` above, after its effects are durable, never by
+    # Faust when the agent stops or fails (take_events acks the batch in a finally block).
     @app.agent(topics["interactions"])
     async def interactions(stream):
-        async for events in stream.take_events(settings.interaction_batch, within=0.02):
-            await run_batch(await asyncio.to_thread(getattr, runtime, "interactions"), events)
+        async for events in stream.noack_take(settings.interaction_batch, within=0.02):
+            await run_batch(
+                stream, await asyncio.to_thread(runtime.processor, "interactions"), events
+            )
 
     @app.agent(topics["item_updates"])
     async def item_updates(stream):
-        async for events in stream.take_events(settings.interaction_batch, within=0.02):
-            await run_batch(runtime.item_updates, events)
+        async for events in stream.noack_take(settings.interaction_batch, within=0.02):
+            await run_batch(
+                stream, await asyncio.to_thread(runtime.processor, "item_updates"), events
+            )
 
     @app.agent(topics["requests"])
     async def requests(stream):
-        async for events in stream.take_events(settings.request_concurrency, within=0.002):
+        async for events in stream.noack_take(settings.request_concurrency, within=0.002):
             processor = await runtime.requests()
-            answers = await asyncio.gather(*(processor.handle(_raw(e)) for e in events))
-            for event, (response, letter) in zip(events, answers, strict=True):
-                if letter is not None:
-                    await send_dead_letters([letter], processor.name)
-                    continue
-                await topics["recommendations"].send(
-                    key=response["user_id"].encode(),
-                    value=serdes["recommendations"].encode(response),
-                )
-                _observe(response, event.message.timestamp)
+            results = await guards["requests"].run(
+                processor.handle_batch, [_raw(e) for e in events], lambda letter: [letter]
+            )
+            outcomes = [o for r in results for o in r]  # one per event, in order
+            answers = [o for o in outcomes if isinstance(o, Answer)]
+            await publish("recommendations", [(a.key, a.value) for a in answers])
+            await dead_letters([o for o in outcomes if isinstance(o, dict)], processor.name)
+            await ack(stream, events)
+            for event, o in zip(events, outcomes, strict=True):
+                if isinstance(o, Answer) and o.response is not None:
+                    _observe(o.response, event.message.timestamp)
 
     @app.timer(interval=5.0)
     async def consumer_lag():
@@ -171,17 +249,18 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.task
     async def warm_up():
-        """Build the processors before traffic (Feast and ONNX imports take seconds)."""
+        """Build the processors before traffic (Feast and ONNX imports take seconds); a worker
+        that cannot do so exits at once with the reason (the CLI prints it)."""
         if settings.metrics_port is not None:
             port = metrics.serve(settings.metrics_port, settings.metrics_host)
             log.info("metrics on %s:%s", settings.metrics_host, port)
         try:
-            await asyncio.to_thread(lambda: (runtime.interactions, runtime.item_updates))
+            await asyncio.to_thread(runtime.build)
             await runtime.requests()
-        except Exception:  # the agents retry on their first batch; say why here
+        except Exception as e:  # noqa: BLE001
             log.exception("warm-up failed")
-        else:
-            log.info("streamrec worker ready")
+            _exit_failed(f"{type(e).__name__}: {e}")
+        log.info(READY)
 
     return app
 
@@ -193,4 +272,18 @@ def _observe(response: dict, produced_s: float) -> None:
         metrics.REQUEST_LATENCY.labels(stage["name"]).observe(stage["duration_ms"] / 1000)
 
 
-app = create_app(get_settings())
+def _exit_failed(reason: str) -> NoReturn:
+    """Say why on one line that `streams.workers` finds in the log, and exit at once."""
+    print(f"{FAILED}{reason}", file=sys.stderr, flush=True)
+    os._exit(2)  # from any thread or task, without waiting for Faust's shutdown
+
+
+try:
+    app = create_app(get_settings())
+except (StackNotRunning, FileNotFoundError, ConnectionError) as e:  # expected: say why
+    _exit_failed(str(e))
+except Exception as e:  # noqa: BLE001 - unexpected: the traceback goes to the log too
+    import traceback
+
+    traceback.print_exc()
+    _exit_failed(f"{type(e).__name__}: {e}")

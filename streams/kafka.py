@@ -76,16 +76,28 @@ class EventProducer:
         self._serdes = {role: serde_for(settings, role) for role in TOPICS}
         self._errors: list[str] = []
 
-    def send(self, role: str, record: dict, key: bytes | None = None) -> None:
+    def send(self, role: str, record: dict, key: bytes | None = None, on_delivery=None) -> None:
+        """Produce a record; `on_delivery(error or None)` is called once the broker answers."""
         value = self._serdes[role].encode(record)
-        self.send_raw(role, value, key if key is not None else record_key(role, record))
+        key = key if key is not None else record_key(role, record)
+        self.send_raw(role, value, key, on_delivery)
 
-    def send_raw(self, role: str, value: bytes, key: bytes | None = None) -> None:
+    def send_raw(self, role: str, value: bytes, key: bytes | None = None, on_delivery=None) -> None:
         """Produce bytes as they are (used to inject malformed events in tests and replays)."""
+
+        def delivered(err, msg) -> None:
+            self._on_delivery(err, msg)
+            if on_delivery is not None:
+                on_delivery(err)
+
         self._producer.produce(
-            topic_name(self.settings, role), value=value, key=key, on_delivery=self._on_delivery
+            topic_name(self.settings, role), value=value, key=key, on_delivery=delivered
         )
         self._producer.poll(0)
+
+    def poll(self, timeout: float = 0.0) -> None:
+        """Serve delivery callbacks."""
+        self._producer.poll(timeout)
 
     def close(self) -> None:
         """Deliver what is pending, then release the client (before the broker goes away)."""

@@ -28,6 +28,22 @@ REQUEST_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 RESPONSES = Counter("streamrec_responses_total", "Responses published", ["status", "path"])
+STALLED = Gauge(
+    "streamrec_stalled",
+    "1 while a processor holds a batch because a dependency is unavailable",
+    ["processor"],
+)
+STALL_SECONDS = Counter(
+    "streamrec_stall_seconds_total", "Time processors spent waiting for dependencies", ["processor"]
+)
+RETRIES = Counter(
+    "streamrec_retries_total",
+    "Retried batches: transient (a dependency) or failed (the batch itself)",
+    ["processor", "kind"],
+)
+SERVING_READY = Gauge(
+    "streamrec_serving_ready", "1 when the last canary inference through Triton succeeded"
+)
 CONSUMER_LAG = Gauge(
     "streamrec_consumer_lag", "Highwater minus committed offset", ["topic", "partition"]
 )

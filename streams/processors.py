@@ -4,12 +4,15 @@
   once per event id; then a projection into the Feast online store (user_activity, item_stats).
 - Item updates → availability and catalog additions (picked up by the serving stages).
 - Requests → the Triton ensemble → one response each; bad requests get an error response.
-Undecodable events become dead letters with the reason; nothing raises out of a batch.
+Undecodable events become dead letters with the reason. A batch whose effects cannot be written
+raises: `process` is idempotent, and `streams.durable` retries it until its effects are durable
+before any offset is committed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -21,8 +24,14 @@ import pandas as pd
 
 from models.features import UserActivity, update_user
 from schemas.serde import DecodeError, Serde
-from serving.operators import error_record, request_tensors, response_record, validate_request
-from serving.state import RedisState
+from serving.operators import (
+    MAX_K,
+    error_record,
+    request_tensors,
+    response_record,
+    validate_request,
+)
+from serving.state import RedisState, pending_id
 
 
 @dataclass
@@ -74,6 +83,10 @@ def decode_all(
     return good, dead
 
 
+class Contention(RuntimeError):
+    """Another writer kept changing the same users' state (a transient condition)."""
+
+
 def _check_interaction(r: dict) -> str | None:
     if not r["event_id"] or not r["user_id"] or not r["item_id"]:
         return "event_id, user_id and item_id must be non-empty"
@@ -90,13 +103,14 @@ class InteractionProcessor:
         feature_repo: Path,
         artifacts: Path,
         project: str = "streamrec",
+        wait_aof: bool = True,
     ):
         from models.feature_repo import OnlineReader, feature_store
 
         self.serde = serde
-        self.state = RedisState(redis_url, prefix=project)
+        self.state = RedisState(redis_url, prefix=project, wait_aof=wait_aof)
         self.reader = OnlineReader(redis_url, project=project)
-        self.store = feature_store(feature_repo)
+        self.store = feature_store(feature_repo, redis_url)
         manifest = json.loads((artifacts / "manifest.json").read_text())
         self.genres = {g: n for n, g in enumerate(manifest["genres"])}
         profiles = json.loads((artifacts / "items.json").read_text())
@@ -110,12 +124,15 @@ class InteractionProcessor:
         return v
 
     def process(self, events: list[RawEvent]) -> BatchResult:
+        """State transaction → Feast projection → ack → fsync; safe to run again after a failure
+        at any step (applied event ids make the transaction a no-op the second time)."""
         good, dead = decode_all(self.serde, events, self.name, _check_interaction)
         result = BatchResult(dead_letters=dead)
         if good:
             fresh = self._apply(good, result)
             self._project(fresh)
-            self.state.ack(result.applied)
+            self.state.ack([pending_id(r["user_id"], r["event_id"]) for _, r in good])
+            self.state.wait_durable()
             done = time.time() * 1000
             result.freshness_s = [(done - e.timestamp_ms) / 1000 for e, _ in good]
         return result
@@ -140,7 +157,7 @@ class InteractionProcessor:
                     return fresh
                 except redis.WatchError:
                     result.applied = result.duplicates = 0
-        raise RuntimeError("user state kept changing under this worker (another owner?)")
+        raise Contention("user state kept changing under this worker (another owner?)")
 
     def _transaction(self, pipe, users, good, result):
         states = dict(zip(users, self.state.users(users), strict=True))
@@ -149,10 +166,13 @@ class InteractionProcessor:
             states[user] = UserActivity(**row) if row else None
         applied = self.state.applied_mask([(r["user_id"], r["event_id"]) for _, r in good])
         pipe.multi()
-        touched_items: dict[str, int] = {}
+        # Every item of the batch is projected, applied now or before: a batch that failed after
+        # its transaction leaves no stale Feast row when it is run again.
+        items: dict[str, int] = {}
         seen_ids: set[tuple[str, str]] = set()
         for (_, r), done in zip(good, applied, strict=True):
             user, item, ts = r["user_id"], r["item_id"], int(r["timestamp_ms"])
+            items[item] = max(ts, items.get(item, 0))
             if done or (user, r["event_id"]) in seen_ids:
                 result.duplicates += 1
                 continue
@@ -163,12 +183,10 @@ class InteractionProcessor:
             self.state.mark_applied(pipe, user, r["event_id"], ts)
             self.state.add_seen(pipe, user, item, ts)
             self.state.add_popularity(pipe, item, ts)
-            touched_items[item] = max(ts, touched_items.get(item, 0))
             result.applied += 1
-        touched_users = {u for u, _ in seen_ids}
-        for user in touched_users:
+        for user in {u for u, _ in seen_ids}:
             self.state.put_user(pipe, user, states[user])
-        return {u: states[u] for u in users if states[u] is not None}, touched_items
+        return {u: states[u] for u in users if states[u] is not None}, items
 
     def _project(self, fresh) -> None:
         """Write the users' and items' current state to the Feast online store.
@@ -216,9 +234,11 @@ def _check_item_update(r: dict) -> str | None:
 class ItemUpdateProcessor:
     name = "item_updates"
 
-    def __init__(self, serde: Serde, redis_url: str, project: str = "streamrec"):
+    def __init__(
+        self, serde: Serde, redis_url: str, project: str = "streamrec", wait_aof: bool = True
+    ):
         self.serde = serde
-        self.state = RedisState(redis_url, prefix=project)
+        self.state = RedisState(redis_url, prefix=project, wait_aof=wait_aof)
 
     def process(self, events: list[RawEvent]) -> BatchResult:
         good, dead = decode_all(self.serde, events, self.name, _check_item_update)
@@ -230,13 +250,16 @@ class ItemUpdateProcessor:
                 or r["timestamp_ms"] >= newest[r["item_id"]]["timestamp_ms"]
             ):
                 newest[r["item_id"]] = r
-        stored = self.state.catalog_additions(list(newest))
+        items = list(newest)
+        stored = self.state.catalog_additions(items)
+        times = dict(zip(items, self.state.update_times(items), strict=True))
         pipe = self.state.client.pipeline(transaction=True)
         for item, r in newest.items():
-            if item in stored and stored[item].get("timestamp_ms", 0) > r["timestamp_ms"]:
+            if times[item] is not None and times[item] > r["timestamp_ms"]:
                 result.duplicates += 1  # older than what is stored: ignored
                 continue
             self.state.set_available(pipe, item, r["available"])
+            self.state.put_update_time(pipe, item, r["timestamp_ms"])
             profile = {
                 "title": r["title"],
                 "year": r["year"],
@@ -249,7 +272,44 @@ class ItemUpdateProcessor:
                 self.state.put_catalog_item(pipe, item, profile)
             result.applied += 1
         pipe.execute()
+        if newest:
+            self.state.wait_durable()
         return result
+
+
+@dataclass
+class Answer:
+    """What to publish for one request: the encoded response, keyed by user."""
+
+    key: bytes
+    value: bytes
+    response: dict | None  # None when the bytes are a cached earlier answer (a redelivery)
+
+
+class ResponseCache:
+    """Encoded responses by request id, so that a redelivered request is answered with the same
+    bytes as the first time (consumers drop duplicates by request id). Best effort: while Redis
+    is unreachable requests are still answered, and duplicates may then differ."""
+
+    def __init__(self, state: RedisState, ttl_s: int):
+        self.state, self.ttl_s = state, ttl_s
+
+    def get(self, request_ids: list[str]) -> list[bytes | None]:
+        import redis
+
+        try:
+            return self.state.client.mget([self.state.key("response", r) for r in request_ids])
+        except redis.RedisError:
+            return [None] * len(request_ids)
+
+    def put(self, answers: dict[str, bytes]) -> None:
+        import redis
+
+        pipe = self.state.client.pipeline(transaction=False)
+        for request_id, value in answers.items():
+            pipe.set(self.state.key("response", request_id), value, ex=self.ttl_s)
+        with contextlib.suppress(redis.RedisError):
+            pipe.execute()
 
 
 class RequestProcessor:
@@ -260,36 +320,64 @@ class RequestProcessor:
     def __init__(
         self,
         serde: Serde,
+        response_serde: Serde,
         triton,
+        cache: ResponseCache | None = None,
         concurrency: int = 32,
         retries: int = 3,
         default_timeout_s: float = 5.0,
-        max_k: int = 1000,
+        max_k: int = MAX_K,
     ):
         self.serde = serde
+        self.response_serde = response_serde
         self.triton = triton  # AsyncTritonRecommender (connected)
+        self.cache = cache
         self.limit = asyncio.Semaphore(concurrency)
         self.retries = retries
         self.default_timeout_s = default_timeout_s
         self.max_k = max_k
 
-    async def handle(self, event: RawEvent) -> tuple[dict | None, dict | None]:
-        """(response, dead letter): exactly one of them is set."""
-        try:
-            request = self.serde.decode(event.value)
-        except DecodeError as e:
-            return None, dead_letter(event, e.reason, self.name)
+    async def handle_batch(self, events: list[RawEvent]) -> list[Answer | dict]:
+        """An answer or a dead letter per event, in order; earlier answers come from the cache."""
+        requests: list[dict | None] = []
+        out: list[Answer | dict | None] = []
+        for event in events:
+            try:
+                requests.append(self.serde.decode(event.value))
+                out.append(None)
+            except DecodeError as e:
+                requests.append(None)
+                out.append(dead_letter(event, e.reason, self.name))
+        todo = [n for n, r in enumerate(requests) if r is not None]
+        ids = [str(requests[n].get("request_id") or "") for n in todo]
+        cached = await asyncio.to_thread(self.cache.get, ids) if self.cache and todo else []
+        fresh = []
+        for n, value in zip(todo, cached or [None] * len(todo), strict=True):
+            if value is not None:
+                out[n] = Answer(str(requests[n]["user_id"]).encode(), value, None)
+            else:
+                fresh.append(n)
+        responses = await asyncio.gather(*(self.handle(requests[n]) for n in fresh))
+        for n, response in zip(fresh, responses, strict=True):
+            out[n] = Answer(
+                response["user_id"].encode(), self.response_serde.encode(response), response
+            )
+        if self.cache and fresh:
+            answers = {r["request_id"]: out[n].value for n, r in zip(fresh, responses, strict=True)}
+            await asyncio.to_thread(self.cache.put, {k: v for k, v in answers.items() if k})
+        return out
+
+    async def handle(self, request: dict) -> dict:
+        """The response to one decoded request (an error response when it cannot be served)."""
         if error := validate_request(request, self.max_k):
-            return error_record(request, f"invalid request: {error}", self.triton.version), None
+            return error_record(request, f"invalid request: {error}", self.triton.version)
         timeout = self.default_timeout_s
         if request["deadline_ms"] is not None:
             timeout = (request["deadline_ms"] - time.time() * 1000) / 1000
             if timeout <= 0:
-                return error_record(
-                    request, "deadline passed before serving", self.triton.version
-                ), None
+                return error_record(request, "deadline passed before serving", self.triton.version)
         async with self.limit:
-            return await self._serve(request, timeout), None
+            return await self._serve(request, timeout)
 
     async def _serve(self, request: dict, timeout: float) -> dict:
         from tritonclient.utils import InferenceServerException

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from streamrec.config import Settings
 from streamrec.stack import EmbeddedStack
-from streamrec.stack.process import free_port, pid_alive, spawn, stop, wait_ready
+from streamrec.stack.process import StartupError, free_port, pid_alive, spawn, stop, wait_ready
 
 READY = "streamrec worker ready"
+FAILED = "streamrec worker failed to start: "  # followed by the reason, on one line
 
 
 @dataclass
@@ -49,7 +50,7 @@ class Workers:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.root = settings.run_dir.resolve() / "workers"
-        self.state_file = self.root / "workers.json"
+        self.state_file = self.root / f"{settings.worker_group}.json"  # the group's workers
 
     def running(self) -> list[Worker]:
         if not self.state_file.exists():
@@ -67,7 +68,7 @@ class Workers:
         workers = self.running()
         for _ in range(n):
             port = free_port()
-            log = self.root / f"worker-{len(workers)}-{port}.log"
+            log = self.root / f"{self.settings.worker_group}-{len(workers)}-{port}.log"
             cmd = [
                 sys.executable,
                 "-m",
@@ -81,7 +82,12 @@ class Workers:
             ]
             # cwd: Faust keeps its data directory in the working directory
             pid = spawn(cmd, log, env=env | {"STREAMREC_METRICS_PORT": str(port)}, cwd=self.root)
-            wait_ready("stream worker", pid, lambda log=log: READY in log.read_text(), timeout, log)
+            try:
+                wait_ready(
+                    "stream worker", pid, lambda log=log: READY in log.read_text(), timeout, log
+                )
+            except StartupError as e:
+                raise StartupError(_failure(log) or str(e)) from None
             workers.append(Worker(pid, str(log), port))
             self._save(workers)
         return workers
@@ -94,12 +100,60 @@ class Workers:
         stop(worker.pid, grace=5)
         self._save([w for w in self.running() if w.pid != worker.pid])
 
+    def health(self) -> list[dict]:
+        """Each running worker's health, read from its Prometheus endpoint."""
+        return [{"pid": w.pid, "log": w.log, **scrape(w.metrics_port)} for w in self.running()]
+
     def stop_all(self) -> int:
         workers = self.running()
         for w in workers:
             stop(w.pid, grace=15)
         self._save([])
         return len(workers)
+
+
+def _failure(log: Path) -> str | None:
+    """The reason a worker gave for not starting, from its log."""
+    for line in log.read_text(errors="replace").splitlines():
+        if FAILED in line:
+            return "stream worker failed to start: " + line.split(FAILED, 1)[1]
+    return None
+
+
+def scrape(port: int, host: str = "127.0.0.1") -> dict:
+    """The health figures of one worker's metrics endpoint (`up` False when it does not answer)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return {
+            "up": False,
+            "serving_ready": None,
+            "stalled": [],
+            "lag": 0.0,
+            "retries": 0.0,
+            "dead_letters": 0.0,
+        }
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+
+    def total(name: str) -> float:
+        return sum(s.value for s in samples if s.name == name)
+
+    ready = [s.value for s in samples if s.name == "streamrec_serving_ready"]
+    return {
+        "up": True,
+        "serving_ready": ready[0] if ready else None,
+        "stalled": [
+            s.labels["processor"] for s in samples if s.name == "streamrec_stalled" and s.value
+        ],
+        "lag": total("streamrec_consumer_lag"),
+        "retries": total("streamrec_retries_total"),
+        "dead_letters": total("streamrec_dead_letters_total"),
+    }
 
 
 def log_of(worker: Worker) -> str:

@@ -72,9 +72,14 @@ def movielens(base_settings):
 
 @pytest.fixture(scope="session")
 def artifacts(base_settings, movielens) -> Path:
-    """A model trained on ML-100K once per session, as `streamrec train` does it."""
+    """A model trained on ML-100K once per session, as `streamrec train` does it.
+
+    STREAMREC_TEST_ARTIFACTS names an already trained version to reuse instead (local
+    development only: CI trains afresh)."""
     from models.train import TrainConfig, train
 
+    if reuse := os.environ.get("STREAMREC_TEST_ARTIFACTS"):
+        return Path(reuse).resolve()
     return train(movielens, base_settings.artifact_dir, TrainConfig(), step=lambda _: None)
 
 

@@ -43,8 +43,14 @@ class EmbeddedStack:
         tmp.replace(self.state_file)
 
     def up(self, names: tuple[str, ...] = SERVICES, on_start=None) -> dict[str, Service]:
-        """Start the named services that are neither external nor already running."""
-        running = {k: s for k, s in self.services().items() if pid_alive(s.pid)}
+        """Start the named services that are neither external nor already running.
+
+        A recorded service that died is healed in place: started again on its ports, with its
+        data directory (Valkey's AOF, the broker's log) and model repository, so that every
+        client and the Feast repository find it where they found it before.
+        """
+        recorded = self.services()
+        running = {k: s for k, s in recorded.items() if pid_alive(s.pid)}
         for name in names:
             if self.external(name) or name in running:
                 continue
@@ -52,9 +58,9 @@ class EmbeddedStack:
                 on_start(name)
             timeout = getattr(self.settings, f"{name}_start_timeout")
             try:
-                running[name] = STARTERS[name](self.root / name, timeout)
+                running[name] = STARTERS[name](self.root / name, timeout, recorded.get(name))
             finally:
-                self._save(running)
+                self._save(running | {k: s for k, s in recorded.items() if k not in running})
         return running
 
     def down(self, names: tuple[str, ...] = SERVICES) -> list[str]:

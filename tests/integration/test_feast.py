@@ -166,11 +166,12 @@ ITEM_IDS = ["i0", "i1", "i2", "i3", f"i{N_ITEMS - 1}", UNKNOWN]
 
 
 def test_redis_connection_string():
-    assert redis_connection_string("redis://127.0.0.1:6390/0") == "127.0.0.1:6390,db=0"
-    assert redis_connection_string("redis://h:1") == "h:1"
+    timeouts = ",socket_timeout=2.0,socket_connect_timeout=2.0"
+    assert redis_connection_string("redis://127.0.0.1:6390/0") == "127.0.0.1:6390,db=0" + timeouts
+    assert redis_connection_string("redis://h:1") == "h:1" + timeouts
     assert (
         redis_connection_string("rediss://me:p%40ss@h:1/2")
-        == "h:1,db=2,username=me,password=p@ss,ssl=true"
+        == "h:1,db=2,username=me,password=p@ss,ssl=true" + timeouts
     )
     assert redis_connection_string("h:1,db=3") == "h:1,db=3"
     with pytest.raises(ValueError, match="redis://"):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import numpy as np
 import pytest
 
-from serving.client import LocalRecommender, TritonRecommender
+from serving.client import AsyncTritonRecommender, LocalRecommender, TritonRecommender
 from serving.state import RedisState
 
 pytestmark = pytest.mark.integration
@@ -130,3 +133,93 @@ def test_sampling_is_reproducible_by_seed_on_triton(triton):
     assert _items(a) == _items(b)
     assert _items(a) != _items(c)
     assert _items(a) != _items(greedy)
+
+
+@pytest.fixture()
+def own_triton(artifacts, serving_config, tmp_path):
+    """A tritonserver of this test's own: killing its stubs leaves the shared one alone."""
+    from serving.triton_export import export_repository
+    from streamrec.stack.servers import start_triton, stop_service
+
+    repository = export_repository(artifacts, tmp_path / "models", serving_config)
+    service = start_triton(tmp_path, timeout=120, repository=repository)
+    yield service
+    stop_service(service)
+
+
+def _kill_stub(server_pid: int, stage: str) -> int:
+    """SIGKILL the Python-backend stub process that runs `stage` (a child of tritonserver)."""
+    import psutil
+
+    script = f"/{stage}/1/model.py"
+    for child in psutil.Process(server_pid).children(recursive=True):
+        try:
+            cmdline = child.cmdline()
+        except psutil.Error:  # gone, or a zombie of an earlier kill
+            continue
+        if any(arg.endswith(script) for arg in cmdline):
+            child.kill()
+            deadline = time.monotonic() + 5
+            while not _dead(child):
+                assert time.monotonic() < deadline, f"stub {child.pid} outlived SIGKILL"
+                time.sleep(0.05)
+            return child.pid
+    raise AssertionError(f"no stub process for {stage}")
+
+
+def _dead(process) -> bool:
+    """Gone, or a zombie that Triton has not reaped."""
+    import psutil
+
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _until_ok(canary, start: float, deadline_s: float = 30.0) -> float:
+    """Run the canary until it passes; seconds since `start`."""
+    while not (result := canary()).ok:
+        assert time.monotonic() - start < deadline_s, result.reason
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
+def test_a_killed_stage_stub_is_seen_by_the_canary_and_healed_within_30_s(own_triton):
+    client = TritonRecommender(own_triton.endpoint)
+    try:
+        assert client.canary().ok
+        _kill_stub(own_triton.pid, "scoring")
+        start = time.monotonic()
+        assert client.client.is_server_ready()  # Triton's own flag does not notice
+        failed = client.canary()
+        assert not failed.ok
+        assert "scoring_0_0" in failed.reason
+        assert failed.suspects == ("scoring",)
+        assert client.heal(failed.suspects) == ["scoring"]
+        seconds = _until_ok(client.canary, start)
+        print(f"sync: scoring back after {seconds:.1f} s")
+        assert seconds <= 30
+        assert client.recommend(_request("196"))["items"]
+    finally:
+        client.close()
+
+    async def async_path() -> float:
+        aclient = AsyncTritonRecommender(own_triton.endpoint)
+        try:
+            await aclient.connect()
+            assert (await aclient.canary()).ok
+            _kill_stub(own_triton.pid, "user_features")
+            start = time.monotonic()
+            failed = await aclient.canary()
+            assert not failed.ok and failed.suspects == ("user_features",)
+            await aclient.heal(failed.suspects)
+            result = await aclient.canary()
+            assert result.ok, result.reason
+            return time.monotonic() - start
+        finally:
+            await aclient.close()
+
+    seconds = asyncio.run(async_path())
+    print(f"async: user_features back after {seconds:.1f} s")
+    assert seconds <= 30

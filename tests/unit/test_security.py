@@ -207,10 +207,11 @@ def test_app_redis_clients_parse_the_url(clean_env):
 
 
 def test_rediss_url_reaches_feasts_connection_string():
-    assert redis_connection_string(TLS_URL) == "host:6380,db=0,password=secret,ssl=true"
+    timeouts = ",socket_timeout=2.0,socket_connect_timeout=2.0"
+    assert redis_connection_string(TLS_URL) == "host:6380,db=0,password=secret,ssl=true" + timeouts
     # percent-encoded characters are decoded for both clients
     url = "rediss://:p%40ss%3Aword@host:6380/2"
-    assert redis_connection_string(url) == "host:6380,db=2,password=p@ss:word,ssl=true"
+    assert redis_connection_string(url) == "host:6380,db=2,password=p@ss:word,ssl=true" + timeouts
     assert redis.Redis.from_url(url).connection_pool.connection_kwargs["password"] == "p@ss:word"
     with pytest.raises(ValueError, match="','"):
         redis_connection_string("rediss://:a%2Cb@host:6380/0")

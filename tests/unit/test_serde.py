@@ -120,3 +120,24 @@ def test_encode_fills_defaults_of_optional_fields(serde):
     }
     decoded = serde.decode(serde.encode(record))
     assert decoded["value"] is None and decoded["context"] == {} and decoded["session_id"] is None
+
+
+def _older_response_schema() -> dict:
+    """The response schema as it was before `backfilled` and `note` existed."""
+    raw = json.loads(schema_text("recommendation_response"))
+    raw["fields"] = [f for f in raw["fields"] if f["name"] not in ("backfilled", "note")]
+    return fastavro.parse_schema(raw)
+
+
+def test_responses_with_and_without_backfill_fields_read_both_ways():
+    old, new = _older_response_schema(), load_schema("recommendation_response")
+    example = EXAMPLES["recommendation_response"]
+    before = {k: v for k, v in example.items() if k not in ("backfilled", "note")}
+    after = example | {"backfilled": 2, "note": "2 of 2 items backfilled from popularity"}
+
+    newer_reader = SingleObjectSerde("responses", new, writers=[old])
+    assert newer_reader.decode(SingleObjectSerde("responses", old).encode(before)) == (
+        before | {"backfilled": 0, "note": None}
+    )
+    older_reader = SingleObjectSerde("responses", old, writers=[new])
+    assert older_reader.decode(SingleObjectSerde("responses", new).encode(after)) == before

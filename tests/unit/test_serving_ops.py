@@ -1,5 +1,6 @@
 """Serving stages that need no servers: graph wiring, filter rules, ordering, requests."""
 
+import json
 import warnings
 
 import numpy as np
@@ -9,9 +10,14 @@ from models.recommender import filter_candidates, order
 from serving.graph import Graph, Operator, Tensor
 from serving.operators import (
     GRAPH,
+    MAX_K,
+    OPERATORS,
+    Filtering,
     Ordering,
+    decode,
     limit_per_genre,
     request_tensors,
+    response_record,
     strings,
     validate_request,
 )
@@ -26,7 +32,9 @@ def test_the_graph_is_wired_and_each_tensor_is_produced_once():
         "scoring",
         "ordering",
     ]
-    assert {"items", "item_scores", "path", "removed", "stats_retrieval"} <= set(GRAPH.response)
+    assert {"items", "item_scores", "backfilled", "path", "removed", "stats_retrieval"} <= set(
+        GRAPH.response
+    )
 
 
 def test_a_graph_reading_an_unproduced_tensor_is_rejected():
@@ -96,6 +104,7 @@ def test_ordering_operator_returns_k_items_with_their_scores():
     out = op(
         {
             "kept": strings(["a", "b", "c"]),
+            "backfill": strings([]),
             "scores": np.array([0.2, 0.9, 0.5], dtype=np.float32),
             "item_genres": np.zeros((3, 2), dtype=np.float32),
             "k": np.array([2], dtype=np.int32),
@@ -106,6 +115,7 @@ def test_ordering_operator_returns_k_items_with_their_scores():
     assert out["items"].tolist() == [b"b", b"c"]
     np.testing.assert_allclose(out["item_scores"], [0.9, 0.5])
     assert out["stats_ordering"][:2].tolist() == [3, 2]
+    assert out["backfilled"].tolist() == [0]
 
 
 def test_ordering_of_no_candidates_is_empty():
@@ -113,6 +123,7 @@ def test_ordering_of_no_candidates_is_empty():
     out = op(
         {
             "kept": strings([]),
+            "backfill": strings([]),
             "scores": np.zeros(0, np.float32),
             "item_genres": np.zeros((0, 2), np.float32),
             "k": np.array([5], np.int32),
@@ -127,7 +138,8 @@ def test_ordering_of_no_candidates_is_empty():
     ("change", "error"),
     [
         ({"k": 0}, "k must be"),
-        ({"k": 5000}, "k must be"),
+        ({"k": 5000}, "k must be between 1 and 1000"),
+        ({"k": MAX_K + 1}, "k must be"),
         ({"user_id": ""}, "user_id"),
         ({"request_id": ""}, "request_id"),
         ({"temperature": -1.0}, "temperature"),
@@ -144,3 +156,140 @@ def test_request_tensors_carry_defaults_for_missing_options():
     t = request_tensors({"request_id": "r", "user_id": "u", "k": 3, "exclude": []}, now_ms=5)
     assert t["exclude"].tolist() == [b""] and t["temperature"][0] < 0 and t["seed"][0] < 0
     assert t["now_ms"].tolist() == [5] and t["k"].dtype == np.int32
+
+
+# --- backfill: filtering picks popular items under the same rules, ordering appends them ------
+
+
+class FakeState:
+    """RedisState's hot-path reads over plain sets; counts the popularity reads."""
+
+    def __init__(self, popular=(), seen=(), unavailable=()):
+        self.ranking, self.seen, self.unavailable = list(popular), set(seen), set(unavailable)
+        self.popular_reads = 0
+
+    def popular(self, n):
+        self.popular_reads += 1
+        return self.ranking[:n]
+
+    def seen_mask(self, user_id, items):
+        return [i in self.seen for i in items]
+
+    def unavailable_mask(self, items):
+        return [i in self.unavailable for i in items]
+
+
+CONFIG = {"redis_url": "redis://127.0.0.1:1/0", "feast_project": "t"}
+CONFIG |= {"temperature": 0.0, "max_per_genre": 0}
+
+
+def _serve(tmp_path, state, candidates, k, exclude=(), fallback=(), catalog=()):
+    """Filtering → (item features, scoring: the candidate scores) → ordering → response."""
+    (tmp_path / "popular.json").write_text(json.dumps(list(fallback)))
+    (tmp_path / "item_ids.json").write_text(json.dumps(list(catalog)))
+    filtering = Filtering(tmp_path, CONFIG)
+    filtering.state = state  # no server: the client never connected
+    request = {"request_id": "r", "user_id": "u", "k": k, "exclude": list(exclude)}
+    tensors = request_tensors(request, now_ms=1)
+    tensors["candidates"] = strings(candidates)
+    tensors["candidate_scores"] = np.linspace(0.9, 0.1, len(candidates)).astype(np.float32)
+    tensors |= filtering(tensors)
+    tensors["scores"] = tensors["kept_scores"]
+    tensors["item_genres"] = np.zeros((len(tensors["kept"]), 2), np.float32)
+    tensors |= Ordering(None, CONFIG)(tensors)
+    outputs = {"path": strings(["personalized"]), **tensors}
+    for op in OPERATORS:
+        outputs.setdefault(op.stats_name(), np.zeros(3, np.float32))
+    return response_record(request, outputs, "v", now_ms=1), tensors
+
+
+def _ids(response):
+    return [i["item_id"] for i in response["items"]]
+
+
+CATALOG = [f"i{n}" for n in range(100)]
+
+
+def test_exclusions_that_remove_every_candidate_are_backfilled_to_k(tmp_path):
+    state = FakeState(popular=CATALOG)
+    response, _ = _serve(tmp_path, state, CATALOG[:20], k=5, exclude=CATALOG[:20])
+    assert response["removed"]["excluded"] == 20
+    assert _ids(response) == CATALOG[20:25]
+    assert response["backfilled"] == 5
+    assert [i["score"] for i in response["items"]] == [0.0] * 5
+    assert response["status"] == "ok" and "5 of 5 items backfilled" in response["note"]
+
+
+def test_k_beyond_the_candidates_is_served_ranked_first_then_backfilled(tmp_path):
+    state = FakeState(popular=list(reversed(CATALOG)))
+    response, _ = _serve(tmp_path, state, ["i1", "i2", "i3"], k=6)
+    assert _ids(response) == ["i1", "i2", "i3", "i99", "i98", "i97"]
+    assert response["backfilled"] == 3
+    assert all(i["score"] > 0 for i in response["items"][:3])
+
+
+def test_backfill_skips_seen_unavailable_excluded_and_listed_items(tmp_path):
+    state = FakeState(
+        popular=["c1", "s1", "u1", "x1", "c2", "p1", "s2", "p2", "p1", "p3"],
+        seen={"s1", "s2", "c2"},
+        unavailable={"u1"},
+    )
+    response, _ = _serve(tmp_path, state, ["c1", "c2", "c3"], k=5, exclude=["x1", "c3"])
+    assert _ids(response) == ["c1", "p1", "p2", "p3"]
+    assert response["removed"] == {"seen": 1, "unavailable": 0, "excluded": 1}
+    assert response["backfilled"] == 3
+    # the catalog minus the filters is smaller than k: a short list that says so
+    assert response["status"] == "ok" and len(response["items"]) == 4
+    assert response["note"].startswith("short list: 4 of 5 items (3 backfilled")
+
+
+def test_backfill_reads_deeper_windows_when_the_top_is_filtered_out(tmp_path):
+    state = FakeState(popular=CATALOG, seen=CATALOG[:90])
+    response, _ = _serve(tmp_path, state, ["i0"], k=5)
+    assert _ids(response) == CATALOG[90:95]
+    assert response["backfilled"] == 5 and state.popular_reads > 1
+
+
+def test_without_a_live_ranking_backfill_uses_the_trained_popular_list(tmp_path):
+    state = FakeState(popular=[], unavailable={"f1"})
+    response, _ = _serve(tmp_path, state, ["a"], k=3, fallback=["a", "f1", "f2", "f3", "f4"])
+    assert _ids(response) == ["a", "f2", "f3"]
+    assert response["backfilled"] == 2
+
+
+def test_a_live_ranking_that_runs_out_continues_with_the_trained_list(tmp_path):
+    state = FakeState(popular=["p1", "p2"])
+    response, _ = _serve(tmp_path, state, [], k=4, fallback=["p2", "f1", "f2", "f3"])
+    assert _ids(response) == ["p1", "p2", "f1", "f2"]
+    assert response["backfilled"] == 4
+
+
+def test_items_nobody_interacted_with_come_last_from_the_trained_catalog(tmp_path):
+    state = FakeState(popular=["p1"], seen={"c1"})
+    response, _ = _serve(
+        tmp_path, state, ["a"], k=4, fallback=["p1"], catalog=["a", "p1", "c1", "c2", "c3"]
+    )
+    assert _ids(response) == ["a", "p1", "c2", "c3"]
+    assert response["backfilled"] == 3
+
+
+def test_no_backfill_when_k_candidates_are_left_and_no_popularity_read(tmp_path):
+    state = FakeState(popular=CATALOG)
+    response, tensors = _serve(tmp_path, state, CATALOG[:10], k=10, exclude=["i50"])
+    assert _ids(response) == CATALOG[:10]
+    assert response["backfilled"] == 0 and response["note"] is None
+    assert state.popular_reads == 0 and decode(tensors["backfill"]) == []
+
+
+def test_backfill_never_pushes_the_list_past_k(tmp_path):
+    state = FakeState(popular=CATALOG)
+    response, _ = _serve(tmp_path, state, CATALOG[:3], k=2)
+    assert _ids(response) == CATALOG[:2] and response["backfilled"] == 0
+
+
+def test_k_up_to_the_maximum_is_valid_and_beyond_it_is_explained():
+    request = {"request_id": "r", "user_id": "u", "k": MAX_K, "temperature": None}
+    assert validate_request(request) is None
+    assert validate_request(request | {"k": MAX_K + 1}) == (
+        f"k must be between 1 and {MAX_K} (the most items one response carries), got {MAX_K + 1}"
+    )

@@ -1,0 +1,51 @@
+"""The fault suite's live system: a whole embedded stack of its own (broker, Valkey,
+tritonserver on the exported ensemble) with a stream worker in the deployment's consumer group
+and topic names. The table of the scenarios' figures is printed at the end of the run.
+"""
+
+from __future__ import annotations
+
+import pytest
+from fault_load import ROWS, Live
+
+from streamrec.config import Settings
+from streamrec.stack import EmbeddedStack
+from streams.workers import Workers
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, base_settings, artifacts):
+    """A fresh stack, the trained model's state and ensemble, and one worker."""
+    from models.feature_load import load_features
+    from serving.client import serving_config
+    from serving.triton_export import export_repository
+    from streams.topics import create_topics
+
+    run = tmp_path_factory.mktemp("faults")
+    settings = Settings(run_dir=run, artifact_dir=artifacts.parent, data_dir=base_settings.data_dir)
+    stack = EmbeddedStack(settings)
+    try:
+        stack.up(("kafka", "redis"))
+        redis_url = stack.endpoint("redis")
+        load_features(artifacts, redis_url, settings.feature_repo(), settings.feast_project)
+        config = serving_config({"redis_url": redis_url, "feast_project": settings.feast_project})
+        export_repository(artifacts, stack.root / "triton" / "models", config)
+        stack.up(("triton",))
+        create_topics(settings, stack.endpoint("kafka"))
+        workers = Workers(settings)
+        workers.start(1)
+        yield Live(settings, stack, workers)
+    finally:
+        Workers(settings).stop_all()
+        stack.down()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not ROWS:
+        return
+    columns = list(ROWS[0])
+    terminalreporter.write_sep("=", "fault suite")
+    widths = {c: max(len(c), *(len(str(r[c])) for r in ROWS)) for c in columns}
+    terminalreporter.write_line(" | ".join(c.ljust(widths[c]) for c in columns))
+    for row in ROWS:
+        terminalreporter.write_line(" | ".join(str(row[c]).ljust(widths[c]) for c in columns))

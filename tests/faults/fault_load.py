@@ -1,0 +1,206 @@
+"""Load for the fault suite: a steady stream of interactions and requests, and what came of it.
+
+Each scenario adds a row to `ROWS`; conftest prints the table at the end of the run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from streamrec.config import Settings
+from streamrec.stack import EmbeddedStack
+from streams.workers import Workers
+
+ROWS: list[dict] = []
+T0 = 893_300_000_000  # ML-100K's last weeks (ms): event times of the generated interactions
+REAL_USERS = ["196", "186", "22", "244", "166", "298", "115", "253"]  # personalized path
+
+
+@dataclass
+class Live:
+    settings: Settings
+    stack: EmbeddedStack
+    workers: Workers
+
+    def state(self):
+        from serving.state import RedisState
+
+        return RedisState(self.stack.endpoint("redis"), prefix=self.settings.feast_project)
+
+    def service_pid(self, name: str) -> int:
+        return self.stack.services()[name].pid
+
+
+@dataclass
+class Load:
+    """Produces interactions and requests at steady rates and records what comes back."""
+
+    live: Live
+    scenario: str
+    events_per_s: int = 100
+    requests_per_s: int = 10
+    users: int = 40
+    items: int = 60
+    sent: list[dict] = field(default_factory=list)  # interactions the broker accepted
+    failed_sends: int = 0
+    requests: dict[str, float] = field(default_factory=dict)  # request id → sent at (monotonic)
+    responses: dict[str, list[tuple[bytes, dict, float]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+
+    def __post_init__(self):
+        from streams.kafka import EventProducer
+
+        bootstrap = self.live.stack.endpoint("kafka")
+        self._producer = EventProducer(self.live.settings, bootstrap)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._n = 0
+        self._threads = [
+            threading.Thread(target=self._produce, daemon=True),
+            threading.Thread(target=self._consume, args=(bootstrap,), daemon=True),
+        ]
+
+    def user(self, n: int) -> str:
+        return f"{self.scenario}-u{n}"
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
+
+    def interaction(self, user: str) -> None:
+        self._n += 1
+        event = {
+            "event_id": uuid.uuid4().hex,
+            "user_id": user,
+            "item_id": f"{self.scenario}-i{self._n % self.items}",
+            "event_type": "view",
+            "value": None,
+            "timestamp_ms": T0 + self._n,
+            "session_id": None,
+            "context": {},
+        }
+
+        def delivered(err, event=event) -> None:
+            with self._lock:
+                if err is None:
+                    self.sent.append(event)
+                else:
+                    self.failed_sends += 1
+
+        self._producer.send("interactions", event, on_delivery=delivered)
+
+    def request(self, user: str) -> None:
+        request_id = uuid.uuid4().hex
+        self.requests[request_id] = time.monotonic()
+        self._producer.send(
+            "requests",
+            {
+                "request_id": request_id,
+                "user_id": user,
+                "k": 10,
+                "exclude": [],
+                "context": {},
+                "temperature": 0.0,
+                "seed": None,
+                "deadline_ms": None,
+                "timestamp_ms": T0 + self._n,
+            },
+        )
+
+    def _produce(self) -> None:
+        tick, n = 0.05, 0
+        per_tick_events = self.events_per_s * tick
+        every_request = max(1, round(1 / (self.requests_per_s * tick)))
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            for _ in range(round(per_tick_events)):
+                self.interaction(self.user(self._n % self.users))
+            if n % every_request == 0:
+                pool = [self.user(n % self.users), REAL_USERS[n % len(REAL_USERS)]]
+                self.request(pool[n // every_request % 2])
+            self._producer.poll(0)
+            n += 1
+            next_at += tick
+            time.sleep(max(0.0, next_at - time.monotonic()))
+        self._producer.flush(120)
+
+    def _consume(self, bootstrap: str) -> None:
+        from confluent_kafka import Consumer
+
+        from streams.kafka import client_config
+        from streams.topics import serde_for, topic_name
+
+        settings = self.live.settings
+        consumer = Consumer(
+            client_config(settings, bootstrap)
+            | {"group.id": f"faults-{uuid.uuid4().hex}", "auto.offset.reset": "latest"}
+        )
+        consumer.subscribe([topic_name(settings, "recommendations")])
+        serde = serde_for(settings, "recommendations")
+        while not self._stop.is_set() or self._draining:
+            msg = consumer.poll(0.2)
+            if msg is None or msg.error():
+                continue
+            response = serde.decode(msg.value())
+            self.responses[response["request_id"]].append((msg.value(), response, time.monotonic()))
+        consumer.close()
+
+    _draining = False
+
+    def settle(self, timeout: float = 90.0) -> None:
+        """Stop producing; wait until every accepted event is applied and every request answered."""
+        self._stop.set()
+        self._draining = True
+        self._threads[0].join(timeout=130)
+        state = self.live.state()
+        expected = self.expected()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            answered = set(self.responses) >= set(self.requests)
+            counts = self.applied(state, list(expected))
+            if answered and all(counts[u] >= n for u, n in expected.items()):
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)  # a moment more, to catch late duplicates and doubled effects
+        self._draining = False
+        self._threads[1].join(timeout=10)
+
+    def expected(self) -> Counter:
+        with self._lock:
+            return Counter(e["user_id"] for e in self.sent)
+
+    @staticmethod
+    def applied(state, users: list[str]) -> dict[str, int]:
+        return {
+            u: (s.event_count if s else 0) for u, s in zip(users, state.users(users), strict=True)
+        }
+
+    def first_ok_after(self, t: float) -> float | None:
+        """When the first request sent after `t` got an `ok` answer."""
+        times = [
+            got[0][2]
+            for rid, got in list(self.responses.items())
+            if rid in self.requests and self.requests[rid] >= t and got[0][1]["status"] == "ok"
+        ]
+        return min(times, default=None)
+
+
+def wait_until(condition, timeout: float, what: str) -> float:
+    """Poll `condition` until it holds; returns the monotonic time it first held."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return time.monotonic()
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

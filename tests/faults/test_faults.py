@@ -1,0 +1,169 @@
+"""Faults injected into the live system while interactions and requests flow.
+
+Each scenario injects one real fault (SIGKILL, SIGSTOP, a restart on the same data) and then
+checks, from the state and the response topic: no accepted event lost or applied twice (user
+state, Feast rows, item popularity), every request answered (error answers are fine during the
+outage; a duplicate answer must be byte-identical), and the system back within 30 s of the fault
+clearing. "Recovery" is the later of: an interaction sent when the fault cleared is applied, and
+a request sent after it is answered `ok`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from fault_load import ROWS, Live, Load, wait_until
+
+from streamrec.stack.process import pid_alive
+
+pytestmark = pytest.mark.faults
+
+RECOVERY_S = 30.0
+
+
+def _kill(pid: int, sig: int = signal.SIGKILL, group: bool = False) -> None:
+    if group:
+        os.killpg(pid, sig)
+    else:
+        os.kill(pid, sig)
+    wait_until(lambda: not pid_alive(pid), 30, f"pid {pid} to exit")
+
+
+def run(live: Live, name: str, inject, **rates) -> dict:
+    """Flow load, inject the fault (which returns when it cleared), measure and check."""
+    with Load(live, name, **rates) as load:
+        state = live.state()
+        wait_until(lambda: len(load.sent) >= 100 and load.responses, 60, "the load to flow")
+        cleared = inject(live)
+        probe = f"{name}-probe"
+        load.interaction(probe)
+        applied = wait_until(
+            lambda: Load.applied(state, [probe])[probe] > 0, 120, "an interaction after the fault"
+        )
+        answered = wait_until(
+            lambda: load.first_ok_after(cleared) is not None, 120, "a request after the fault"
+        )
+        load.settle()
+    row = measure(live, load)
+    row["recovery_s"] = round(max(applied, answered) - cleared, 1)
+    ROWS.append({"scenario": name, **row})
+    assert row["lost"] == 0 and row["doubled"] == 0, row
+    assert row["answered"] == row["requests"], row
+    assert row["recovery_s"] <= RECOVERY_S, row
+    return row
+
+
+def measure(live: Live, load: Load) -> dict:
+    from models.feature_repo import OnlineReader
+
+    state = live.state()
+    expected = load.expected()
+    users = sorted(expected)
+    actual = Load.applied(state, users)
+    reader = OnlineReader(live.stack.endpoint("redis"), project=live.settings.feast_project)
+    feast = [row["event_count"] if row else 0 for row in reader.users(users, "user_activity")]
+    assert feast == [actual[u] for u in users], "Feast rows differ from the users' state"
+    _check_popularity(state, load)
+    lost = sum(max(0, n - actual[u]) for u, n in expected.items())
+    doubled = sum(max(0, actual[u] - n) for u, n in expected.items())
+    answers = {rid: load.responses.get(rid, []) for rid in load.requests}
+    for rid, got in answers.items():
+        assert len({raw for raw, _, _ in got}) <= 1, f"duplicate answers to {rid} differ"
+    return {
+        "events": sum(expected.values()),
+        "applied": sum(min(actual[u], n) for u, n in expected.items()),
+        "lost": lost,
+        "doubled": doubled,
+        "not_accepted": load.failed_sends,
+        "requests": len(answers),
+        "answered": sum(1 for got in answers.values() if got),
+        "duplicated": sum(max(0, len(got) - 1) for got in answers.values()),
+        "errors": sum(1 for got in answers.values() if got and got[0][1]["status"] != "ok"),
+    }
+
+
+def _check_popularity(state, load: Load) -> None:
+    """Each item's popularity is the sum of its accepted events' weights, each counted once."""
+    want: dict[str, float] = {}
+    for e in load.sent:
+        want[e["item_id"]] = want.get(e["item_id"], 0.0) + state.popularity_weight(
+            e["timestamp_ms"]
+        )
+    items = sorted(want)
+    got = state.popularity_scores(items)
+    for item, g in zip(items, got, strict=True):
+        assert g == pytest.approx(want[item], rel=1e-9), f"popularity of {item}"
+
+
+def test_valkey_sigkill_and_restart_on_its_data(live):
+    def inject(live: Live) -> float:
+        _kill(live.service_pid("redis"))
+        time.sleep(3.0)  # the outage
+        live.stack.up(("redis",))  # heals in place: same port, same AOF
+        return time.monotonic()
+
+    run(live, "valkey-kill", inject)
+
+
+def test_valkey_stopped_longer_than_every_client_timeout(live):
+    def inject(live: Live) -> float:
+        pid = live.service_pid("redis")
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(6.0)  # > the 2 s Redis socket timeouts and the 5 s request timeout
+        os.kill(pid, signal.SIGCONT)
+        return time.monotonic()
+
+    run(live, "valkey-stop", inject)
+
+
+def test_tritonserver_sigkill_and_restart(live):
+    def inject(live: Live) -> float:
+        _kill(live.service_pid("triton"), group=True)  # the server and its stage stubs
+        live.stack.up(("triton",))  # same ports, same model repository
+        return time.monotonic()
+
+    run(live, "triton-kill", inject)
+
+
+def test_a_stage_stub_sigkill_is_healed(live):
+    import psutil
+
+    def inject(live: Live) -> float:
+        triton = psutil.Process(live.service_pid("triton"))
+        stub = next(p for p in triton.children() if "scoring" in " ".join(p.cmdline()))
+        stub.kill()
+        return time.monotonic()  # nobody restarts anything: the worker must notice and heal
+
+    run(live, "stage-kill", inject)
+
+
+def test_worker_sigkill_during_interactions(live):
+    def inject(live: Live) -> float:
+        live.workers.kill(live.workers.running()[0])
+        cleared = time.monotonic()
+        live.workers.start(1)
+        return cleared
+
+    run(live, "worker-kill-events", inject, events_per_s=200, requests_per_s=2)
+
+
+def test_worker_sigkill_during_requests(live):
+    def inject(live: Live) -> float:
+        live.workers.kill(live.workers.running()[0])
+        cleared = time.monotonic()
+        live.workers.start(1)
+        return cleared
+
+    run(live, "worker-kill-requests", inject, events_per_s=20, requests_per_s=20)
+
+
+def test_broker_stop_and_start_with_its_data(live):
+    def inject(live: Live) -> float:
+        _kill(live.service_pid("kafka"), signal.SIGTERM)  # saves its data and exits
+        live.stack.up(("kafka",))  # same port, same data directory
+        return time.monotonic()
+
+    run(live, "broker-restart", inject)

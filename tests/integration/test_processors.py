@@ -1,0 +1,280 @@
+"""The stream processors driven directly (no Faust) against the real Valkey fixture.
+
+Only the Triton *client* is replaced, by the in-process graph wrapped in a stub that can be told
+to fail or stall. Users and items are fresh per test, so the shared Valkey keeps its state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import redis
+
+from schemas.serde import make_serde
+from serving.client import LocalRecommender
+from serving.state import RedisState
+from streams.processors import (
+    Answer,
+    Contention,
+    InteractionProcessor,
+    ItemUpdateProcessor,
+    RawEvent,
+    RequestProcessor,
+    ResponseCache,
+)
+from streams.topics import TOPICS
+
+pytestmark = pytest.mark.integration
+
+T0 = 893_300_000_000
+
+
+def serde(role: str):
+    return make_serde(role, TOPICS[role].schema)
+
+
+def raw(role: str, records: list[dict]) -> list[RawEvent]:
+    s = serde(role)
+    return [RawEvent(role, 0, n, b"k", s.encode(r), T0) for n, r in enumerate(records)]
+
+
+def interaction(user: str, item: str, ts: int, event_id: str | None = None) -> dict:
+    return {
+        "event_id": event_id or uuid.uuid4().hex,
+        "user_id": user,
+        "item_id": item,
+        "event_type": "view",
+        "value": None,
+        "timestamp_ms": ts,
+        "session_id": None,
+        "context": {},
+    }
+
+
+def item_update(item: str, available: bool, ts: int, title: str | None = None) -> dict:
+    return {
+        "item_id": item,
+        "available": available,
+        "title": title,
+        "year": 1998 if title else None,
+        "genres": ["Comedy"] if title else [],
+        "attributes": {},
+        "timestamp_ms": ts,
+    }
+
+
+@pytest.fixture(scope="module")
+def interactions(base_settings, artifacts, serving_config):
+    return InteractionProcessor(
+        serde("interactions"),
+        serving_config["redis_url"],
+        base_settings.feature_repo(),
+        artifacts,
+        serving_config["feast_project"],
+    )
+
+
+@pytest.fixture(scope="module")
+def state(serving_config) -> RedisState:
+    return RedisState(serving_config["redis_url"], prefix=serving_config["feast_project"])
+
+
+def test_a_redelivered_batch_and_a_repeated_event_take_effect_once(interactions, state):
+    user = f"dup-{uuid.uuid4().hex[:6]}"
+    events = [interaction(user, str(1 + n), T0 + n) for n in range(5)]
+    batch = raw("interactions", [*events, events[2]])  # one event twice in the batch
+    acked = state.acked()
+    first = interactions.process(batch)
+    again = interactions.process(batch)  # what a worker does after a crash before its commit
+    assert (first.applied, first.duplicates) == (5, 1)
+    assert (again.applied, again.duplicates) == (0, 6)
+    assert state.users([user])[0].event_count == 5
+    assert set(state.seen(user)) == {e["item_id"] for e in events}
+    assert state.acked() - acked == 5  # each event acked once, however often it was run
+
+
+def test_a_batch_that_failed_after_its_transaction_is_projected_and_acked_on_retry(
+    interactions, state, monkeypatch
+):
+    user = f"proj-{uuid.uuid4().hex[:6]}"
+    batch = raw("interactions", [interaction(user, "50", T0), interaction(user, "181", T0 + 1)])
+    acked = state.acked()
+    real_project = InteractionProcessor._project
+
+    def lost_connection(self, fresh):
+        raise redis.ConnectionError("connection lost mid-batch")
+
+    monkeypatch.setattr(InteractionProcessor, "_project", lost_connection)
+    with pytest.raises(redis.ConnectionError):
+        interactions.process(batch)
+    assert state.users([user])[0].event_count == 2  # the transaction went through
+    assert state.acked() == acked  # but nothing is acked before Feast has it
+    monkeypatch.setattr(InteractionProcessor, "_project", real_project)
+    retry = interactions.process(batch)
+    assert (retry.applied, retry.duplicates) == (0, 2)
+    assert interactions.reader.users([user], "user_activity")[0]["event_count"] == 2
+    assert state.acked() - acked == 2
+
+
+def test_a_concurrent_change_of_the_users_state_retries_the_transaction(
+    interactions, state, serving_config, monkeypatch
+):
+    user = f"watch-{uuid.uuid4().hex[:6]}"
+    other = redis.Redis.from_url(serving_config["redis_url"])  # another writer
+    real = InteractionProcessor._transaction
+    calls = []
+
+    def touch_user_key() -> None:  # a write to a WATCHed key makes EXEC fail
+        other.set(state.key("user", user), "changed")
+        other.delete(state.key("user", user))
+
+    def meddle_once(self, pipe, users, good, result):
+        out = real(self, pipe, users, good, result)
+        calls.append(1)
+        if len(calls) == 1:
+            touch_user_key()
+        return out
+
+    monkeypatch.setattr(InteractionProcessor, "_transaction", meddle_once)
+    result = interactions.process(raw("interactions", [interaction(user, "7", T0)]))
+    assert len(calls) == 2 and (result.applied, result.duplicates) == (1, 0)
+    assert state.users([user])[0].event_count == 1
+
+    def meddle_always(self, pipe, users, good, result):
+        out = real(self, pipe, users, good, result)
+        other.set(state.key("user", user), state.client.get(state.key("user", user)))
+        return out
+
+    monkeypatch.setattr(InteractionProcessor, "_transaction", meddle_always)
+    with pytest.raises(Contention):
+        interactions.process(raw("interactions", [interaction(user, "8", T0 + 1)]))
+    assert state.users([user])[0].event_count == 1  # nothing half-applied
+
+
+def test_item_updates_out_of_order_keep_the_newest(serving_config, state):
+    processor = ItemUpdateProcessor(
+        serde("item_updates"), serving_config["redis_url"], serving_config["feast_project"]
+    )
+    item = f"ooo-{uuid.uuid4().hex[:6]}"
+    # In one batch: the older update loses to the newer one.
+    result = processor.process(
+        raw("item_updates", [item_update(item, False, T0 + 2), item_update(item, True, T0 + 1)])
+    )
+    assert result.applied == 1 and state.unavailable_mask([item]) == [True]
+    # Across batches: an older update arriving late is ignored, also for availability alone.
+    late = processor.process(raw("item_updates", [item_update(item, True, T0)]))
+    assert (late.applied, late.duplicates) == (0, 1)
+    assert state.unavailable_mask([item]) == [True]
+    newer = processor.process(raw("item_updates", [item_update(item, True, T0 + 3, "A Film")]))
+    assert newer.applied == 1 and state.unavailable_mask([item]) == [False]
+    assert state.catalog_additions([item])[item]["title"] == "A Film"
+
+
+class StubTriton:
+    """Stands in for AsyncTritonRecommender: the in-process graph, with scripted failures."""
+
+    def __init__(self, local: LocalRecommender, failures: list[Exception] = (), stall_s=0.0):
+        self.local, self.failures, self.stall_s = local, list(failures), stall_s
+        self.version = local.version
+        self.calls = 0
+
+    async def run(self, tensors, timeout=None):
+        self.calls += 1
+        if self.stall_s:
+            await asyncio.sleep(self.stall_s)
+        if self.failures:
+            raise self.failures.pop(0)
+        return self.local.run(tensors)
+
+
+@pytest.fixture(scope="module")
+def local(artifacts, serving_config) -> LocalRecommender:
+    return LocalRecommender(artifacts, serving_config)
+
+
+def request(user: str = "196", **extra) -> dict:
+    return {
+        "request_id": uuid.uuid4().hex,
+        "user_id": user,
+        "k": 5,
+        "exclude": [],
+        "context": {},
+        "temperature": 0.0,
+        "seed": None,
+        "deadline_ms": None,
+        "timestamp_ms": T0,
+    } | extra
+
+
+def answer(processor: RequestProcessor, records: list[dict]) -> list[dict]:
+    out = asyncio.run(processor.handle_batch(raw("requests", records)))
+    assert all(isinstance(o, Answer) for o in out)
+    return [serde("recommendations").decode(o.value) for o in out]
+
+
+def unavailable(message: str):
+    from tritonclient.utils import InferenceServerException
+
+    return InferenceServerException(message, status="StatusCode.UNAVAILABLE")
+
+
+def test_transient_serving_errors_are_retried_within_the_deadline(local):
+    triton = StubTriton(local, [unavailable("stage restarting"), unavailable("still")])
+    processor = RequestProcessor(serde("requests"), serde("recommendations"), triton)
+    [response] = answer(processor, [request()])
+    assert response["status"] == "ok" and len(response["items"]) == 5
+    assert triton.calls == 3
+
+
+def test_a_request_gets_an_error_response_when_retries_are_exhausted(local):
+    from tritonclient.utils import InferenceServerException
+
+    triton = StubTriton(local, [unavailable("down")] * 10)
+    processor = RequestProcessor(serde("requests"), serde("recommendations"), triton, retries=2)
+    [response] = answer(processor, [request()])
+    assert response["status"] == "error" and "serving failed" in response["error"]
+    assert triton.calls == 3
+    bad = StubTriton(
+        local, [InferenceServerException("bad input", status="StatusCode.INVALID_ARGUMENT")]
+    )
+    processor = RequestProcessor(serde("requests"), serde("recommendations"), bad)
+    [response] = answer(processor, [request()])
+    assert response["status"] == "error" and bad.calls == 1  # not transient: no retry
+
+
+def test_deadlines_bound_the_wait_for_a_stalled_server(local):
+    import time
+
+    triton = StubTriton(local, stall_s=5.0)
+    processor = RequestProcessor(serde("requests"), serde("recommendations"), triton)
+    started = time.monotonic()
+    deadline = int(time.time() * 1000) + 300
+    expired = int(time.time() * 1000) - 1
+    stalled, late = answer(processor, [request(deadline_ms=deadline), request(deadline_ms=expired)])
+    assert time.monotonic() - started < 2.0
+    assert stalled["status"] == "error" and "deadline" in stalled["error"]
+    assert late["status"] == "error" and "deadline passed" in late["error"]
+    assert triton.calls == 1  # the expired one never reached the server
+
+
+def test_a_redelivered_request_gets_the_same_bytes_without_serving_again(local, state):
+    triton = StubTriton(local)
+    cache = ResponseCache(state, ttl_s=60)
+    processor = RequestProcessor(serde("requests"), serde("recommendations"), triton, cache)
+    r = request(temperature=1.0)  # sampled: serving it again would give another answer
+    first = asyncio.run(processor.handle_batch(raw("requests", [r])))[0]
+    again = asyncio.run(processor.handle_batch(raw("requests", [r])))[0]
+    assert again.value == first.value and again.response is None
+    assert triton.calls == 1
+    assert 0 < state.client.ttl(state.key("response", r["request_id"])) <= 60
+
+
+def test_undecodable_requests_are_dead_letters_and_the_rest_answered(local):
+    processor = RequestProcessor(serde("requests"), serde("recommendations"), StubTriton(local))
+    events = raw("requests", [request()])
+    events.insert(0, RawEvent("requests", 0, 9, b"k", b"\x00junk", T0))
+    letter, ok = asyncio.run(processor.handle_batch(events))
+    assert isinstance(letter, dict) and letter["offset"] == 9 and letter["error"]
+    assert isinstance(ok, Answer) and ok.response["status"] == "ok"
