@@ -30,6 +30,15 @@ STAGES: tuple[str, ...] = tuple(op.name for op in OPERATORS)  # the ensemble's s
 CANARY_REQUEST: dict[str, Any] = {"user_id": "__canary__", "k": 1, "temperature": 0.0, "seed": 0}
 _DEAD_STUB = re.compile(r"Stub process '(\w+?)_\d+_\d+' is not healthy")
 _RELOAD_KEY = "streamrec_reload"
+# tritonclient's message limits, and reconnection within a second of a restarted server (gRPC's
+# default back-off grows to two minutes).
+_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 @dataclass(frozen=True)
@@ -141,7 +150,7 @@ class AsyncTritonRecommender:
         import tritonclient.grpc.aio as aioclient
 
         self._grpc = aioclient
-        self.client = aioclient.InferenceServerClient(url)
+        self.client = aioclient.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
         self.version = ""
         self._heal_lock = asyncio.Lock()
 

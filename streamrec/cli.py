@@ -772,9 +772,14 @@ def state_check() -> None:
         )
     console.print(table)
     for name, ms in retention_ms(settings, bootstrap).items():
-        left = "kept forever" if ms < 0 else f"{_days(ms - age)} of it left before events the "
-        left += "" if ms < 0 else "snapshot needs may be deleted"
-        console.print(f"{name}: retention.ms {ms} ({'∞' if ms < 0 else _days(ms)}); {left}")
+        if ms < 0:
+            note = "events are kept forever"
+        elif ms > age:
+            note = f"the snapshot is {_days(age)} old: {_days(ms - age)} left"
+        else:
+            note = f"[red]the snapshot is {_days(age)} old[/]: what it needs may go at any time"
+        console.print(f"{name}: retention.ms {ms:,} ({_days(ms) if ms >= 0 else '∞'}); {note}")
+    console.print("[dim](retention.bytes may delete sooner: the offsets above are what counts)[/]")
     try:
         check_retention(record, marks, ranges)
     except RetentionError as e:

@@ -55,6 +55,12 @@ class Settings(BaseSettings):
 
     feast_project: str = Field("streamrec", description="Feast project; also the Redis key prefix")
     worker_group: str = Field("streamrec-workers", description="Consumer group of the workers")
+    worker_instance_id: str | None = Field(
+        None,
+        description="Static group membership (KIP-345): unique per live worker and stable across "
+        "its restarts (a StatefulSet pod name, say); a restarted worker takes its partitions "
+        "back at once instead of waiting for a rebalance",
+    )
     interaction_batch: int = Field(500, ge=1, description="Max events per micro-batch")
     request_concurrency: int = Field(32, ge=1, description="Requests in flight per worker")
     redis_wait_aof: bool = Field(
@@ -63,6 +69,10 @@ class Settings(BaseSettings):
     response_cache_ttl_s: int = Field(
         3600, ge=1, description="How long a response is kept to answer a redelivered request"
     )
+    canary_interval_s: float = Field(
+        2.0, gt=0, description="How often a worker checks the serving path with a real inference"
+    )
+    canary_timeout_s: float = Field(2.0, gt=0, description="Deadline of one canary inference")
     metrics_port: int | None = Field(None, description="Workers' Prometheus port (0 = any)")
     metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds")
 

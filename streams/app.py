@@ -109,6 +109,10 @@ class Runtime:
             s.redis_wait_aof,
         )
 
+    @property
+    def requests_ready(self) -> RequestProcessor | None:
+        return self._requests
+
     async def requests(self) -> RequestProcessor:
         if self._requests is None:
             from serving.client import AsyncTritonRecommender
@@ -149,8 +153,15 @@ def create_app(settings: Settings) -> faust.App:
         topic_allow_declare=False,
         topic_disable_leader=True,
         store="memory://",
+        # Group membership (docs/PRODUCTION.md, "Failures"): static membership lets a
+        # restarted worker take its partitions back at once; the embedded broker never evicts a
+        # dead dynamic member. On Apache Kafka a worker that is not replaced loses its partitions
+        # after the session timeout; a rebalance is bounded by the rebalance timeout.
+        consumer_group_instance_id=settings.worker_instance_id,
         broker_session_timeout=10.0,
         broker_heartbeat_interval=1.0,
+        broker_rebalance_timeout=20.0,
+        broker_max_poll_interval=60.0,
         broker_commit_every=100,
         broker_commit_interval=0.5,
         consumer_auto_offset_reset="earliest",
@@ -237,6 +248,43 @@ def create_app(settings: Settings) -> faust.App:
             for event, o in zip(events, outcomes, strict=True):
                 if isinstance(o, Answer) and o.response is not None:
                     _observe(o.response, event.message.timestamp)
+
+    canary_failures = 0
+
+    @app.timer(interval=settings.canary_interval_s)
+    async def serving_canary():
+        """Judge the serving path by a real inference; reload stages that look dead.
+
+        Triton's ready flag stays up when a stage's stub process dies, so only an inference
+        tells. Two failures in a row that name suspect stages trigger a reload of those stages
+        (the old instances serve until the new ones are up).
+        """
+        nonlocal canary_failures
+        if runtime.requests_ready is None:
+            return
+        triton = runtime.requests_ready.triton
+        result = await triton.canary(timeout=settings.canary_timeout_s)
+        metrics.SERVING_READY.set(1 if result.ok else 0)
+        if result.ok:
+            if canary_failures:
+                log.warning("serving path healthy again (canary %.0f ms)", result.seconds * 1000)
+            canary_failures = 0
+            return
+        canary_failures += 1
+        log.warning(
+            "serving path failed its canary (%d in a row): %s",
+            canary_failures,
+            result.reason.splitlines()[0][:300],
+        )
+        # A stage that answers with its own error (Redis down, say) is alive: reloading it
+        # would not help. A dead stub is named by Triton, or only times out.
+        dead = "not healthy" in result.reason or "DEADLINE_EXCEEDED" in result.reason
+        if canary_failures >= 2 and result.suspects and dead:
+            log.warning("reloading stage(s) %s", ", ".join(result.suspects))
+            try:
+                await triton.heal(result.suspects)
+            except Exception as e:  # noqa: BLE001 - Triton itself may be down; try again later
+                log.warning("reload failed: %s", e)
 
     @app.timer(interval=5.0)
     async def consumer_lag():

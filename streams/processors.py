@@ -324,7 +324,7 @@ class RequestProcessor:
         triton,
         cache: ResponseCache | None = None,
         concurrency: int = 32,
-        retries: int = 3,
+        retries: int = 8,  # transient failures, within the deadline: ~3 s of back-off
         default_timeout_s: float = 5.0,
         max_k: int = MAX_K,
     ):
@@ -393,7 +393,8 @@ class RequestProcessor:
             except (InferenceServerException, ConnectionError, OSError) as e:
                 if not _transient(e) or attempt == self.retries:
                     return error_record(request, f"serving failed: {e}", self.triton.version)
-                await asyncio.sleep(min(0.05 * 2**attempt, max(0.0, deadline - time.monotonic())))
+                pause = min(0.05 * 2**attempt, 0.5, max(0.0, deadline - time.monotonic()))
+                await asyncio.sleep(pause)
             except TimeoutError:
                 break
         return error_record(

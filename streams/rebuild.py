@@ -212,8 +212,8 @@ def read_snapshot(settings: Settings, repo_dir: Path | None = None) -> dict[str,
         record = json.loads(path.read_text())
     except FileNotFoundError:
         raise SnapshotError(
-            f"no snapshot record at {path}: the features were loaded before offsets were "
-            "recorded. Run `streamrec train` to load a snapshot with its offsets."
+            f"no snapshot record at {path}: no snapshot was loaded here with its Kafka "
+            "offsets. Run `streamrec train` to load one (and record its offsets)."
         ) from None
     except (OSError, ValueError) as e:
         raise SnapshotError(f"unreadable snapshot record {path}: {e}") from None

@@ -21,6 +21,7 @@ class Worker:
     pid: int
     log: str
     metrics_port: int
+    slot: int = 0  # its static group membership is `<group>-<slot>`
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
@@ -63,12 +64,17 @@ class Workers:
         self.state_file.write_text(json.dumps([asdict(w) for w in workers], indent=2))
 
     def start(self, n: int = 1, timeout: float = 120.0) -> list[Worker]:
-        """Start `n` more workers and wait until each has built its processors."""
+        """Start `n` more workers and wait until each has built its processors.
+
+        Each takes the lowest free slot, and with it a static group membership: a worker started
+        in place of a dead one takes over the dead one's partitions at once.
+        """
         env = worker_env(self.settings)
         workers = self.running()
         for _ in range(n):
+            slot = min(set(range(len(workers) + 1)) - {w.slot for w in workers})
             port = free_port()
-            log = self.root / f"{self.settings.worker_group}-{len(workers)}-{port}.log"
+            log = self.root / f"{self.settings.worker_group}-{slot}-{port}.log"
             cmd = [
                 sys.executable,
                 "-m",
@@ -80,15 +86,19 @@ class Workers:
                 "--loglevel",
                 "info",
             ]
+            env_w = env | {
+                "STREAMREC_METRICS_PORT": str(port),
+                "STREAMREC_WORKER_INSTANCE_ID": f"{self.settings.worker_group}-{slot}",
+            }
             # cwd: Faust keeps its data directory in the working directory
-            pid = spawn(cmd, log, env=env | {"STREAMREC_METRICS_PORT": str(port)}, cwd=self.root)
+            pid = spawn(cmd, log, env=env_w, cwd=self.root)
             try:
                 wait_ready(
                     "stream worker", pid, lambda log=log: READY in log.read_text(), timeout, log
                 )
             except StartupError as e:
                 raise StartupError(_failure(log) or str(e)) from None
-            workers.append(Worker(pid, str(log), port))
+            workers.append(Worker(pid, str(log), port, slot))
             self._save(workers)
         return workers
 

@@ -56,7 +56,8 @@ class Load:
         from streams.kafka import EventProducer
 
         bootstrap = self.live.stack.endpoint("kafka")
-        self._producer = EventProducer(self.live.settings, bootstrap)
+        self._new_producer = lambda: EventProducer(self.live.settings, bootstrap)
+        self._producer = self._new_producer()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._n = 0
@@ -98,12 +99,18 @@ class Load:
                 else:
                     self.failed_sends += 1
 
-        self._producer.send("interactions", event, on_delivery=delivered)
+        self._send("interactions", event, delivered)
 
     def request(self, user: str) -> None:
-        request_id = uuid.uuid4().hex
-        self.requests[request_id] = time.monotonic()
-        self._producer.send(
+        request_id, sent_at = uuid.uuid4().hex, time.monotonic()
+
+        def delivered(err) -> None:
+            if err is None:
+                self.requests[request_id] = sent_at
+            else:
+                self.failed_sends += 1
+
+        self._send(
             "requests",
             {
                 "request_id": request_id,
@@ -116,7 +123,23 @@ class Load:
                 "deadline_ms": None,
                 "timestamp_ms": T0 + self._n,
             },
+            delivered,
         )
+
+    def _send(self, role: str, record: dict, on_delivery=None) -> None:
+        """Produce as a user's service would: an idempotent producer that hits a fatal error
+        (the embedded broker forgets producer sequence numbers when it restarts) is replaced,
+        and what it had not delivered counts as not accepted."""
+        from confluent_kafka import KafkaException
+
+        try:
+            self._producer.send(role, record, on_delivery=on_delivery)
+        except KafkaException as e:
+            if not e.args[0].fatal():
+                raise
+            old, self._producer = self._producer, self._new_producer()
+            old.poll(1.0)  # its undelivered messages report their failure
+            self._producer.send(role, record, on_delivery=on_delivery)
 
     def _produce(self) -> None:
         tick, n = 0.05, 0
@@ -136,17 +159,24 @@ class Load:
         self._producer.flush(120)
 
     def _consume(self, bootstrap: str) -> None:
-        from confluent_kafka import Consumer
+        """Read every response from the topic's end at the start, once: assigned partitions and
+        positions kept in memory (a group would re-read or skip around a broker restart)."""
+        from confluent_kafka import Consumer, TopicPartition
 
         from streams.kafka import client_config
         from streams.topics import serde_for, topic_name
 
         settings = self.live.settings
+        topic = topic_name(settings, "recommendations")
         consumer = Consumer(
             client_config(settings, bootstrap)
-            | {"group.id": f"faults-{uuid.uuid4().hex}", "auto.offset.reset": "latest"}
+            | {"group.id": "unused", "enable.auto.commit": False, "auto.offset.reset": "error"}
         )
-        consumer.subscribe([topic_name(settings, "recommendations")])
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        ends = [consumer.get_watermark_offsets(TopicPartition(topic, p))[1] for p in partitions]
+        consumer.assign(
+            [TopicPartition(topic, p, end) for p, end in zip(partitions, ends, strict=True)]
+        )
         serde = serde_for(settings, "recommendations")
         while not self._stop.is_set() or self._draining:
             msg = consumer.poll(0.2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections import Counter
 
 import pytest
 from fault_load import ROWS, Live, Load, wait_until
@@ -72,6 +73,10 @@ def measure(live: Live, load: Load) -> dict:
     answers = {rid: load.responses.get(rid, []) for rid in load.requests}
     for rid, got in answers.items():
         assert len({raw for raw, _, _ in got}) <= 1, f"duplicate answers to {rid} differ"
+    reasons = Counter(
+        got[0][1]["error"][:80] for got in answers.values() if got and got[0][1]["status"] != "ok"
+    )
+    print(f"error answers: {dict(reasons.most_common(5))}")  # shown when a scenario fails
     return {
         "events": sum(expected.values()),
         "applied": sum(min(actual[u], n) for u, n in expected.items()),

@@ -290,6 +290,11 @@ def test_rebuild_after_a_flush_restores_the_state_from_before(env, artifacts):
     assert new_item.encode() in before_loss["keys"][f"{PROJECT}:catalog"]
     assert before_loss["feast"]["user_activity"][all_users.index(users[-1])] is not None
 
+    checked = CliRunner().invoke(app, ["state", "check"])
+    assert checked.exit_code == 0, checked.output
+    assert "all 607 events since the snapshot are retained" in checked.output, checked.output
+    assert "retention.ms 604,800,000 (7.0 d)" in checked.output, checked.output
+
     redis.Redis.from_url(settings.redis_url).flushall()
     started = time.monotonic()
     result = CliRunner().invoke(app, ["state", "rebuild"])
@@ -348,6 +353,7 @@ def test_rebuild_after_a_flush_restores_the_state_from_before(env, artifacts):
     assert twice["keys"].pop(f"{PROJECT}:popular") == popular_after
     assert twice["keys"] == after["keys"]
     assert_close(after["feast"], twice["feast"], "feast", rel=1e-6)
+    print(checked.output)
     print(f"{len(after['keys'])} streamrec keys, {after['feast_keys']} Feast rows compared")
     print(f"rebuild: 607 events replayed onto the snapshot in {seconds:.1f} s\n{out}")
 
