@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     )
     interaction_batch: int = Field(500, ge=1, description="Max events per micro-batch")
     request_concurrency: int = Field(32, ge=1, description="Requests in flight per worker")
+    kafka_transactions: bool = Field(
+        True,
+        description="Publish responses and commit their requests' offsets in one Kafka "
+        "transaction (exactly one visible response per request); off for a broker without "
+        "transactions: at-least-once, with byte-identical duplicates",
+    )
     redis_wait_aof: bool = Field(
         True, description="Commit offsets only after Redis fsynced the effects (WAITAOF)"
     )

@@ -21,6 +21,7 @@ from functools import cached_property
 from typing import NoReturn
 
 import faust
+from aiokafka.errors import ProducerFenced
 
 from schemas.serde import Serde
 from serving.state import RedisState
@@ -28,6 +29,7 @@ from streamrec.config import Settings, get_settings
 from streamrec.stack import EmbeddedStack, StackNotRunning
 from streams import metrics
 from streams.durable import Guard, until_sent
+from streams.kafka import TransactionalPublisher, faust_broker_settings
 from streams.processors import (
     Answer,
     BatchResult,
@@ -109,6 +111,14 @@ class Runtime:
             s.redis_wait_aof,
         )
 
+    @cached_property
+    def transactions(self) -> TransactionalPublisher | None:
+        """Where responses are published with their requests' offsets (None: no transactions)."""
+        if not self.settings.kafka_transactions:
+            return None
+        name = self.settings.worker_instance_id or f"{self.settings.worker_group}-{os.getpid()}"
+        return TransactionalPublisher(self.settings, self.stack.endpoint("kafka"), name)
+
     @property
     def requests_ready(self) -> RequestProcessor | None:
         return self._requests
@@ -139,8 +149,6 @@ def _raw(event) -> RawEvent:
 
 
 def create_app(settings: Settings) -> faust.App:
-    from streams.kafka import faust_broker_settings
-
     bootstrap = EmbeddedStack(settings).endpoint("kafka")
     runtime = Runtime(settings)
     runtime.check()
@@ -197,6 +205,23 @@ def create_app(settings: Settings) -> faust.App:
         if letters:
             metrics.DEAD_LETTERS.labels(processor).inc(len(letters))
 
+    async def publish_atomically(answers, letters: list[dict], events) -> None:
+        """Responses, dead letters and the requests' offsets in one transaction."""
+        offsets: dict[tuple[str, int], int] = {}
+        for e in events:
+            tp = (e.message.topic, e.message.partition)
+            offsets[tp] = max(offsets.get(tp, 0), e.message.offset + 1)
+        messages = {
+            "recommendations": answers,
+            "dead_letter": [(d["key"], serdes["dead_letter"].encode(d)) for d in letters],
+        }
+        try:
+            await until_sent(lambda: runtime.transactions.publish(messages, offsets), "requests")
+        except ProducerFenced:
+            log.error("another worker took over this worker's transactional id; exiting")
+            os._exit(3)
+        metrics.DEAD_LETTERS.labels("requests").inc(len(letters))
+
     async def ack(stream, events) -> None:
         for event in events:
             await stream.ack(event)
@@ -241,9 +266,13 @@ def create_app(settings: Settings) -> faust.App:
                 processor.handle_batch, [_raw(e) for e in events], lambda letter: [letter]
             )
             outcomes = [o for r in results for o in r]  # one per event, in order
-            answers = [o for o in outcomes if isinstance(o, Answer)]
-            await publish("recommendations", [(a.key, a.value) for a in answers])
-            await dead_letters([o for o in outcomes if isinstance(o, dict)], processor.name)
+            answers = [(o.key, o.value) for o in outcomes if isinstance(o, Answer)]
+            letters = [o for o in outcomes if isinstance(o, dict)]
+            if runtime.transactions is None:
+                await publish("recommendations", answers)
+                await dead_letters(letters, processor.name)
+            else:
+                await publish_atomically(answers, letters, events)
             await ack(stream, events)
             for event, o in zip(events, outcomes, strict=True):
                 if isinstance(o, Answer) and o.response is not None:

@@ -34,11 +34,13 @@ R = TypeVar("R")
 def transient(error: BaseException) -> bool:
     """Whether an error says that a dependency is unavailable, rather than that the work is bad."""
     import redis
-    from aiokafka.errors import KafkaError
+    from aiokafka.errors import KafkaError, ProducerFenced
 
     from serving.state import NotDurable
     from streams.processors import Contention
 
+    if isinstance(error, ProducerFenced):  # a newer worker holds our transactional id
+        return False
     return isinstance(
         error,
         redis.ConnectionError  # includes BusyLoadingError (a restarted server reading its AOF)

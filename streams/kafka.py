@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,34 +32,103 @@ def client_config(settings: Settings, bootstrap: str) -> dict[str, Any]:
     return conf
 
 
+def _ssl_context(settings: Settings):
+    sec = settings.kafka_security
+    if not sec.protocol.endswith("SSL"):
+        return None
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(sec.ssl_cafile) if sec.ssl_cafile else None)
+    if sec.ssl_certfile:
+        context.load_cert_chain(
+            str(sec.ssl_certfile), str(sec.ssl_keyfile) if sec.ssl_keyfile else None
+        )
+    return context
+
+
 def faust_broker_settings(settings: Settings) -> dict[str, Any]:
-    """The same security settings in Faust's (aiokafka's) terms."""
+    """The same security settings in Faust's terms."""
     import faust
 
     sec = settings.kafka_security
     if sec.protocol == "PLAINTEXT":
         return {}
-    ssl_context = None
-    if sec.protocol.endswith("SSL"):
-        import ssl
-
-        ssl_context = ssl.create_default_context(
-            cafile=str(sec.ssl_cafile) if sec.ssl_cafile else None
-        )
-        if sec.ssl_certfile:
-            ssl_context.load_cert_chain(
-                str(sec.ssl_certfile), str(sec.ssl_keyfile) if sec.ssl_keyfile else None
-            )
     if sec.protocol.startswith("SASL"):
         credentials = faust.SASLCredentials(
             username=sec.sasl_username,
             password=sec.sasl_password,
             mechanism=sec.sasl_mechanism or "PLAIN",
-            ssl_context=ssl_context,
+            ssl_context=_ssl_context(settings),
         )
     else:
-        credentials = faust.SSLCredentials(ssl_context)
+        credentials = faust.SSLCredentials(_ssl_context(settings))
     return {"broker_credentials": credentials}
+
+
+def aiokafka_settings(settings: Settings) -> dict[str, Any]:
+    """The same security settings in aiokafka's terms."""
+    sec = settings.kafka_security
+    conf: dict[str, Any] = {
+        "security_protocol": sec.protocol,
+        "ssl_context": _ssl_context(settings),
+    }
+    if sec.protocol.startswith("SASL"):
+        conf |= {
+            "sasl_mechanism": sec.sasl_mechanism or "PLAIN",
+            "sasl_plain_username": sec.sasl_username,
+            "sasl_plain_password": sec.sasl_password,
+        }
+    return conf
+
+
+class TransactionalPublisher:
+    """Publishes a batch's output and commits its input offsets in one Kafka transaction:
+    a consumer reading committed data (librdkafka's default) sees each output once, whatever
+    crashes. `transactional_id` should be stable per worker (its static membership id): a
+    restarted worker then fences its dead predecessor and aborts its open transaction at once.
+    """
+
+    def __init__(self, settings: Settings, bootstrap: str, transactional_id: str):
+        from aiokafka import AIOKafkaProducer
+
+        self.settings = settings
+        self.group = settings.worker_group
+        self._new = lambda: AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            transactional_id=transactional_id,
+            transaction_timeout_ms=10_000,  # bounds how long a dead worker's open one blocks
+            **aiokafka_settings(settings),
+        )
+        self._producer = self._new()
+        self._started = False
+
+    async def publish(
+        self,
+        messages: dict[str, list[tuple[bytes | None, bytes]]],
+        offsets: dict[tuple[str, int], int],
+    ) -> None:
+        """{role: [(key, value)]} and {(topic, partition): next offset to read}, atomically."""
+        from aiokafka import TopicPartition
+
+        try:
+            if not self._started:
+                await self._producer.start()
+                self._started = True
+            async with self._producer.transaction():
+                for role, batch in messages.items():
+                    for key, value in batch:
+                        await self._producer.send(topic_name(self.settings, role), value, key=key)
+                commits = {TopicPartition(t, p): o for (t, p), o in offsets.items()}
+                await self._producer.send_offsets_to_transaction(commits, self.group)
+        except Exception:
+            # The next try starts a new producer: its InitProducerId aborts what this one left.
+            await self.close()
+            self._producer, self._started = self._new(), False
+            raise
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._producer.stop()
 
 
 class EventProducer:
