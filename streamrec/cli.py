@@ -73,7 +73,10 @@ def _names(services: list[str] | None) -> tuple[str, ...]:
 
 @stack_app.command("up")
 def stack_up(services: ServiceNames = None) -> None:
-    """Start the embedded services on free 127.0.0.1 ports; they run until `stack down`."""
+    """Start the embedded services on free 127.0.0.1 ports; they run until `stack down`.
+
+    A service that died is started again on its own port with its data (Valkey's AOF, the
+    broker's log, Triton's model repository), so workers and Feast find it where it was."""
     stack = _stack()
     try:
         with console.status("starting") as status:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -116,7 +117,10 @@ class Runtime:
         """Where responses are published with their requests' offsets (None: no transactions)."""
         if not self.settings.kafka_transactions:
             return None
-        name = self.settings.worker_instance_id or f"{self.settings.worker_group}-{os.getpid()}"
+        # Without a static membership id, one unique to this process: nothing to fence, and a
+        # dead worker's open transaction is aborted by its timeout (10 s).
+        unique = f"{self.settings.worker_group}-{socket.gethostname()}-{os.getpid()}"
+        name = self.settings.worker_instance_id or unique
         return TransactionalPublisher(self.settings, self.stack.endpoint("kafka"), name)
 
     @property

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from streamrec.stack.process import free_port, port_open, spawn, stop, wait_ready
+from streamrec.stack.process import StartupError, free_port, port_open, spawn, stop, wait_ready
 
 HOST = "127.0.0.1"
 
@@ -53,7 +53,7 @@ def _reuse(previous: Service | None, endpoint: str | None = None) -> int:
         return free_port()
     port = _port(endpoint or previous.endpoint)
     if port_open(HOST, port):
-        raise RuntimeError(
+        raise StartupError(
             f"cannot restart {previous.name} on its port {port}: something else listens there "
             "(run `streamrec stack down` and `streamrec stack up` to start afresh)"
         )

@@ -130,12 +130,12 @@ class Load:
         """Produce as a user's service would: an idempotent producer that hits a fatal error
         (the embedded broker forgets producer sequence numbers when it restarts) is replaced,
         and what it had not delivered counts as not accepted."""
-        from confluent_kafka import KafkaException
+        from confluent_kafka import KafkaError, KafkaException
 
         try:
             self._producer.send(role, record, on_delivery=on_delivery)
         except KafkaException as e:
-            if not e.args[0].fatal():
+            if not (e.args[0].fatal() or e.args[0].code() == KafkaError._FATAL):
                 raise
             old, self._producer = self._producer, self._new_producer()
             old.poll(1.0)  # its undelivered messages report their failure

@@ -69,3 +69,24 @@ def test_external_endpoints_are_used_and_nothing_is_started(base_settings, tmp_p
     started = stack.up(("kafka",))
     assert started == {}
     assert stack.endpoint("kafka") == "kafka.example:9092"
+
+
+def test_a_dead_service_is_healed_on_its_port_with_its_data(base_settings, tmp_path):
+    import os
+    import signal
+
+    from streamrec.stack import EmbeddedStack
+
+    stack = EmbeddedStack(base_settings.model_copy(update={"run_dir": tmp_path / "run"}))
+    try:
+        before = stack.up(("redis",))["redis"]
+        client = redis.Redis.from_url(before.endpoint)
+        client.set("streamrec:kept", "yes")
+        client.execute_command("WAITAOF", 1, 0, 1000)  # on disk, as the workers make sure
+        os.kill(before.pid, signal.SIGKILL)
+        assert {s["service"]: s["state"] for s in stack.status()}["redis"] == "dead"
+        after = stack.up(("redis",))["redis"]
+        assert after.pid != before.pid and after.endpoint == before.endpoint
+        assert redis.Redis.from_url(after.endpoint).get("streamrec:kept") == b"yes"
+    finally:
+        stack.down()
