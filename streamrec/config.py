@@ -63,17 +63,21 @@ class Settings(BaseSettings):
     )
     interaction_batch: int = Field(500, ge=1, description="Max events per micro-batch")
     request_concurrency: int = Field(32, ge=1, description="Requests in flight per worker")
-    kafka_transactions: bool = Field(
-        True,
+    kafka_transactions: bool | None = Field(
+        None,
         description="Publish responses and commit their requests' offsets in one Kafka "
-        "transaction (exactly one visible response per request); off for a broker without "
-        "transactions: at-least-once, with byte-identical duplicates",
+        "transaction (exactly one visible response per request); off: at-least-once, with "
+        "byte-identical duplicates. Unset: on for an external broker, off for the embedded one "
+        "(it loses open transactions when it restarts)",
     )
     redis_wait_aof: bool = Field(
         True, description="Commit offsets only after Redis fsynced the effects (WAITAOF)"
     )
     response_cache_ttl_s: int = Field(
-        3600, ge=1, description="How long a response is kept to answer a redelivered request"
+        3600,
+        ge=1,
+        description="Without Kafka transactions: how long a response is kept to answer a "
+        "redelivered request with the same bytes",
     )
     canary_interval_s: float = Field(
         2.0, gt=0, description="How often a worker checks the serving path with a real inference"
@@ -90,6 +94,12 @@ class Settings(BaseSettings):
     kafka_start_timeout: float = 30.0
     redis_start_timeout: float = 15.0
     triton_start_timeout: float = 90.0
+
+    def transactions(self) -> bool:
+        """Whether responses are published in Kafka transactions (see `kafka_transactions`)."""
+        if self.kafka_transactions is not None:
+            return self.kafka_transactions
+        return self.kafka_bootstrap is not None
 
     def feature_repo(self) -> Path:
         """The Feast repository of this deployment (its Redis and project)."""

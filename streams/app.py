@@ -5,8 +5,10 @@ An event's offset is acked, and so committed, only after its effects are durable
 fsynced by Redis, its dead letter or response acknowledged by the broker); `streams.durable`
 retries through dependency outages and dead-letters poison events. Every effect is idempotent
 (event ids for interactions, newest-wins for item updates), so a worker killed mid-batch resumes
-from the committed offsets without lost or doubled effects. Requests are answered at least once;
-a redelivered request gets the same bytes as its first answer (consumers drop it by request id).
+from the committed offsets without lost or doubled effects. A batch's responses are published in
+one Kafka transaction with its requests' offsets: exactly one visible response per request (with
+transactions off, as on the embedded broker, at least one, and a duplicate has the first
+answer's bytes).
 """
 
 from __future__ import annotations
@@ -77,7 +79,10 @@ class Runtime:
             state.client.ping()
             state.wait_durable()
         except Exception as e:
-            raise ConnectionError(f"Redis at {self.redis_url}: {e}") from e
+            hint = " (needs appendonly yes, or STREAMREC_REDIS_WAIT_AOF=false)" * (
+                "appendonly" in str(e)
+            )
+            raise ConnectionError(f"Redis at {self.redis_url}: {e}{hint}") from e
 
     def build(self) -> None:
         """Build the processors (Feast and ONNX imports take seconds)."""
@@ -115,7 +120,7 @@ class Runtime:
     @cached_property
     def transactions(self) -> TransactionalPublisher | None:
         """Where responses are published with their requests' offsets (None: no transactions)."""
-        if not self.settings.kafka_transactions:
+        if not self.settings.transactions():
             return None
         # Without a static membership id, one unique to this process: nothing to fence, and a
         # dead worker's open transaction is aborted by its timeout (10 s).
@@ -136,7 +141,11 @@ class Runtime:
                 await triton.connect()
             except Exception as e:
                 raise ConnectionError(f"Triton at {self.stack.endpoint('triton')}: {e}") from e
-            cache = ResponseCache(self._state(), self.settings.response_cache_ttl_s)
+            # Within transactions a redelivered request's first answer was never visible: serving
+            # it again is right, and nothing needs caching.
+            cache = None
+            if not self.settings.transactions():
+                cache = ResponseCache(self._state(), self.settings.response_cache_ttl_s)
             self._requests = RequestProcessor(
                 self.serdes["requests"],
                 self.serdes["recommendations"],

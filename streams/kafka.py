@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
@@ -115,9 +116,13 @@ class TransactionalPublisher:
                 await self._producer.start()
                 self._started = True
             async with self._producer.transaction():
-                for role, batch in messages.items():
-                    for key, value in batch:
-                        await self._producer.send(topic_name(self.settings, role), value, key=key)
+                sent = [
+                    await self._producer.send(topic_name(self.settings, role), value, key=key)
+                    for role, batch in messages.items()
+                    for key, value in batch
+                ]
+                # Every message acknowledged before the commit: a failed one aborts the lot.
+                await asyncio.gather(*sent)
                 commits = {TopicPartition(t, p): o for (t, p), o in offsets.items()}
                 await self._producer.send_offsets_to_transaction(commits, self.group)
         except Exception:

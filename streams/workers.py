@@ -25,25 +25,23 @@ class Worker:
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
-    """The worker's environment: every endpoint resolved, so it reads no stack state."""
+    """The worker's environment: all of its settings, every endpoint and path resolved (so it
+    reads no stack state)."""
     stack = EmbeddedStack(settings)
-    env = dict(os.environ)
-    env.update(
-        {
-            "STREAMREC_KAFKA_BOOTSTRAP": stack.endpoint("kafka"),
-            "STREAMREC_REDIS_URL": stack.endpoint("redis"),
-            "STREAMREC_TRITON_URL": stack.endpoint("triton"),
-            "STREAMREC_RUN_DIR": str(settings.run_dir.resolve()),
-            "STREAMREC_ARTIFACT_DIR": str(settings.artifact_dir.resolve()),
-            "STREAMREC_PARTITIONS": str(settings.partitions),
-            "STREAMREC_FEAST_PROJECT": settings.feast_project,
-            "STREAMREC_WORKER_GROUP": settings.worker_group,
-            "TF_CPP_MIN_LOG_LEVEL": "2",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    for role, name in settings.topics.model_dump().items():
-        env[f"STREAMREC_TOPICS__{role.upper()}"] = name
+    values = settings.model_dump(exclude_none=True) | {
+        "kafka_bootstrap": stack.endpoint("kafka"),
+        "redis_url": stack.endpoint("redis"),
+        "triton_url": stack.endpoint("triton"),
+        "kafka_transactions": settings.transactions(),  # decided before the broker is resolved
+        **{d: getattr(settings, d).resolve() for d in ("run_dir", "artifact_dir", "data_dir")},
+    }
+    env = dict(os.environ) | {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    for name, value in values.items():
+        if isinstance(value, dict):  # nested: STREAMREC_TOPICS__REQUESTS, ...
+            nested = {f"STREAMREC_{name}__{k}".upper(): v for k, v in value.items()}
+            env.update({k: str(v) for k, v in nested.items() if v is not None})
+        else:
+            env[f"STREAMREC_{name}".upper()] = str(value)
     return env
 
 

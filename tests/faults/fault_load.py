@@ -5,6 +5,7 @@ Each scenario adds a row to `ROWS`; conftest prints the table at the end of the 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -127,19 +128,23 @@ class Load:
         )
 
     def _send(self, role: str, record: dict, on_delivery=None) -> None:
+        self._with_producer(lambda p: p.send(role, record, on_delivery=on_delivery))
+
+    def _with_producer(self, action) -> None:
         """Produce as a user's service would: an idempotent producer that hits a fatal error
         (the embedded broker forgets producer sequence numbers when it restarts) is replaced,
         and what it had not delivered counts as not accepted."""
         from confluent_kafka import KafkaError, KafkaException
 
         try:
-            self._producer.send(role, record, on_delivery=on_delivery)
+            action(self._producer)
         except KafkaException as e:
             if not (e.args[0].fatal() or e.args[0].code() == KafkaError._FATAL):
                 raise
             old, self._producer = self._producer, self._new_producer()
-            old.poll(1.0)  # its undelivered messages report their failure
-            self._producer.send(role, record, on_delivery=on_delivery)
+            with contextlib.suppress(KafkaException):
+                old.poll(1.0)  # its undelivered messages report their failure
+            action(self._producer)
 
     def _produce(self) -> None:
         tick, n = 0.05, 0
@@ -152,11 +157,12 @@ class Load:
             if n % every_request == 0:
                 pool = [self.user(n % self.users), REAL_USERS[n % len(REAL_USERS)]]
                 self.request(pool[n // every_request % 2])
-            self._producer.poll(0)
+            self._with_producer(lambda p: p.poll(0))
             n += 1
             next_at += tick
             time.sleep(max(0.0, next_at - time.monotonic()))
-        self._producer.flush(120)
+        with contextlib.suppress(RuntimeError):  # failed deliveries are counted already
+            self._producer.flush(120)
 
     def _consume(self, bootstrap: str) -> None:
         """Read every response from the topic's end at the start, once: assigned partitions and

@@ -74,6 +74,7 @@ def test_external_endpoints_are_used_and_nothing_is_started(base_settings, tmp_p
 def test_a_dead_service_is_healed_on_its_port_with_its_data(base_settings, tmp_path):
     import os
     import signal
+    import time
 
     from streamrec.stack import EmbeddedStack
 
@@ -84,6 +85,9 @@ def test_a_dead_service_is_healed_on_its_port_with_its_data(base_settings, tmp_p
         client.set("streamrec:kept", "yes")
         client.execute_command("WAITAOF", 1, 0, 1000)  # on disk, as the workers make sure
         os.kill(before.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pid_alive(before.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert {s["service"]: s["state"] for s in stack.status()}["redis"] == "dead"
         after = stack.up(("redis",))["redis"]
         assert after.pid != before.pid and after.endpoint == before.endpoint

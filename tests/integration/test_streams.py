@@ -309,3 +309,23 @@ def _responses_metric(port: int) -> float:
         for line in text.splitlines()
         if line.startswith("streamrec_responses_total{")
     )
+
+
+def test_a_worker_that_cannot_start_says_why_at_once(
+    base_settings, kafka, redis_url, triton_url, artifacts, serving_config, tmp_path
+):
+    from streamrec.stack.process import StartupError
+
+    settings = _settings(base_settings, kafka, redis_url, triton_url, artifacts)
+    cases = {
+        "no Feast repository at": {"run_dir": tmp_path / "empty-run"},
+        "Redis at redis://127.0.0.1:1/0": {"redis_url": "redis://127.0.0.1:1/0"},
+        "no trained artifacts under": {"artifact_dir": tmp_path / "no-artifacts"},
+    }
+    for reason, update in cases.items():
+        started = time.monotonic()
+        with pytest.raises(StartupError, match="stream worker failed to start: ") as failed:
+            Workers(settings.model_copy(update=update)).start(1, timeout=120)
+        assert reason in str(failed.value)
+        assert "Traceback" not in str(failed.value)
+        assert time.monotonic() - started < 30  # not the 120 s start-up timeout
