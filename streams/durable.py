@@ -29,6 +29,9 @@ from streams.processors import RawEvent, dead_letter
 
 log = logging.getLogger("streamrec.workers")
 R = TypeVar("R")
+# Error replies of a Redis that is alive but cannot take writes now (out of memory, a failed
+# AOF or RDB write, no replicas, a cluster failover): the work is fine, the server is not.
+_REDIS_BUSY = {"OOM", "MISCONF", "NOREPLICAS", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING"}
 
 
 def transient(error: BaseException) -> bool:
@@ -41,6 +44,8 @@ def transient(error: BaseException) -> bool:
 
     if isinstance(error, ProducerFenced):  # a newer worker holds our transactional id
         return False
+    if isinstance(error, redis.ResponseError) and str(error).split(" ", 1)[0] in _REDIS_BUSY:
+        return True
     return isinstance(
         error,
         redis.ConnectionError  # includes BusyLoadingError (a restarted server reading its AOF)

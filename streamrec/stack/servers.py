@@ -16,7 +16,15 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from streamrec.stack.process import StartupError, free_port, port_open, spawn, stop, wait_ready
+from streamrec.stack.process import (
+    StartupError,
+    free_port,
+    free_ports,
+    port_open,
+    spawn,
+    stop,
+    wait_ready,
+)
 
 HOST = "127.0.0.1"
 
@@ -215,8 +223,12 @@ def start_triton(
     repository.mkdir(parents=True, exist_ok=True)
     if not any(repository.iterdir()):
         write_ping_model(repository)
-    http, metrics = (_reuse(previous, previous and previous.extra[k]) for k in ("http", "metrics"))
-    grpc = _reuse(previous)
+    if previous is None:
+        http, grpc, metrics = free_ports(3)  # distinct: tritonserver refuses a port twice
+    else:
+        http, grpc, metrics = (
+            _reuse(previous, e) for e in (previous.extra["http"], None, previous.extra["metrics"])
+        )
     shm_prefix = f"streamrec_{uuid.uuid4().hex[:8]}_"
     log = root / "triton.log"
     pid = spawn(

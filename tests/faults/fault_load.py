@@ -8,16 +8,17 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+
+import records
+from records import T0
 
 from streamrec.config import Settings
 from streamrec.stack import EmbeddedStack
 from streams.workers import Workers
 
 ROWS: list[dict] = []
-T0 = 893_300_000_000  # ML-100K's last weeks (ms): event times of the generated interactions
 REAL_USERS = ["196", "186", "22", "244", "166", "298", "115", "253"]  # personalized path
 
 
@@ -48,6 +49,7 @@ class Load:
     items: int = 60
     sent: list[dict] = field(default_factory=list)  # interactions the broker accepted
     failed_sends: int = 0
+    probes: int = 0  # recovery probes sent (one a second after the fault cleared)
     requests: dict[str, float] = field(default_factory=dict)  # request id → sent at (monotonic)
     responses: dict[str, list[tuple[bytes, dict, float]]] = field(
         default_factory=lambda: defaultdict(list)
@@ -62,6 +64,7 @@ class Load:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._n = 0
+        self._fatal = False
         self._threads = [
             threading.Thread(target=self._produce, daemon=True),
             threading.Thread(target=self._consume, args=(bootstrap,), daemon=True),
@@ -82,53 +85,34 @@ class Load:
 
     def interaction(self, user: str) -> None:
         self._n += 1
-        event = {
-            "event_id": uuid.uuid4().hex,
-            "user_id": user,
-            "item_id": f"{self.scenario}-i{self._n % self.items}",
-            "event_type": "view",
-            "value": None,
-            "timestamp_ms": T0 + self._n,
-            "session_id": None,
-            "context": {},
-        }
+        event = records.interaction(user, f"{self.scenario}-i{self._n % self.items}", T0 + self._n)
 
-        def delivered(err, event=event) -> None:
+        def delivered(err) -> None:
             with self._lock:
                 if err is None:
                     self.sent.append(event)
                 else:
-                    self.failed_sends += 1
+                    self._failed(err)
 
         self._send("interactions", event, delivered)
 
     def request(self, user: str) -> None:
-        request_id, sent_at = uuid.uuid4().hex, time.monotonic()
+        request, sent_at = records.request(user, timestamp_ms=T0 + self._n), time.monotonic()
 
         def delivered(err) -> None:
             if err is None:
-                self.requests[request_id] = sent_at
+                self.requests[request["request_id"]] = sent_at
             else:
-                self.failed_sends += 1
+                self._failed(err)
 
-        self._send(
-            "requests",
-            {
-                "request_id": request_id,
-                "user_id": user,
-                "k": 10,
-                "exclude": [],
-                "context": {},
-                "temperature": 0.0,
-                "seed": None,
-                "deadline_ms": None,
-                "timestamp_ms": T0 + self._n,
-            },
-            delivered,
-        )
+        self._send("requests", request, delivered)
 
     def _send(self, role: str, record: dict, on_delivery=None) -> None:
         self._with_producer(lambda p: p.send(role, record, on_delivery=on_delivery))
+
+    def _failed(self, err) -> None:
+        self.failed_sends += 1
+        self._fatal = self._fatal or err.fatal()
 
     def _with_producer(self, action) -> None:
         """Produce as a user's service would: an idempotent producer that hits a fatal error
@@ -136,15 +120,22 @@ class Load:
         and what it had not delivered counts as not accepted."""
         from confluent_kafka import KafkaError, KafkaException
 
+        if self._fatal:
+            self._replace_producer()
         try:
             action(self._producer)
         except KafkaException as e:
             if not (e.args[0].fatal() or e.args[0].code() == KafkaError._FATAL):
                 raise
-            old, self._producer = self._producer, self._new_producer()
-            with contextlib.suppress(KafkaException):
-                old.poll(1.0)  # its undelivered messages report their failure
+            self._replace_producer()
             action(self._producer)
+
+    def _replace_producer(self) -> None:
+        from confluent_kafka import KafkaException
+
+        old, self._producer, self._fatal = self._producer, self._new_producer(), False
+        with contextlib.suppress(KafkaException):
+            old.poll(1.0)  # its undelivered messages report their failure
 
     def _produce(self) -> None:
         tick, n = 0.05, 0

@@ -19,6 +19,7 @@ import pytest
 from fault_load import ROWS, Live, Load, wait_until
 
 from streamrec.stack.process import pid_alive
+from streams.workers import Workers
 
 pytestmark = pytest.mark.faults
 
@@ -40,10 +41,16 @@ def run(live: Live, name: str, inject, **rates) -> dict:
         wait_until(lambda: len(load.sent) >= 100 and load.responses, 60, "the load to flow")
         cleared = inject(live)
         probe = f"{name}-probe"
-        load.interaction(probe)
-        applied = wait_until(
-            lambda: Load.applied(state, [probe])[probe] > 0, 120, "an interaction after the fault"
-        )
+
+        def probe_applied() -> bool:  # sent now, and again each second until one is applied
+            if Load.applied(state, [probe])[probe] > 0:
+                return True
+            if time.monotonic() - cleared > load.probes:
+                load.probes += 1
+                load.interaction(probe)
+            return False
+
+        applied = wait_until(probe_applied, 120, "an interaction after the fault")
         answered = wait_until(
             lambda: load.first_ok_after(cleared) is not None, 120, "a request after the fault"
         )
@@ -145,41 +152,35 @@ def test_a_stage_stub_sigkill_is_healed(live):
     run(live, "stage-kill", inject)
 
 
-def test_worker_sigkill_during_interactions(live):
+def replace_worker(workers: Workers):
+    """The fault: SIGKILL the worker and start a replacement at once (its slot, so its id)."""
+
     def inject(live: Live) -> float:
-        live.workers.kill(live.workers.running()[0])
+        workers.kill(workers.running()[0])
         cleared = time.monotonic()
-        live.workers.start(1)
+        workers.start(1)
         return cleared
 
+    return inject
+
+
+def test_worker_sigkill_during_interactions(live):
+    inject = replace_worker(live.workers)
     run(live, "worker-kill-events", inject, events_per_s=200, requests_per_s=2)
 
 
 def test_worker_sigkill_during_requests(live):
-    def inject(live: Live) -> float:
-        live.workers.kill(live.workers.running()[0])
-        cleared = time.monotonic()
-        live.workers.start(1)
-        return cleared
-
+    inject = replace_worker(live.workers)
     run(live, "worker-kill-requests", inject, events_per_s=20, requests_per_s=20)
 
 
 def test_worker_sigkill_during_requests_in_kafka_transactions(live):
     """With transactions (the default on Apache Kafka): not one duplicate response."""
-    from streams.workers import Workers
-
     transactional = Workers(live.settings.model_copy(update={"kafka_transactions": True}))
     live.workers.stop_all()
     transactional.start(1)
-
-    def inject(live: Live) -> float:
-        transactional.kill(transactional.running()[0])
-        cleared = time.monotonic()
-        transactional.start(1)
-        return cleared
-
     try:
+        inject = replace_worker(transactional)
         row = run(live, "worker-kill-requests-txn", inject, events_per_s=20, requests_per_s=20)
     finally:
         transactional.stop_all()

@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 import redis
+from records import T0, interaction, item_update, request
 
 from schemas.serde import make_serde
 from serving.client import LocalRecommender
@@ -28,8 +29,6 @@ from streams.topics import TOPICS
 
 pytestmark = pytest.mark.integration
 
-T0 = 893_300_000_000
-
 
 def serde(role: str):
     return make_serde(role, TOPICS[role].schema)
@@ -38,31 +37,6 @@ def serde(role: str):
 def raw(role: str, records: list[dict]) -> list[RawEvent]:
     s = serde(role)
     return [RawEvent(role, 0, n, b"k", s.encode(r), T0) for n, r in enumerate(records)]
-
-
-def interaction(user: str, item: str, ts: int, event_id: str | None = None) -> dict:
-    return {
-        "event_id": event_id or uuid.uuid4().hex,
-        "user_id": user,
-        "item_id": item,
-        "event_type": "view",
-        "value": None,
-        "timestamp_ms": ts,
-        "session_id": None,
-        "context": {},
-    }
-
-
-def item_update(item: str, available: bool, ts: int, title: str | None = None) -> dict:
-    return {
-        "item_id": item,
-        "available": available,
-        "title": title,
-        "year": 1998 if title else None,
-        "genres": ["Comedy"] if title else [],
-        "attributes": {},
-        "timestamp_ms": ts,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -160,14 +134,15 @@ def test_item_updates_out_of_order_keep_the_newest(serving_config, state):
     item = f"ooo-{uuid.uuid4().hex[:6]}"
     # In one batch: the older update loses to the newer one.
     result = processor.process(
-        raw("item_updates", [item_update(item, False, T0 + 2), item_update(item, True, T0 + 1)])
+        raw("item_updates", [item_update(item, T0 + 2, False), item_update(item, T0 + 1, True)])
     )
     assert result.applied == 1 and state.unavailable_mask([item]) == [True]
     # Across batches: an older update arriving late is ignored, also for availability alone.
-    late = processor.process(raw("item_updates", [item_update(item, True, T0)]))
+    late = processor.process(raw("item_updates", [item_update(item, T0, True)]))
     assert (late.applied, late.duplicates) == (0, 1)
     assert state.unavailable_mask([item]) == [True]
-    newer = processor.process(raw("item_updates", [item_update(item, True, T0 + 3, "A Film")]))
+    film = item_update(item, T0 + 3, True, title="A Film", year=1998, genres=["Comedy"])
+    newer = processor.process(raw("item_updates", [film]))
     assert newer.applied == 1 and state.unavailable_mask([item]) == [False]
     assert state.catalog_additions([item])[item]["title"] == "A Film"
 
@@ -194,20 +169,6 @@ def local(artifacts, serving_config) -> LocalRecommender:
     return LocalRecommender(artifacts, serving_config)
 
 
-def request(user: str = "196", **extra) -> dict:
-    return {
-        "request_id": uuid.uuid4().hex,
-        "user_id": user,
-        "k": 5,
-        "exclude": [],
-        "context": {},
-        "temperature": 0.0,
-        "seed": None,
-        "deadline_ms": None,
-        "timestamp_ms": T0,
-    } | extra
-
-
 def answer(processor: RequestProcessor, records: list[dict]) -> list[dict]:
     out = asyncio.run(processor.handle_batch(raw("requests", records)))
     assert all(isinstance(o, Answer) for o in out)
@@ -223,7 +184,7 @@ def unavailable(message: str):
 def test_transient_serving_errors_are_retried_within_the_deadline(local):
     triton = StubTriton(local, [unavailable("stage restarting"), unavailable("still")])
     processor = RequestProcessor(serde("requests"), serde("recommendations"), triton)
-    [response] = answer(processor, [request()])
+    [response] = answer(processor, [request("196", k=5)])
     assert response["status"] == "ok" and len(response["items"]) == 5
     assert triton.calls == 3
 
@@ -233,14 +194,14 @@ def test_a_request_gets_an_error_response_when_retries_are_exhausted(local):
 
     triton = StubTriton(local, [unavailable("down")] * 10)
     processor = RequestProcessor(serde("requests"), serde("recommendations"), triton, retries=2)
-    [response] = answer(processor, [request()])
+    [response] = answer(processor, [request("196", k=5)])
     assert response["status"] == "error" and "serving failed" in response["error"]
     assert triton.calls == 3
     bad = StubTriton(
         local, [InferenceServerException("bad input", status="StatusCode.INVALID_ARGUMENT")]
     )
     processor = RequestProcessor(serde("requests"), serde("recommendations"), bad)
-    [response] = answer(processor, [request()])
+    [response] = answer(processor, [request("196", k=5)])
     assert response["status"] == "error" and bad.calls == 1  # not transient: no retry
 
 
@@ -252,7 +213,9 @@ def test_deadlines_bound_the_wait_for_a_stalled_server(local):
     started = time.monotonic()
     deadline = int(time.time() * 1000) + 300
     expired = int(time.time() * 1000) - 1
-    stalled, late = answer(processor, [request(deadline_ms=deadline), request(deadline_ms=expired)])
+    stalled, late = answer(
+        processor, [request("196", deadline_ms=deadline), request("196", deadline_ms=expired)]
+    )
     assert time.monotonic() - started < 2.0
     assert stalled["status"] == "error" and "deadline" in stalled["error"]
     assert late["status"] == "error" and "deadline passed" in late["error"]
@@ -263,7 +226,7 @@ def test_a_redelivered_request_gets_the_same_bytes_without_serving_again(local, 
     triton = StubTriton(local)
     cache = ResponseCache(state, ttl_s=60)
     processor = RequestProcessor(serde("requests"), serde("recommendations"), triton, cache)
-    r = request(temperature=1.0)  # sampled: serving it again would give another answer
+    r = request("196", temperature=1.0)  # sampled: serving it again would give another answer
     first = asyncio.run(processor.handle_batch(raw("requests", [r])))[0]
     again = asyncio.run(processor.handle_batch(raw("requests", [r])))[0]
     assert again.value == first.value and again.response is None
@@ -273,7 +236,7 @@ def test_a_redelivered_request_gets_the_same_bytes_without_serving_again(local, 
 
 def test_undecodable_requests_are_dead_letters_and_the_rest_answered(local):
     processor = RequestProcessor(serde("requests"), serde("recommendations"), StubTriton(local))
-    events = raw("requests", [request()])
+    events = raw("requests", [request("196")])
     events.insert(0, RawEvent("requests", 0, 9, b"k", b"\x00junk", T0))
     letter, ok = asyncio.run(processor.handle_batch(events))
     assert isinstance(letter, dict) and letter["offset"] == 9 and letter["error"]

@@ -16,10 +16,11 @@ import uuid
 
 import pandas as pd
 import pytest
+from records import T0, interaction, item_update, produce
 from typer.testing import CliRunner
 
 from streamrec.config import TopicNames, get_settings
-from streams.kafka import EventProducer, client_config
+from streams.kafka import client_config
 from streams.processors import InteractionProcessor, ItemUpdateProcessor, RawEvent
 from streams.rebuild import (
     Gap,
@@ -36,7 +37,6 @@ from streams.topics import create_topics, serde_for, topic_name
 
 pytestmark = pytest.mark.integration
 
-T0 = 893_300_000_000  # after ML-100K's last event, in ms
 PROJECT = "streamrec"
 
 
@@ -81,40 +81,6 @@ def env(base_settings, kafka, own_redis, artifacts, tmp_path, monkeypatch):
     get_settings.cache_clear()
     yield settings
     get_settings.cache_clear()
-
-
-def interaction(user: str, item: str, ts: int, event_id: str | None = None) -> dict:
-    return {
-        "event_id": event_id or uuid.uuid4().hex,
-        "user_id": user,
-        "item_id": item,
-        "event_type": "view",
-        "value": None,
-        "timestamp_ms": ts,
-        "session_id": None,
-        "context": {},
-    }
-
-
-def item_update(item: str, ts: int, available: bool = True, **profile) -> dict:
-    return {
-        "item_id": item,
-        "available": available,
-        "title": profile.get("title"),
-        "year": profile.get("year"),
-        "genres": profile.get("genres", []),
-        "attributes": {},
-        "timestamp_ms": ts,
-    }
-
-
-def produce(settings, role: str, records: list[dict], raw: list[bytes] = ()) -> None:
-    producer = EventProducer(settings, settings.kafka_bootstrap)
-    for value in raw:
-        producer.send_raw(role, value, key=b"k")
-    for r in records:
-        producer.send(role, r)
-    producer.close()
 
 
 def read_new(settings, role: str, position: dict[int, int]) -> list[RawEvent]:

@@ -6,17 +6,16 @@ import time
 import uuid
 
 import pytest
+from records import T0, interaction, produce, request
 
 from models.feature_repo import feature_store
 from serving.state import RedisState
 from streamrec.config import TopicNames
-from streams.kafka import EventConsumer, EventProducer
+from streams.kafka import EventConsumer
 from streams.topics import create_topics
 from streams.workers import Workers, log_of
 
 pytestmark = pytest.mark.integration
-
-T0 = 893_300_000_000  # ML-100K's last weeks, in ms
 
 
 def _settings(base_settings, kafka, redis_url, triton_url, artifacts):
@@ -49,42 +48,6 @@ def live(base_settings, kafka, redis_url, triton_url, artifacts, serving_config)
 @pytest.fixture(scope="module")
 def state(serving_config):
     return RedisState(serving_config["redis_url"], prefix=serving_config["feast_project"])
-
-
-def interaction(user: str, item: str, ts: int, event_id: str | None = None) -> dict:
-    return {
-        "event_id": event_id or uuid.uuid4().hex,
-        "user_id": user,
-        "item_id": item,
-        "event_type": "view",
-        "value": None,
-        "timestamp_ms": ts,
-        "session_id": None,
-        "context": {},
-    }
-
-
-def request(user: str, k: int = 10, request_id: str | None = None, **extra) -> dict:
-    return {
-        "request_id": request_id or uuid.uuid4().hex,
-        "user_id": user,
-        "k": k,
-        "exclude": [],
-        "context": {},
-        "temperature": 0.0,
-        "seed": None,
-        "deadline_ms": None,
-        "timestamp_ms": T0,
-    } | extra
-
-
-def produce(settings, role: str, records: list[dict], raw: list[bytes] = ()) -> None:
-    producer = EventProducer(settings, settings.kafka_bootstrap)
-    for value in raw:
-        producer.send_raw(role, value, key=b"k")
-    for r in records:
-        producer.send(role, r)
-    producer.close()
 
 
 def responses(settings, request_ids: set[str], timeout: float = 60.0) -> dict[str, list[dict]]:

@@ -31,6 +31,8 @@ def test_dependency_errors_are_transient_and_bad_work_is_not():
         ConnectionResetError(),
         NotDurable("no fsync"),
         Contention("watch"),
+        redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'."),
+        redis.ResponseError("MISCONF Errors writing to the AOF file"),
     ):
         assert transient(e), e
     for e in (ValueError("bad"), KeyError("x"), redis.ResponseError("WRONGTYPE")):
