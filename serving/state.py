@@ -131,9 +131,9 @@ class RedisState:
 
     def ack(self, pending: Sequence[str]) -> int:
         """Ack these pending events (see `mark_pending`); returns how many were still pending."""
-        if not pending:
-            return 0
-        return int(self._ack(keys=[self.key("pending"), self.key("acked")], args=list(pending)))
+        keys = [self.key("pending"), self.key("acked")]
+        chunks = (pending[i : i + 1000] for i in range(0, len(pending), 1000))  # Lua's unpack limit
+        return sum(int(self._ack(keys=keys, args=list(chunk))) for chunk in chunks)
 
     def wait_durable(self, timeout_ms: int = 5000) -> None:
         """Block until this client's writes (and all before them) are fsynced to the AOF.

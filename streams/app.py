@@ -46,6 +46,7 @@ from streams.topics import TOPICS, serde_for, topic_name
 from streams.workers import FAILED, READY
 
 log = logging.getLogger("streamrec.workers")
+SEND_TIMEOUT_S = 15.0  # for the broker to acknowledge a batch before it is sent again
 
 
 class Runtime:
@@ -208,7 +209,9 @@ def create_app(settings: Settings) -> faust.App:
 
         async def send_all() -> None:
             sent = [await topics[role].send(key=k, value=v) for k, v in messages]
-            await asyncio.gather(*sent)
+            # Bounded: a send caught in a broker restart may never resolve, and a stuck agent
+            # stalls Faust's fetcher for every topic. On time-out the batch is sent again.
+            await asyncio.wait_for(asyncio.gather(*sent), SEND_TIMEOUT_S)
 
         if messages:
             await until_sent(send_all, role)

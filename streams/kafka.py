@@ -89,9 +89,12 @@ class TransactionalPublisher:
     restarted worker then fences its dead predecessor and aborts its open transaction at once.
     """
 
-    def __init__(self, settings: Settings, bootstrap: str, transactional_id: str):
+    def __init__(
+        self, settings: Settings, bootstrap: str, transactional_id: str, timeout_s: float = 15.0
+    ):
         from aiokafka import AIOKafkaProducer
 
+        self.timeout_s = timeout_s
         self.settings = settings
         self.group = settings.worker_group
         self._new = lambda: AIOKafkaProducer(
@@ -111,7 +114,7 @@ class TransactionalPublisher:
         """{role: [(key, value)]} and {(topic, partition): next offset to read}, atomically."""
         from aiokafka import TopicPartition
 
-        try:
+        async def transaction() -> None:
             if not self._started:
                 await self._producer.start()
                 self._started = True
@@ -125,6 +128,10 @@ class TransactionalPublisher:
                 await asyncio.gather(*sent)
                 commits = {TopicPartition(t, p): o for (t, p), o in offsets.items()}
                 await self._producer.send_offsets_to_transaction(commits, self.group)
+
+        try:
+            # Bounded: a request caught in a broker restart may never be answered.
+            await asyncio.wait_for(transaction(), self.timeout_s)
         except Exception:
             # The next try starts a new producer: its InitProducerId aborts what this one left.
             await self.close()
@@ -133,7 +140,7 @@ class TransactionalPublisher:
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
-            await self._producer.stop()
+            await asyncio.wait_for(self._producer.stop(), self.timeout_s)
 
 
 class EventProducer:

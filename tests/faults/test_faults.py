@@ -124,7 +124,11 @@ def test_valkey_stopped_longer_than_every_client_timeout(live):
     def inject(live: Live) -> float:
         pid = live.service_pid("redis")
         os.kill(pid, signal.SIGSTOP)
-        time.sleep(6.0)  # > the 2 s Redis socket timeouts and the 5 s request timeout
+        stopped = time.monotonic()
+        wait_until(  # the worker says so: it holds its batches and waits
+            lambda: "interactions" in live.workers.health()[0]["stalled"], 10, "a stall report"
+        )
+        time.sleep(max(0.0, stopped + 6.0 - time.monotonic()))  # > every client timeout
         os.kill(pid, signal.SIGCONT)
         return time.monotonic()
 
@@ -147,7 +151,11 @@ def test_a_stage_stub_sigkill_is_healed(live):
         triton = psutil.Process(live.service_pid("triton"))
         stub = next(p for p in triton.children() if "scoring" in " ".join(p.cmdline()))
         stub.kill()
-        return time.monotonic()  # nobody restarts anything: the worker must notice and heal
+        killed = time.monotonic()  # nobody restarts anything: the worker must notice and heal
+        wait_until(  # the worker reports the degraded serving path until it healed it
+            lambda: live.workers.health()[0]["serving_ready"] == 0, 15, "a degraded canary"
+        )
+        return killed
 
     run(live, "stage-kill", inject)
 
