@@ -63,12 +63,12 @@ class Settings(BaseSettings):
     )
     interaction_batch: int = Field(500, ge=1, description="Max events per micro-batch")
     request_concurrency: int = Field(32, ge=1, description="Requests in flight per worker")
-    kafka_transactions: bool | None = Field(
-        None,
+    kafka_transactions: bool = Field(
+        False,
         description="Publish responses and commit their requests' offsets in one Kafka "
-        "transaction (exactly one visible response per request); off: at-least-once, with "
-        "byte-identical duplicates. Unset: on for an external broker, off for the embedded one "
-        "(it loses open transactions when it restarts)",
+        "transaction: exactly one visible response per request. Turn on with Apache Kafka (the "
+        "compose file does). Off (the embedded broker, whose transactions do not survive its "
+        "restarts): at-least-once, and a duplicate has the first answer's bytes",
     )
     redis_wait_aof: bool = Field(
         True, description="Commit offsets only after Redis fsynced the effects (WAITAOF)"
@@ -94,12 +94,6 @@ class Settings(BaseSettings):
     kafka_start_timeout: float = 30.0
     redis_start_timeout: float = 15.0
     triton_start_timeout: float = 90.0
-
-    def transactions(self) -> bool:
-        """Whether responses are published in Kafka transactions (see `kafka_transactions`)."""
-        if self.kafka_transactions is not None:
-            return self.kafka_transactions
-        return self.kafka_bootstrap is not None
 
     def feature_repo(self) -> Path:
         """The Feast repository of this deployment (its Redis and project)."""

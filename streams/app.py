@@ -6,9 +6,9 @@ fsynced by Redis, its dead letter or response acknowledged by the broker); `stre
 retries through dependency outages and dead-letters poison events. Every effect is idempotent
 (event ids for interactions, newest-wins for item updates), so a worker killed mid-batch resumes
 from the committed offsets without lost or doubled effects. A batch's responses are published in
-one Kafka transaction with its requests' offsets: exactly one visible response per request (with
-transactions off, as on the embedded broker, at least one, and a duplicate has the first
-answer's bytes).
+one Kafka transaction with its requests' offsets when `kafka_transactions` is on (Apache Kafka):
+exactly one visible response per request; otherwise at least one, and a duplicate has the first
+answer's bytes.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ class Runtime:
     @cached_property
     def transactions(self) -> TransactionalPublisher | None:
         """Where responses are published with their requests' offsets (None: no transactions)."""
-        if not self.settings.transactions():
+        if not self.settings.kafka_transactions:
             return None
         # Without a static membership id, one unique to this process: nothing to fence, and a
         # dead worker's open transaction is aborted by its timeout (10 s).
@@ -145,7 +145,7 @@ class Runtime:
             # Within transactions a redelivered request's first answer was never visible: serving
             # it again is right, and nothing needs caching.
             cache = None
-            if not self.settings.transactions():
+            if not self.settings.kafka_transactions:
                 cache = ResponseCache(self._state(), self.settings.response_cache_ttl_s)
             self._requests = RequestProcessor(
                 self.serdes["requests"],

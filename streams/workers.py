@@ -32,7 +32,6 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "kafka_bootstrap": stack.endpoint("kafka"),
         "redis_url": stack.endpoint("redis"),
         "triton_url": stack.endpoint("triton"),
-        "kafka_transactions": settings.transactions(),  # decided before the broker is resolved
         **{d: getattr(settings, d).resolve() for d in ("run_dir", "artifact_dir", "data_dir")},
     }
     env = dict(os.environ) | {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}

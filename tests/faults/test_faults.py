@@ -182,20 +182,6 @@ def test_worker_sigkill_during_requests(live):
     run(live, "worker-kill-requests", inject, events_per_s=20, requests_per_s=20)
 
 
-def test_worker_sigkill_during_requests_in_kafka_transactions(live):
-    """With transactions (the default on Apache Kafka): not one duplicate response."""
-    transactional = Workers(live.settings.model_copy(update={"kafka_transactions": True}))
-    live.workers.stop_all()
-    transactional.start(1)
-    try:
-        inject = replace_worker(transactional)
-        row = run(live, "worker-kill-requests-txn", inject, events_per_s=20, requests_per_s=20)
-    finally:
-        transactional.stop_all()
-        live.workers.start(1)
-    assert row["duplicated"] == 0
-
-
 def test_broker_stop_and_start_with_its_data(live):
     def inject(live: Live) -> float:
         _kill(live.service_pid("kafka"), signal.SIGTERM)  # saves its data and exits

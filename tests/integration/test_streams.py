@@ -18,7 +18,7 @@ from streams.workers import Workers, log_of
 pytestmark = pytest.mark.integration
 
 
-def _settings(base_settings, kafka, redis_url, triton_url, artifacts):
+def _settings(base_settings, kafka, redis_url, triton_url, artifacts, **extra):
     prefix = f"s{uuid.uuid4().hex[:6]}"
     names = {role: f"{prefix}-{name}" for role, name in TopicNames().model_dump().items()}
     settings = base_settings.model_copy(
@@ -30,6 +30,7 @@ def _settings(base_settings, kafka, redis_url, triton_url, artifacts):
             "topics": TopicNames(**names),
             "worker_group": f"{prefix}-workers",
         }
+        | extra
     )
     create_topics(settings, kafka)
     return settings
@@ -37,8 +38,10 @@ def _settings(base_settings, kafka, redis_url, triton_url, artifacts):
 
 @pytest.fixture(scope="module")
 def live(base_settings, kafka, redis_url, triton_url, artifacts, serving_config):
-    """Fresh topics and one worker for the module."""
-    settings = _settings(base_settings, kafka, redis_url, triton_url, artifacts)
+    """Fresh topics and one worker for the module, publishing in Kafka transactions."""
+    settings = _settings(
+        base_settings, kafka, redis_url, triton_url, artifacts, kafka_transactions=True
+    )
     workers = Workers(settings)
     workers.start(1)
     yield settings

@@ -173,7 +173,9 @@ def test_app_services_environment_round_trips_through_settings(compose, monkeypa
                 field: Any = settings
                 for part in settings_path(var).split("."):
                     field = getattr(field, part)
-                assert str(field) == str(value), f"{name}: {var}={value!r} gave {field!r}"
+                want = str(value).lower() == "true" if isinstance(field, bool) else str(value)
+                got = field if isinstance(field, bool) else str(field)
+                assert got == want, f"{name}: {var}={value!r} gave {field!r}"
         assert settings.kafka_bootstrap.split(":")[0] == "kafka"
         assert settings.redis_url.startswith("redis://:redis-test-secret@redis:")
         assert settings.triton_url.split(":")[0] == "triton"
