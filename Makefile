@@ -33,6 +33,7 @@ lint: install
 bench: install
 	$(BIN)/python -m bench.serving
 	$(BIN)/python -m bench.e2e
+	$(BIN)/python -m bench.durability
 
 format: install
 	$(BIN)/ruff format .
