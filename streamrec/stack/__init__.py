@@ -57,11 +57,18 @@ class EmbeddedStack:
             if on_start:
                 on_start(name)
             timeout = getattr(self.settings, f"{name}_start_timeout")
+            # Triton's stages read the stack's Redis, whatever the exported configs say.
+            extra = {"redis_url": self._redis(running)} if name == "triton" else {}
             try:
-                running[name] = STARTERS[name](self.root / name, timeout, recorded.get(name))
+                running[name] = STARTERS[name](
+                    self.root / name, timeout, recorded.get(name), **extra
+                )
             finally:
                 self._save(running | {k: s for k, s in recorded.items() if k not in running})
         return running
+
+    def _redis(self, running: dict[str, Service]) -> str | None:
+        return self.external("redis") or (running["redis"].endpoint if "redis" in running else None)
 
     def down(self, names: tuple[str, ...] = SERVICES) -> list[str]:
         """Stop the named embedded services by PID; returns the names stopped."""

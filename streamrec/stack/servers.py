@@ -209,8 +209,13 @@ def triton_env() -> dict[str, str]:
 
 
 def start_triton(
-    root: Path, timeout: float, previous: Service | None = None, repository: Path | None = None
+    root: Path,
+    timeout: float,
+    previous: Service | None = None,
+    repository: Path | None = None,
+    redis_url: str | None = None,
 ) -> Service:
+    """`redis_url` (the stack's) wins over the one exported into the stages' configs."""
     import urllib.request
 
     root.mkdir(parents=True, exist_ok=True)
@@ -253,7 +258,7 @@ def start_triton(
             "--log-verbose=0",
         ],
         log,
-        env=triton_env(),
+        env=triton_env() | ({"STREAMREC_REDIS_URL": redis_url} if redis_url else {}),
     )
 
     def ready() -> bool:
