@@ -65,6 +65,7 @@ class Load:
         self._lock = threading.Lock()
         self._n = 0
         self._fatal = False
+        self._starts = self._ends()  # where the responses to this load's requests begin
         self._threads = [
             threading.Thread(target=self._produce, daemon=True),
             threading.Thread(target=self._consume, args=(bootstrap,), daemon=True),
@@ -156,37 +157,68 @@ class Load:
             self._producer.flush(120)
 
     def _consume(self, bootstrap: str) -> None:
-        """Read every response from the topic's end at the start, once: assigned partitions and
-        positions kept in memory (a group would re-read or skip around a broker restart)."""
-        from confluent_kafka import Consumer, TopicPartition
+        """Follow the response topic from its end at the start (assigned partitions, positions
+        in memory: a group would re-read or skip around a broker restart)."""
+        for raw, response in self._read(self._starts, follow=True):
+            self.responses[response["request_id"]].append((raw, response, time.monotonic()))
+
+    def _ends(self) -> dict[int, int]:
+        from confluent_kafka import TopicPartition
+
+        consumer = self._consumer()
+        partitions = consumer.list_topics(self._topic, timeout=10).topics[self._topic].partitions
+        ends = {
+            p: consumer.get_watermark_offsets(TopicPartition(self._topic, p))[1] for p in partitions
+        }
+        consumer.close()
+        return ends
+
+    def _consumer(self):
+        from confluent_kafka import Consumer
 
         from streams.kafka import client_config
-        from streams.topics import serde_for, topic_name
 
-        settings = self.live.settings
-        topic = topic_name(settings, "recommendations")
-        consumer = Consumer(
-            client_config(settings, bootstrap)
+        return Consumer(
+            client_config(self.live.settings, self.live.stack.endpoint("kafka"))
             | {"group.id": "unused", "enable.auto.commit": False, "auto.offset.reset": "error"}
         )
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        ends = [consumer.get_watermark_offsets(TopicPartition(topic, p))[1] for p in partitions]
-        consumer.assign(
-            [TopicPartition(topic, p, end) for p, end in zip(partitions, ends, strict=True)]
-        )
-        serde = serde_for(settings, "recommendations")
-        while not self._stop.is_set() or self._draining:
+
+    @property
+    def _topic(self) -> str:
+        from streams.topics import topic_name
+
+        return topic_name(self.live.settings, "recommendations")
+
+    def _read(self, starts: dict[int, int], follow: bool):
+        """(bytes, record) of each response from `starts`: until stopped (`follow`), or up to
+        the topic's end now."""
+        from confluent_kafka import TopicPartition
+
+        from streams.topics import serde_for
+
+        serde = serde_for(self.live.settings, "recommendations")
+        consumer = self._consumer()
+        consumer.assign([TopicPartition(self._topic, p, o) for p, o in starts.items()])
+        ends = {} if follow else self._ends()
+        position = dict(starts)
+        deadline = time.monotonic() + 30
+        while (
+            (not self._stop.is_set() or self._draining)
+            if follow
+            else any(position[p] < end for p, end in ends.items()) and time.monotonic() < deadline
+        ):
             msg = consumer.poll(0.2)
             if msg is None or msg.error():
                 continue
-            response = serde.decode(msg.value())
-            self.responses[response["request_id"]].append((msg.value(), response, time.monotonic()))
+            position[msg.partition()] = msg.offset() + 1
+            yield msg.value(), serde.decode(msg.value())
         consumer.close()
 
     _draining = False
 
     def settle(self, timeout: float = 90.0) -> None:
-        """Stop producing; wait until every accepted event is applied and every request answered."""
+        """Stop producing; wait until every accepted event is applied and every request
+        answered; then count the answers from the topic itself, read once more from the start."""
         self._stop.set()
         self._draining = True
         self._threads[0].join(timeout=130)
@@ -202,6 +234,11 @@ class Load:
         time.sleep(1.0)  # a moment more, to catch late duplicates and doubled effects
         self._draining = False
         self._threads[1].join(timeout=10)
+        seen_at = {rid: got[0][2] for rid, got in self.responses.items()}
+        self.responses = defaultdict(list)
+        for raw, response in self._read(self._starts, follow=False):
+            rid = response["request_id"]
+            self.responses[rid].append((raw, response, seen_at.get(rid, time.monotonic())))
 
     def expected(self) -> Counter:
         with self._lock:
