@@ -65,7 +65,8 @@ class Load:
         self._lock = threading.Lock()
         self._n = 0
         self._fatal = False
-        self._starts = self._ends()  # where the responses to this load's requests begin
+        # Where this load's events and responses begin in their topics.
+        self._starts = {r: self._ends(r) for r in ("interactions", "requests", "recommendations")}
         self._threads = [
             threading.Thread(target=self._produce, daemon=True),
             threading.Thread(target=self._consume, args=(bootstrap,), daemon=True),
@@ -159,17 +160,18 @@ class Load:
     def _consume(self, bootstrap: str) -> None:
         """Follow the response topic from its end at the start (assigned partitions, positions
         in memory: a group would re-read or skip around a broker restart)."""
-        for raw, response in self._read(self._starts, follow=True):
+        starts = self._starts["recommendations"]
+        for raw, response in self._read("recommendations", starts, follow=True):
             self.responses[response["request_id"]].append((raw, response, time.monotonic()))
 
-    def _ends(self) -> dict[int, int]:
+    def _ends(self, role: str) -> dict[int, int]:
         from confluent_kafka import TopicPartition
 
-        consumer = self._consumer()
-        partitions = consumer.list_topics(self._topic, timeout=10).topics[self._topic].partitions
-        ends = {
-            p: consumer.get_watermark_offsets(TopicPartition(self._topic, p))[1] for p in partitions
-        }
+        from streams.topics import topic_name
+
+        consumer, topic = self._consumer(), topic_name(self.live.settings, role)
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p))[1] for p in partitions}
         consumer.close()
         return ends
 
@@ -180,26 +182,25 @@ class Load:
 
         return Consumer(
             client_config(self.live.settings, self.live.stack.endpoint("kafka"))
-            | {"group.id": "unused", "enable.auto.commit": False, "auto.offset.reset": "error"}
+            | {
+                "group.id": "unused",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "error",
+                "enable.partition.eof": True,
+            }
         )
 
-    @property
-    def _topic(self) -> str:
-        from streams.topics import topic_name
+    def _read(self, role: str, starts: dict[int, int], follow: bool):
+        """(bytes, record) of each event of a topic from `starts`: until stopped (`follow`),
+        or up to the topic's end now."""
+        from confluent_kafka import KafkaError, TopicPartition
 
-        return topic_name(self.live.settings, "recommendations")
+        from streams.topics import serde_for, topic_name
 
-    def _read(self, starts: dict[int, int], follow: bool):
-        """(bytes, record) of each response from `starts`: until stopped (`follow`), or up to
-        the topic's end now."""
-        from confluent_kafka import TopicPartition
-
-        from streams.topics import serde_for
-
-        serde = serde_for(self.live.settings, "recommendations")
+        serde, topic = serde_for(self.live.settings, role), topic_name(self.live.settings, role)
         consumer = self._consumer()
-        consumer.assign([TopicPartition(self._topic, p, o) for p, o in starts.items()])
-        ends = {} if follow else self._ends()
+        consumer.assign([TopicPartition(topic, p, o) for p, o in starts.items()])
+        ends = {} if follow else self._ends(role)
         position = dict(starts)
         deadline = time.monotonic() + 30
         while (
@@ -208,11 +209,20 @@ class Load:
             else any(position[p] < end for p, end in ends.items()) and time.monotonic() < deadline
         ):
             msg = consumer.poll(0.2)
-            if msg is None or msg.error():
+            if msg is None:
+                continue
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF and msg.partition() in ends:
+                    position[msg.partition()] = ends[msg.partition()]  # offsets may have gaps
                 continue
             position[msg.partition()] = msg.offset() + 1
             yield msg.value(), serde.decode(msg.value())
         consumer.close()
+
+    def in_log(self, role: str, key: str) -> set[str]:
+        """The ids (`key` field) of this load's events that the topic holds now: the embedded
+        broker can lose writes it acknowledged when it restarts."""
+        return {r[key] for _, r in self._read(role, self._starts[role], follow=False)}
 
     _draining = False
 
@@ -236,7 +246,7 @@ class Load:
         self._threads[1].join(timeout=10)
         seen_at = {rid: got[0][2] for rid, got in self.responses.items()}
         self.responses = defaultdict(list)
-        for raw, response in self._read(self._starts, follow=False):
+        for raw, response in self._read("recommendations", self._starts["recommendations"], False):
             rid = response["request_id"]
             self.responses[rid].append((raw, response, seen_at.get(rid, time.monotonic())))
 
