@@ -65,8 +65,6 @@ class Load:
         self._lock = threading.Lock()
         self._n = 0
         self._fatal = False
-        # Where this load's events and responses begin in their topics.
-        self._starts = {r: self._ends(r) for r in ("interactions", "requests", "recommendations")}
         self._threads = [
             threading.Thread(target=self._produce, daemon=True),
             threading.Thread(target=self._consume, args=(bootstrap,), daemon=True),
@@ -158,9 +156,10 @@ class Load:
             self._producer.flush(120)
 
     def _consume(self, bootstrap: str) -> None:
-        """Follow the response topic from its end at the start (assigned partitions, positions
-        in memory: a group would re-read or skip around a broker restart)."""
-        starts = self._starts["recommendations"]
+        """Follow the response topic (assigned partitions, positions in memory: a group would
+        re-read or skip around a broker restart), from its beginning: answers are matched by
+        request id."""
+        starts = self._everything("recommendations")
         for raw, response in self._read("recommendations", starts, follow=True):
             self.responses[response["request_id"]].append((raw, response, time.monotonic()))
 
@@ -222,7 +221,14 @@ class Load:
     def in_log(self, role: str, key: str) -> set[str]:
         """The ids (`key` field) of this load's events that the topic holds now: the embedded
         broker can lose writes it acknowledged when it restarts."""
-        return {r[key] for _, r in self._read(role, self._starts[role], follow=False)}
+        return {r[key] for _, r in self._read(role, self._everything(role), follow=False)}
+
+    def _everything(self, role: str) -> dict[int, int]:
+        """Every partition from its beginning: after a lossy restart the broker may number new
+        events below the offsets this load started at, so reads filter by id instead."""
+        from confluent_kafka import OFFSET_BEGINNING
+
+        return dict.fromkeys(self._ends(role), OFFSET_BEGINNING)
 
     _draining = False
 
@@ -246,8 +252,12 @@ class Load:
         self._threads[1].join(timeout=10)
         seen_at = {rid: got[0][2] for rid, got in self.responses.items()}
         self.responses = defaultdict(list)
-        for raw, response in self._read("recommendations", self._starts["recommendations"], False):
+        for raw, response in self._read(
+            "recommendations", self._everything("recommendations"), False
+        ):
             rid = response["request_id"]
+            if rid not in self.requests:
+                continue
             self.responses[rid].append((raw, response, seen_at.get(rid, time.monotonic())))
 
     def expected(self) -> Counter:
