@@ -1,5 +1,6 @@
 """Load an artifact version's state: Feast features (offline parquet + Redis online store),
-and the filter/popularity state of `serving.state`."""
+and the filter/popularity state of `serving.state` (item popularity is not a Feast feature: the
+artifacts' `state/item_stats.parquet` loads the `popular` sorted set and its epoch)."""
 
 from __future__ import annotations
 
@@ -17,28 +18,33 @@ def load_features(
     artifact_dir: Path, redis_url: str, repo_dir: Path, project: str = "streamrec"
 ) -> Path:
     """Write the Feast repo (in `repo_dir`) for `redis_url`, its offline sources from the
-    artifacts, and materialize them.
-
-    The stream state after the training period (user activity, item popularity) is stamped
-    with its own last-event time; static profiles with the start of the data.
-    """
+    artifacts, and materialize them; load the Redis state (seen sets, popularity)."""
     state = artifact_dir / "state"
     repo = write_repo(repo_dir, redis_url, project)
+    stats = pd.read_parquet(state / "item_stats.parquet")
+    _load_feast(repo, state, first_ms=int(stats["popularity_ms"].min()))
+    _load_redis(state, stats, redis_url, project)
+    return repo
+
+
+def _load_feast(repo: Path, state: Path, first_ms: int) -> None:
+    """The users' stream state after the training period is stamped with its own last-event
+    time; static profiles with the start of the data (`first_ms` at the latest)."""
     users = pd.read_parquet(state / "user_profile.parquet")
     items = pd.read_parquet(state / "item_profile.parquet")
     activity = pd.read_parquet(state / "user_activity.parquet")
-    stats = pd.read_parquet(state / "item_stats.parquet")
-    start = pd.Timestamp(
-        min(activity["last_event_ms"].min(), stats["popularity_ms"].min()), unit="ms", tz="UTC"
-    )
+    start = pd.Timestamp(min(activity["last_event_ms"].min(), first_ms), unit="ms", tz="UTC")
     users[TIMESTAMP] = start
     items[TIMESTAMP] = start
     activity[TIMESTAMP] = pd.to_datetime(activity["last_event_ms"], unit="ms", utc=True)
-    stats[TIMESTAMP] = pd.to_datetime(stats["popularity_ms"], unit="ms", utc=True)
     users["age"] = users["age"].astype("Int64")
     items["year"] = items["year"].astype("Int64")
     with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # Feast's progress bars
-        load_offline(repo, users, items, activity, stats)
+        load_offline(repo, users, items, activity)
+
+
+def _load_redis(state: Path, stats: pd.DataFrame, redis_url: str, project: str) -> None:
+    """Seen sets and the `popular` sorted set, on a scale whose epoch is the last event."""
     seen = pd.read_parquet(state / "seen.parquet")
     RedisState(redis_url, prefix=project).load(
         zip(seen["user_id"], seen["item_id"], seen["ts_ms"].astype(int), strict=True),
@@ -46,4 +52,3 @@ def load_features(
         dict(zip(stats["item_id"], stats["popularity_ms"].astype(int), strict=True)),
         epoch_ms=int(stats["popularity_ms"].max()),
     )
-    return repo

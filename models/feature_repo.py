@@ -17,6 +17,13 @@ Feast's Redis layout, read directly by :class:`OnlineReader`: one hash per entit
 packed ``<I``, value = a serialized Feast ``Value`` protobuf; field ``_ts:view`` = a protobuf
 ``Timestamp`` of the row's event time, **in whole seconds**. The Redis online store skips a write
 whose event time (in whole seconds) is not newer than the stored one.
+
+Item popularity and availability are not Feast features: they live only in the Redis state of
+:mod:`serving.state`, written atomically with the users' state by the stream processors. The
+sorted set ``{project}:popular`` (with its scale's epoch in ``{project}:popular:epoch``) holds
+the time-decayed popularity, the set ``{project}:unavailable`` the items that must not be
+recommended. The offline copy of popularity is the artifacts' ``state/item_stats.parquet``,
+from which :mod:`models.feature_load` loads the sorted set.
 """
 
 from __future__ import annotations
@@ -78,12 +85,6 @@ VIEWS: dict[str, ViewSpec] = {
         "item",
         {"title": "String", "year": "Int64", "genres": "Array(String)"},
         description="Catalog attributes from the batch data set.",
-    ),
-    "item_stats": ViewSpec(
-        "item",
-        {"popularity": "Float32", "popularity_ms": "Int64", "available": "Bool"},
-        push_source="item_stats_push",
-        description="Updated by the streams: time-decayed popularity (as of popularity_ms).",
     ),
 }
 
@@ -226,31 +227,43 @@ def _check_frame(view: str, df: pd.DataFrame) -> None:
         )
 
 
+def _stale(store: feast.FeatureStore, objects: list[Any]) -> list[Any]:
+    """The feature views and data sources registered in `store` that `objects` no longer
+    define (e.g. a view dropped from VIEWS, left in the registry of an existing repo)."""
+    from feast import FeatureView
+
+    views = [o for o in objects if isinstance(o, FeatureView)]
+    view_names = {v.name for v in views}
+    sources = {s.name for v in views for s in (v.batch_source, v.stream_source) if s is not None}
+    stale_views = [v for v in store.list_feature_views() if v.name not in view_names]
+    return stale_views + [s for s in store.list_data_sources() if s.name not in sources]
+
+
+def apply_definitions(store: feast.FeatureStore) -> None:
+    """Register :func:`definitions` in `store`'s registry and unregister what they dropped."""
+    objects = definitions()
+    store.apply(objects, objects_to_delete=_stale(store, objects), partial=False)
+
+
 def load_offline(
     repo_dir: Path,
     users: pd.DataFrame,
     items: pd.DataFrame,
     user_activity: pd.DataFrame,
-    item_stats: pd.DataFrame,
 ) -> None:
-    """Write the four parquet sources, apply the repo and materialize the data into Redis.
+    """Write the parquet sources, apply the repo and materialize the data into Redis.
 
     Each frame holds the join key, the view's features and ``event_timestamp``; the online store
     ends up with the latest row per entity.
     """
-    frames = {
-        "user_profile": users,
-        "user_activity": user_activity,
-        "item_profile": items,
-        "item_stats": item_stats,
-    }
+    frames = {"user_profile": users, "user_activity": user_activity, "item_profile": items}
     (Path(repo_dir) / "data").mkdir(parents=True, exist_ok=True)
     for view, df in frames.items():
         _check_frame(view, df)
         df[_columns(view)].to_parquet(Path(repo_dir) / "data" / f"{view}.parquet", index=False)
 
     store = feature_store(repo_dir)
-    store.apply(definitions())
+    apply_definitions(store)
     loaded = [view for view, df in frames.items() if len(df)]
     if not loaded:
         return

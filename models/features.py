@@ -65,11 +65,11 @@ def decay(count: float, from_ms: int, to_ms: int) -> float:
 
 @dataclass
 class ItemStats:
-    """One item's stream state: the `item_stats` feature view."""
+    """One item's popularity, offline (training's replay, the artifacts' `item_stats.parquet`).
+    Online it lives only in the `popular` sorted set of `serving.state`, on another scale."""
 
     popularity: float = 0.0  # time-decayed interaction count as of `popularity_ms`
     popularity_ms: int = 0
-    available: bool = True
 
     def at(self, ts_ms: int) -> float:
         return decay(self.popularity, self.popularity_ms, ts_ms)
@@ -78,7 +78,7 @@ class ItemStats:
 def update_item(stats: ItemStats | None, ts_ms: int) -> ItemStats:
     stats = stats or ItemStats()
     ts = max(ts_ms, stats.popularity_ms)
-    return ItemStats(stats.at(ts) + 1.0, ts, stats.available)
+    return ItemStats(stats.at(ts) + 1.0, ts)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from models.feature_repo import (
     TIMESTAMP,
     VIEWS,
     OnlineReader,
-    definitions,
+    apply_definitions,
     feature_store,
     load_offline,
     redis_connection_string,
@@ -79,21 +79,7 @@ def offline_frames() -> dict[str, pd.DataFrame]:
             TIMESTAMP: _stamps([0] + [5] * N_ITEMS),
         }
     )
-    item_stats = pd.DataFrame(
-        {
-            "item_id": ["i0", *ids],
-            "popularity": [99.0, *[k / 10 for k in range(N_ITEMS)]],
-            "popularity_ms": [0, *[6_000 + k for k in range(N_ITEMS)]],
-            "available": [False, *[k % 3 != 0 for k in range(N_ITEMS)]],
-            TIMESTAMP: _stamps([1] + [6] * N_ITEMS),
-        }
-    )
-    return {
-        "user_profile": users,
-        "user_activity": user_activity,
-        "item_profile": items,
-        "item_stats": item_stats,
-    }
+    return {"user_profile": users, "user_activity": user_activity, "item_profile": items}
 
 
 def _plain(value: Any, feast_type: str) -> Any:
@@ -146,7 +132,6 @@ def loaded(tmp_path_factory, redis_url):
         users=frames["user_profile"],
         items=frames["item_profile"],
         user_activity=frames["user_activity"],
-        item_stats=frames["item_stats"],
     )
     store = feature_store(repo)
     return repo, store, frames
@@ -157,7 +142,7 @@ def fresh_store(tmp_path, redis_url):
     """An applied repo with nothing in the online store, under a project of its own."""
     repo = write_repo(tmp_path / "repo", redis_url, f"fresh_{uuid.uuid4().hex[:8]}")
     store = feature_store(repo)
-    store.apply(definitions())
+    apply_definitions(store)
     return store
 
 
@@ -183,8 +168,23 @@ def test_repo_layout(loaded):
     yaml = (repo / "feature_store.yaml").read_text()
     assert "type: redis" in yaml and "entity_key_serialization_version: 3" in yaml
     assert sorted(fv.name for fv in store.list_feature_views()) == sorted(VIEWS)
-    assert {"user_activity_push", "item_stats_push"} <= {s.name for s in store.list_data_sources()}
+    assert "user_activity_push" in {s.name for s in store.list_data_sources()}
     assert all((repo / "data" / f"{view}.parquet").exists() for view in VIEWS)
+
+
+def test_a_view_dropped_from_the_definitions_leaves_the_registry(fresh_store, monkeypatch):
+    """An existing repo's registry loses what VIEWS no longer defines (as `item_stats` went)."""
+    from models import feature_repo
+
+    dropped = feature_repo.ViewSpec("item", {"score": "Float32"}, push_source="dropped_push")
+    monkeypatch.setitem(feature_repo.VIEWS, "dropped", dropped)
+    apply_definitions(fresh_store)
+    assert "dropped" in {fv.name for fv in fresh_store.list_feature_views()}
+    monkeypatch.delitem(feature_repo.VIEWS, "dropped")
+    apply_definitions(fresh_store)
+    assert sorted(fv.name for fv in fresh_store.list_feature_views()) == sorted(VIEWS)
+    sources = {s.name for s in fresh_store.list_data_sources()}
+    assert "user_activity_push" in sources and not {"dropped_push", "dropped_source"} & sources
 
 
 @pytest.mark.parametrize("view", list(VIEWS))
@@ -249,18 +249,19 @@ def test_write_online_keeps_the_newest_row(fresh_store, redis_url):
     users = [f"b{k}" for k in range(500)]
     write_online(store, "user_activity", activity_rows(users, 400, count=7))
     assert all(r and r["event_count"] == 7 for r in reader.users(users, "user_activity"))
-    stats = pd.DataFrame(
+    profiles = pd.DataFrame(
         {
             "item_id": ["x1", "x2"],
-            "popularity": [0.1, 2.5],
-            "popularity_ms": [5, 6],
-            "available": [True, False],
+            "title": ["One", None],
+            "year": pd.array([1999, None], dtype="Int64"),
+            "genres": [["Drama"], []],
             TIMESTAMP: _stamps([10, 10]),
         }
     )
-    write_online(store, "item_stats", stats)
-    assert reader.items(["x1", "x2"], "item_stats") == feast_rows(store, "item_stats", ["x1", "x2"])
-    assert reader.items(["x2"], "item_stats")[0]["available"] is False
+    write_online(store, "item_profile", profiles)
+    got = reader.items(["x1", "x2"], "item_profile")
+    assert got == feast_rows(store, "item_profile", ["x1", "x2"])
+    assert got[0]["title"] == "One" and got[1]["title"] is None
     reader.close()
 
 
@@ -304,17 +305,14 @@ def test_print_read_timings(loaded, redis_url, capsys):
     _, store, _ = loaded
     reader = OnlineReader(redis_url, store.project)
     items = [f"i{k}" for k in range(200)]
-    item_refs = [f"{v}:{f}" for v in ("item_profile", "item_stats") for f in VIEWS[v].features]
+    item_refs = [f"item_profile:{f}" for f in VIEWS["item_profile"].features]
     user_refs = [f"user_activity:{f}" for f in VIEWS["user_activity"].features]
     timings = {
         "reader, 1 user (user_activity)": lambda: reader.users(["u1"], "user_activity"),
         "get_online_features, 1 user": lambda: store.get_online_features(
             user_refs, [{"user_id": "u1"}]
         ).to_dict(),
-        "reader, 200 items (item_profile + item_stats)": lambda: (
-            reader.items(items, "item_profile"),
-            reader.items(items, "item_stats"),
-        ),
+        "reader, 200 items (item_profile)": lambda: reader.items(items, "item_profile"),
         "get_online_features, 200 items": lambda: store.get_online_features(
             item_refs, [{"item_id": i} for i in items]
         ).to_dict(),

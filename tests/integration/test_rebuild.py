@@ -146,7 +146,6 @@ def dump(redis_url: str, artifacts, users: list[str], items: list[str]) -> dict:
     feast = {
         "user_activity": reader.users(users, "user_activity"),
         "user_profile": reader.users(users, "user_profile"),
-        "item_stats": reader.items(items, "item_stats"),
         "item_profile": reader.items(items, "item_profile"),
     }
     reader.close()
