@@ -63,6 +63,20 @@ class Settings(BaseSettings):
     )
     interaction_batch: int = Field(500, ge=1, description="Max events per micro-batch")
     request_concurrency: int = Field(32, ge=1, description="Requests in flight per worker")
+    request_deadline_ms: int = Field(
+        1000,
+        ge=1,
+        description="Deadline of a request without its own deadline_ms, counted from when it was "
+        "produced (its Kafka timestamp); one taken or still unserved after its deadline is "
+        "answered with status `expired`",
+    )
+    idle_fetch_backoff_ms: float = Field(
+        8.0,
+        ge=0,
+        description="Most a worker waits before fetching again after an empty fetch that the "
+        "broker answered at once instead of holding it (the embedded broker ignores fetch max "
+        "wait, and an idle worker would spin); 0 = never wait",
+    )
     kafka_transactions: bool = Field(
         False,
         description="Publish responses and commit their requests' offsets in one Kafka "

@@ -8,18 +8,21 @@ retries through dependency outages and dead-letters poison events. Every effect 
 from the committed offsets without lost or doubled effects. A batch's responses are published in
 one Kafka transaction with its requests' offsets when `kafka_transactions` is on (Apache Kafka):
 exactly one visible response per request; otherwise at least one, and a duplicate has the first
-answer's bytes.
+answer's bytes. Without transactions each response is published as soon as it is ready, and a
+request is acked once it and every earlier request of its partition are answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import socket
 import sys
 import threading
 import time
+from collections import Counter
 from functools import cached_property
 from typing import NoReturn
 
@@ -32,7 +35,13 @@ from streamrec.config import Settings, get_settings
 from streamrec.stack import EmbeddedStack, StackNotRunning
 from streams import metrics
 from streams.durable import Guard, until_sent
-from streams.kafka import TransactionalPublisher, faust_broker_settings
+from streams.kafka import (
+    Batches,
+    InOrderAcks,
+    TransactionalPublisher,
+    faust_broker_settings,
+    space_out_empty_fetches,
+)
 from streams.processors import (
     Answer,
     BatchResult,
@@ -47,6 +56,7 @@ from streams.workers import FAILED, READY
 
 log = logging.getLogger("streamrec.workers")
 SEND_TIMEOUT_S = 15.0  # for the broker to acknowledge a batch before it is sent again
+REQUEST_BATCH_WAIT_S = 0.001  # the most a request waits for others to share its batch
 
 
 class Runtime:
@@ -153,6 +163,7 @@ class Runtime:
                 triton,
                 cache,
                 self.settings.request_concurrency,
+                default_deadline_ms=self.settings.request_deadline_ms,
             )
         return self._requests
 
@@ -166,6 +177,7 @@ def create_app(settings: Settings) -> faust.App:
     bootstrap = EmbeddedStack(settings).endpoint("kafka")
     runtime = Runtime(settings)
     runtime.check()
+    space_out_empty_fetches(settings.idle_fetch_backoff_ms / 1000)
     app = faust.App(
         settings.worker_group,
         broker=[f"kafka://{b}" for b in bootstrap.split(",")],
@@ -188,6 +200,7 @@ def create_app(settings: Settings) -> faust.App:
         broker_commit_interval=0.5,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        producer_linger=0.0,  # each response goes out as soon as it is ready
         web_enabled=False,
         **faust_broker_settings(settings),
     )
@@ -202,7 +215,8 @@ def create_app(settings: Settings) -> faust.App:
         for role in TOPICS
     }
     serdes = runtime.serdes
-    guards = {name: Guard(name) for name in ("interactions", "item_updates", "requests")}
+    # Requests are guarded one by one, in RequestProcessor.
+    guards = {name: Guard(name) for name in ("interactions", "item_updates")}
 
     async def publish(role: str, messages: list[tuple[bytes | None, bytes]]) -> None:
         """Produce and wait until the broker has every message (retried while it is away)."""
@@ -274,25 +288,62 @@ def create_app(settings: Settings) -> faust.App:
                 stream, await asyncio.to_thread(runtime.processor, "item_updates"), events
             )
 
+    async def answer(processor: RequestProcessor, events, acks: InOrderAcks) -> None:
+        """Publish each answer as soon as it is ready, then ack its request (in offset order)."""
+        async for ready in processor.answers([_raw(e) for e in events]):
+            outcomes = [o for _, o in ready]
+            await publish("recommendations", [(o.key, o.value) for o in outcomes if _is_answer(o)])
+            await dead_letters([o for o in outcomes if not _is_answer(o)], processor.name)
+            await acks.done([events[n] for n, _ in ready])
+            _observe([(o, events[n]) for n, o in ready])
+
+    async def answer_atomically(processor, events, acks: InOrderAcks, previous) -> None:
+        """The batch's answers, dead letters and offsets in one transaction, committed after the
+        previous batch's: offsets only move forward."""
+        out = await processor.handle_batch([_raw(e) for e in events])
+        if previous is not None and not await previous:
+            raise RuntimeError("an earlier batch of requests failed; not committing past it")
+        answers = [(o.key, o.value) for o in out if _is_answer(o)]
+        await publish_atomically(answers, [o for o in out if not _is_answer(o)], events)
+        await acks.done(events)
+        _observe(list(zip(out, events, strict=True)))
+
     @app.agent(topics["requests"])
     async def requests(stream):
-        async for events in stream.noack_take(settings.request_concurrency, within=0.002):
+        """Takes requests while earlier ones are in flight (at most `request_concurrency`).
+
+        Without transactions each answer is published as soon as it is ready. With them, one
+        transaction per batch (its answers and its offsets), so a batch waits for its slowest
+        request, and transactions commit in the order the batches were taken.
+        """
+        slots = asyncio.Semaphore(settings.request_concurrency)
+        acks = InOrderAcks(stream)
+        in_flight: set[asyncio.Task] = set()
+        last: asyncio.Task | None = None
+
+        async def serve(events, previous: asyncio.Task | None) -> None:
             processor = await runtime.requests()
-            results = await guards["requests"].run(
-                processor.handle_batch, [_raw(e) for e in events], lambda letter: [letter]
-            )
-            outcomes = [o for r in results for o in r]  # one per event, in order
-            answers = [(o.key, o.value) for o in outcomes if isinstance(o, Answer)]
-            letters = [o for o in outcomes if isinstance(o, dict)]
             if runtime.transactions is None:
-                await publish("recommendations", answers)
-                await dead_letters(letters, processor.name)
+                await answer(processor, events, acks)
             else:
-                await publish_atomically(answers, letters, events)
-            await ack(stream, events)
-            for event, o in zip(events, outcomes, strict=True):
-                if isinstance(o, Answer) and o.response is not None:
-                    _observe(o.response, event.message.timestamp)
+                await answer_atomically(processor, events, acks, previous)
+
+        def launch(events: list) -> None:
+            nonlocal last
+            acks.taken(events)
+            last = asyncio.create_task(_releasing(serve(events, last), slots, len(events)))
+            in_flight.add(last)
+            last.add_done_callback(in_flight.discard)
+
+        batches = Batches(settings.request_concurrency, REQUEST_BATCH_WAIT_S, launch)
+        try:
+            async for event in stream.noack().events():
+                await slots.acquire()  # at most `request_concurrency` taken and unanswered
+                batches.add(event)
+        finally:  # stopping: what is in flight is unacked, so redelivered
+            batches.cancel()
+            for task in in_flight:
+                task.cancel()
 
     canary_failures = 0
 
@@ -353,16 +404,59 @@ def create_app(settings: Settings) -> faust.App:
         except Exception as e:  # noqa: BLE001
             log.exception("warm-up failed")
             _exit_failed(f"{type(e).__name__}: {e}")
+        # The models, Feast and imports live as long as the worker: keep them out of every
+        # later collection, so none scans them on the request path.
+        gc.collect()
+        gc.freeze()
         log.info(READY)
 
     return app
 
 
-def _observe(response: dict, produced_s: float) -> None:
-    metrics.RESPONSES.labels(response["status"], response["path"] or "-").inc()
-    metrics.REQUEST_LATENCY.labels("end_to_end").observe(time.time() - produced_s)
-    for stage in response["stages"]:
-        metrics.REQUEST_LATENCY.labels(stage["name"]).observe(stage["duration_ms"] / 1000)
+async def _releasing(work, slots: asyncio.Semaphore, n: int) -> bool:
+    """Run `work`, then free its `n` request slots; whether it succeeded. A failed batch stays
+    unacked, and so holds its partitions' commits (its requests are redelivered on a restart)."""
+    try:
+        await work
+        return True
+    except Exception:  # noqa: BLE001 - nothing may escape an agent's work unseen
+        log.exception("requests: answering a batch failed; its offsets stay uncommitted")
+        metrics.STALLED.labels("requests").set(1)
+        return False
+    finally:
+        for _ in range(n):
+            slots.release()
+
+
+def _is_answer(outcome) -> bool:
+    return isinstance(outcome, Answer)
+
+
+def _observe(outcomes: list) -> None:
+    """Metrics of a list of (outcome, event) just published: one counter update per kind."""
+    now = time.time()
+    kinds: Counter[tuple[str, str]] = Counter()
+    end_to_end = _latency("end_to_end")
+    for outcome, event in outcomes:
+        response = outcome.response if _is_answer(outcome) else None
+        if response is None:
+            continue
+        kinds[response["status"], response["path"] or "-"] += 1
+        end_to_end.observe(now - event.message.timestamp)
+        for stage in response["stages"]:
+            _latency(stage["name"]).observe(stage["duration_ms"] / 1000)
+    for (status, path), n in kinds.items():
+        metrics.RESPONSES.labels(status, path).inc(n)
+
+
+_latencies: dict[str, object] = {}
+
+
+def _latency(stage: str):
+    """The stage's latency histogram (a labelled child is a locked lookup: kept)."""
+    if stage not in _latencies:
+        _latencies[stage] = metrics.REQUEST_LATENCY.labels(stage)
+    return _latencies[stage]
 
 
 def _exit_failed(reason: str) -> NoReturn:

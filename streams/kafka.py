@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +101,7 @@ class TransactionalPublisher:
             bootstrap_servers=bootstrap,
             transactional_id=transactional_id,
             transaction_timeout_ms=10_000,  # bounds how long a dead worker's open one blocks
+            linger_ms=0,
             **aiokafka_settings(settings),
         )
         self._producer = self._new()
@@ -152,7 +153,7 @@ class EventProducer:
         self.settings = settings
         conf = client_config(settings, bootstrap) | {
             "enable.idempotence": True,
-            "linger.ms": 2,
+            "linger.ms": 0,  # a request waits for nothing: sent as soon as it is produced
         }
         self._producer = Producer(conf | extra)
         self._serdes = {role: serde_for(settings, role) for role in TOPICS}
@@ -268,3 +269,111 @@ class EventConsumer:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+class EmptyFetchBackoff:
+    """Waits a little, growing to `max_s`, before the next fetch from a broker whose last answer
+    was empty and came back at once: a broker that ignores fetch max wait (the embedded one)
+    would otherwise be asked again and again by an idle consumer, a core's worth of round trips.
+    Data resets the wait; an empty answer that the broker held (Apache Kafka) costs no wait."""
+
+    def __init__(self, max_s: float, first_s: float = 0.0005):
+        self.max_s, self.first_s = max_s, first_s
+        self._delay: dict[int, float] = {}  # by broker node
+
+    def after(self, node_id: int, has_data: bool, held_s: float, max_wait_s: float) -> float:
+        """How long to wait before the next fetch from this node."""
+        if has_data or held_s >= max_wait_s / 2:
+            self._delay.pop(node_id, None)
+            return 0.0
+        delay = min(self._delay.get(node_id, self.first_s / 2) * 2, self.max_s)
+        self._delay[node_id] = delay
+        return delay
+
+
+def space_out_empty_fetches(max_s: float) -> None:
+    """Make every aiokafka consumer of this process (Faust's included) wait as `EmptyFetchBackoff`
+    says. aiokafka has no setting for it: it relies on the broker to hold empty fetches."""
+    from aiokafka.consumer.fetcher import Fetcher
+
+    if max_s <= 0 or getattr(Fetcher._proc_fetch_request, "backoff", None):
+        return
+    original = Fetcher._proc_fetch_request
+    backoff = EmptyFetchBackoff(max_s)
+
+    async def fetch(self, assignment, node_id, request) -> bool:
+        started = time.monotonic()
+        has_data = await original(self, assignment, node_id, request)
+        held_s = time.monotonic() - started
+        delay = backoff.after(node_id, has_data, held_s, self._fetch_max_wait_ms / 1000)
+        if delay and assignment.active:
+            # The node counts as in flight until this returns: no fetch to it meanwhile.
+            # Cancelled (a rebalance, a close): return as aiokafka's own fetch does.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(delay)
+        return has_data
+
+    fetch.backoff = backoff
+    Fetcher._proc_fetch_request = fetch
+
+
+class InOrderAcks:
+    """Acks each partition's requests in offset order, a request once it and every earlier one
+    of its partition is answered. Faust commits past a gap at the head of a partition's acked
+    offsets (`Consumer._new_offset` checks `min(acked) - committed > 1`, and nothing before the
+    first commit), so acking out of order could commit a request still in flight."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self._pending: dict[tuple[str, int], dict[int, list]] = {}  # [event, answered]
+
+    def taken(self, events) -> None:
+        for e in events:
+            tp = (e.message.topic, e.message.partition)
+            self._pending.setdefault(tp, {})[e.message.offset] = [e, False]
+
+    async def done(self, events) -> None:
+        for e in events:
+            entry = self._pending.get((e.message.topic, e.message.partition), {})
+            if e.message.offset in entry:
+                entry[e.message.offset][1] = True
+        for tp in {(e.message.topic, e.message.partition) for e in events}:
+            await self._ack_head(tp)
+
+    async def _ack_head(self, tp: tuple[str, int]) -> None:
+        pending = self._pending.get(tp, {})
+        while pending:
+            offset, (event, answered) = next(iter(pending.items()))  # dicts keep insertion order
+            if not answered:
+                return
+            del pending[offset]
+            await self.stream.ack(event)
+
+
+class Batches:
+    """Groups events taken one by one into batches of up to `max_`, the first event waiting at
+    most `wait_s` for company. Unlike Faust's `take`, which wakes every `within` seconds even
+    when there is nothing to take, an idle stream costs nothing."""
+
+    def __init__(self, max_: int, wait_s: float, launch: Callable[[list], None]):
+        self.max_, self.wait_s, self.launch = max_, wait_s, launch
+        self._batch: list = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, event) -> None:
+        self._batch.append(event)
+        if len(self._batch) >= self.max_:
+            self.flush()
+        elif len(self._batch) == 1:
+            self._timer = asyncio.get_running_loop().call_later(self.wait_s, self.flush)
+
+    def flush(self) -> None:
+        self.cancel()
+        events, self._batch = self._batch, []
+        if events:
+            self.launch(events)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

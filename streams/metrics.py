@@ -28,6 +28,10 @@ REQUEST_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 RESPONSES = Counter("streamrec_responses_total", "Responses published", ["status", "path"])
+EXPIRED = Counter(
+    "streamrec_requests_expired_total",
+    "Requests answered `expired`: their deadline passed before or while they were served",
+)
 STALLED = Gauge(
     "streamrec_stalled",
     "1 while a processor holds a batch because a dependency is unavailable",

@@ -1,7 +1,8 @@
 """What the stream workers do with each micro-batch, independent of Faust.
 
 - Interactions → the user's stream state, seen set and item popularity in Redis, atomically and
-  once per event id; then a projection into the Feast online store (user_activity, item_stats).
+  once per event id; then a projection of the users' state into the Feast online store
+  (user_activity). Item popularity lives only in Redis (`serving.state`), not in Feast.
 - Item updates → availability and catalog additions (picked up by the serving stages).
 - Requests → the Triton ensemble → one response each; bad requests get an error response.
 Undecodable events become dead letters with the reason. A batch whose effects cannot be written
@@ -15,7 +16,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from serving.operators import (
     validate_request,
 )
 from serving.state import RedisState, pending_id
+from streams import metrics
 
 
 @dataclass
@@ -142,8 +144,11 @@ class InteractionProcessor:
         for item, profile in self.state.catalog_additions(unknown).items():
             self.vectors[item] = self._vector(profile.get("genres"))
 
-    def _apply(self, good, result: BatchResult):
-        """Apply new events to the users' state in one Redis transaction (retried on conflict)."""
+    def _apply(
+        self, good: list[tuple[RawEvent, dict]], result: BatchResult
+    ) -> dict[str, UserActivity]:
+        """Apply new events to the users' state in one Redis transaction (retried on conflict);
+        the batch's users' state after it."""
         import redis
 
         users = sorted({r["user_id"] for _, r in good})
@@ -159,20 +164,18 @@ class InteractionProcessor:
                     result.applied = result.duplicates = 0
         raise Contention("user state kept changing under this worker (another owner?)")
 
-    def _transaction(self, pipe, users, good, result):
+    def _transaction(
+        self, pipe, users: list[str], good: list[tuple[RawEvent, dict]], result: BatchResult
+    ) -> dict[str, UserActivity]:
         states = dict(zip(users, self.state.users(users), strict=True))
         missing = [u for u, s in states.items() if s is None]
         for user, row in zip(missing, self.reader.users(missing, "user_activity"), strict=True):
             states[user] = UserActivity(**row) if row else None
         applied = self.state.applied_mask([(r["user_id"], r["event_id"]) for _, r in good])
         pipe.multi()
-        # Every item of the batch is projected, applied now or before: a batch that failed after
-        # its transaction leaves no stale Feast row when it is run again.
-        items: dict[str, int] = {}
         seen_ids: set[tuple[str, str]] = set()
         for (_, r), done in zip(good, applied, strict=True):
             user, item, ts = r["user_id"], r["item_id"], int(r["timestamp_ms"])
-            items[item] = max(ts, items.get(item, 0))
             if done or (user, r["event_id"]) in seen_ids:
                 result.duplicates += 1
                 continue
@@ -186,10 +189,10 @@ class InteractionProcessor:
             result.applied += 1
         for user in {u for u, _ in seen_ids}:
             self.state.put_user(pipe, user, states[user])
-        return {u: states[u] for u in users if states[u] is not None}, items
+        return {u: states[u] for u in users if states[u] is not None}
 
-    def _project(self, fresh) -> None:
-        """Write the users' and items' current state to the Feast online store.
+    def _project(self, users: dict[str, UserActivity]) -> None:
+        """Write the users' current state to the Feast online store (user_activity).
 
         Feast's Redis store keeps a row unless the new event time is newer in whole seconds, so
         each row is stamped max(event second, stored second + 1): a second write in the same
@@ -198,33 +201,17 @@ class InteractionProcessor:
         """
         from models.feature_repo import TIMESTAMP, write_online
 
-        users, items = fresh
-        if users:
-            ids = list(users)
-            rows = [vars(users[u]) | {"user_id": u} for u in ids]
-            stamps = [s.last_event_ms // 1000 for s in users.values()]
-            self._write(write_online, TIMESTAMP, "user", "user_activity", ids, rows, stamps)
-        if items:
-            ids = list(items)
-            scores = self.state.popularity_scores(ids)
-            rows = [
-                {
-                    "item_id": i,
-                    "popularity": self.state.popularity_at(s, items[i]),
-                    "popularity_ms": items[i],
-                    "available": True,
-                }
-                for i, s in zip(ids, scores, strict=True)
-            ]
-            stamps = [items[i] // 1000 for i in ids]
-            self._write(write_online, TIMESTAMP, "item", "item_stats", ids, rows, stamps)
-
-    def _write(self, write_online, ts_col, entity, view, ids, rows, stamps) -> None:
-        stored = self.reader.timestamps(entity, ids, view)
-        seconds = [max(s, (old or 0) + 1) for s, old in zip(stamps, stored, strict=True)]
-        df = pd.DataFrame(rows)
-        df[ts_col] = pd.to_datetime(seconds, unit="s", utc=True)
-        write_online(self.store, view, df)
+        if not users:
+            return
+        ids = list(users)
+        stored = self.reader.timestamps("user", ids, "user_activity")
+        seconds = [
+            max(users[u].last_event_ms // 1000, (old or 0) + 1)
+            for u, old in zip(ids, stored, strict=True)
+        ]
+        df = pd.DataFrame([vars(users[u]) | {"user_id": u} for u in ids])
+        df[TIMESTAMP] = pd.to_datetime(seconds, unit="s", utc=True)
+        write_online(self.store, "user_activity", df)
 
 
 def _check_item_update(r: dict) -> str | None:
@@ -286,6 +273,9 @@ class Answer:
     response: dict | None  # None when the bytes are a cached earlier answer (a redelivery)
 
 
+Outcome = Answer | dict  # an answer, or a dead letter (an undecodable or poison request)
+
+
 class ResponseCache:
     """Encoded responses by request id, so that a redelivered request is answered with the same
     bytes as the first time (consumers drop duplicates by request id). Best effort: while Redis
@@ -312,8 +302,19 @@ class ResponseCache:
             pipe.execute()
 
 
+def expired_record(request: dict, error: str, model_version: str = "") -> dict:
+    """The answer to a request whose deadline passed: no items, status `expired`."""
+    return error_record(request, error, model_version) | {"status": "expired"}
+
+
 class RequestProcessor:
-    """Answers requests through the Triton ensemble: bounded concurrency, deadlines, retries."""
+    """Answers requests through the Triton ensemble: bounded concurrency, deadlines, retries.
+
+    A request's deadline is its `deadline_ms`, else `default_deadline_ms` after it was produced
+    (its Kafka timestamp: the record's own `timestamp_ms` is the logical request time, which
+    replays set in the past). One whose deadline has passed is answered `expired` without
+    reaching Triton; Triton gets the time left as its timeout.
+    """
 
     name = "requests"
 
@@ -325,81 +326,145 @@ class RequestProcessor:
         cache: ResponseCache | None = None,
         concurrency: int = 32,
         retries: int = 8,  # transient failures, within the deadline: ~3 s of back-off
-        default_timeout_s: float = 5.0,
+        default_deadline_ms: int = 1000,
         max_k: int = MAX_K,
     ):
+        from streams.durable import Guard  # streams.durable imports this module
+
         self.serde = serde
         self.response_serde = response_serde
         self.triton = triton  # AsyncTritonRecommender (connected)
         self.cache = cache
         self.limit = asyncio.Semaphore(concurrency)
         self.retries = retries
-        self.default_timeout_s = default_timeout_s
+        self.default_deadline_ms = default_deadline_ms
         self.max_k = max_k
+        self.guard = Guard(self.name)
 
-    async def handle_batch(self, events: list[RawEvent]) -> list[Answer | dict]:
+    async def handle_batch(self, events: list[RawEvent]) -> list[Outcome]:
         """An answer or a dead letter per event, in order; earlier answers come from the cache."""
-        requests: list[dict | None] = []
-        out: list[Answer | dict | None] = []
-        for event in events:
-            try:
-                requests.append(self.serde.decode(event.value))
-                out.append(None)
-            except DecodeError as e:
-                requests.append(None)
-                out.append(dead_letter(event, e.reason, self.name))
-        todo = [n for n, r in enumerate(requests) if r is not None]
-        ids = [str(requests[n].get("request_id") or "") for n in todo]
-        cached = await asyncio.to_thread(self.cache.get, ids) if self.cache and todo else []
-        fresh = []
-        for n, value in zip(todo, cached or [None] * len(todo), strict=True):
-            if value is not None:
-                out[n] = Answer(str(requests[n]["user_id"]).encode(), value, None)
-            else:
-                fresh.append(n)
-        responses = await asyncio.gather(*(self.handle(requests[n]) for n in fresh))
-        for n, response in zip(fresh, responses, strict=True):
-            out[n] = Answer(
-                response["user_id"].encode(), self.response_serde.encode(response), response
-            )
-        if self.cache and fresh:
-            answers = {r["request_id"]: out[n].value for n, r in zip(fresh, responses, strict=True)}
-            await asyncio.to_thread(self.cache.put, {k: v for k, v in answers.items() if k})
+        out: list[Outcome | None] = [None] * len(events)
+        async for ready in self.answers(events):
+            for n, outcome in ready:
+                out[n] = outcome
         return out
 
-    async def handle(self, request: dict) -> dict:
-        """The response to one decoded request (an error response when it cannot be served)."""
+    async def answers(self, events: list[RawEvent]) -> AsyncIterator[list[tuple[int, Outcome]]]:
+        """(index, outcome) for each event as soon as it is ready: dead letters and cached
+        answers first, then the served ones, those that finish together in one list (cached
+        before they are yielded)."""
+        requests, ready = self._decode(events)
+        ready += await self._cached(requests)
+        if ready:
+            yield ready
+        pending = {
+            asyncio.ensure_future(self._answer(n, events[n], r))
+            for n, r in enumerate(requests)
+            if r is not None
+        }
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                served = [task.result() for task in done]
+                await self._remember(served)
+                yield served
+        finally:
+            for task in pending:
+                task.cancel()
+
+    def _decode(
+        self, events: list[RawEvent]
+    ) -> tuple[list[dict | None], list[tuple[int, Outcome]]]:
+        """The decoded requests (None where undecodable) and a dead letter for each of those."""
+        requests: list[dict | None] = []
+        letters: list[tuple[int, Outcome]] = []
+        for n, event in enumerate(events):
+            try:
+                requests.append(self.serde.decode(event.value))
+            except DecodeError as e:
+                requests.append(None)
+                letters.append((n, dead_letter(event, e.reason, self.name)))
+        return requests, letters
+
+    async def _cached(self, requests: list[dict | None]) -> list[tuple[int, Outcome]]:
+        """Earlier answers to redelivered requests (one cache read for the batch); their
+        requests are set to None, so they are not served again."""
+        todo = [n for n, r in enumerate(requests) if r is not None]
+        if not self.cache or not todo:
+            return []
+        ids = [str(requests[n].get("request_id") or "") for n in todo]
+        found = []
+        for n, value in zip(todo, await asyncio.to_thread(self.cache.get, ids), strict=True):
+            if value is not None:
+                found.append((n, Answer(str(requests[n]["user_id"]).encode(), value, None)))
+                requests[n] = None
+        return found
+
+    async def _remember(self, served: list[tuple[int, Outcome]]) -> None:
+        if not self.cache:
+            return
+        answers = {
+            o.response["request_id"]: o.value
+            for _, o in served
+            if isinstance(o, Answer) and o.response and o.response["request_id"]
+        }
+        if answers:
+            await asyncio.to_thread(self.cache.put, answers)
+
+    async def _answer(self, n: int, event: RawEvent, request: dict) -> tuple[int, Outcome]:
+        """One request's answer; one that keeps failing becomes a dead letter (the guard)."""
+
+        async def respond(_: list[RawEvent]) -> Answer:
+            response = await self.handle(request, self.deadline_ms(request, event.timestamp_ms))
+            return Answer(
+                response["user_id"].encode(), self.response_serde.encode(response), response
+            )
+
+        [outcome] = await self.guard.run(respond, [event], lambda letter: letter)
+        return n, outcome
+
+    def deadline_ms(self, request: dict, produced_ms: int) -> int:
+        """When the answer is due (epoch ms)."""
+        if request.get("deadline_ms") is not None:
+            return int(request["deadline_ms"])
+        return produced_ms + self.default_deadline_ms
+
+    async def handle(self, request: dict, deadline_ms: int) -> dict:
+        """The response to one decoded request (an error response when it cannot be served,
+        an expired one when its deadline passes first)."""
         if error := validate_request(request, self.max_k):
             return error_record(request, f"invalid request: {error}", self.triton.version)
-        timeout = self.default_timeout_s
-        if request["deadline_ms"] is not None:
-            timeout = (request["deadline_ms"] - time.time() * 1000) / 1000
-            if timeout <= 0:
-                return error_record(request, "deadline passed before serving", self.triton.version)
+        if (late_ms := time.time() * 1000 - deadline_ms) >= 0:
+            return self._expired(request, f"deadline missed by {late_ms:.0f} ms before serving")
         async with self.limit:
-            return await self._serve(request, timeout)
+            return await self._serve(request, deadline_ms)
 
-    async def _serve(self, request: dict, timeout: float) -> dict:
+    def _expired(self, request: dict, error: str) -> dict:
+        metrics.EXPIRED.inc()
+        return expired_record(request, error, self.triton.version)
+
+    async def _serve(self, request: dict, deadline_ms: int) -> dict:
         from tritonclient.utils import InferenceServerException
 
-        deadline = time.monotonic() + timeout
+        tensors = request_tensors(request)
+        failure = ""  # the last transient failure, if the deadline cut its retries short
         for attempt in range(self.retries + 1):
-            left = deadline - time.monotonic()
+            left = deadline_ms / 1000 - time.time()
             if left <= 0:
                 break
             try:
-                outputs = await asyncio.wait_for(self.triton.run(request_tensors(request)), left)
+                call = self.triton.run(tensors, timeout=left)
+                outputs = await asyncio.wait_for(call, left)  # in case the client ignores it
                 return response_record(request, outputs, self.triton.version)
             except (InferenceServerException, ConnectionError, OSError) as e:
                 if not _transient(e) or attempt == self.retries:
                     return error_record(request, f"serving failed: {e}", self.triton.version)
-                pause = min(0.05 * 2**attempt, 0.5, max(0.0, deadline - time.monotonic()))
-                await asyncio.sleep(pause)
+                failure = f" (after {attempt + 1} failed tries, the last: {e})"
+                await asyncio.sleep(min(0.05 * 2**attempt, 0.5, max(0.0, left)))
             except TimeoutError:
                 break
-        return error_record(
-            request, f"deadline of {timeout * 1000:.0f} ms exceeded", self.triton.version
-        )
+        late_ms = max(time.time() * 1000 - deadline_ms, 0)
+        return self._expired(request, f"deadline missed by {late_ms:.0f} ms while serving{failure}")
 
 
 def _transient(error: Exception) -> bool:

@@ -2,10 +2,10 @@
 
 Each scenario injects one real fault (SIGKILL, SIGSTOP, a restart on the same data) and then
 checks, from the state and the response topic: no accepted event lost or applied twice (user
-state, Feast rows, item popularity), every request answered (error answers are fine during the
-outage; a duplicate answer must be byte-identical), and the system back within 30 s of the fault
-clearing. "Recovery" is the later of: an interaction sent when the fault cleared is applied, and
-a request sent after it is answered `ok`.
+state, its Feast rows, item popularity in the `popular` sorted set), every request answered
+(error answers are fine during the outage; a duplicate answer must be byte-identical), and the
+system back within 30 s of the fault clearing. "Recovery" is the later of: an interaction sent
+when the fault cleared is applied, and a request sent after it is answered `ok`.
 """
 
 from __future__ import annotations

@@ -39,8 +39,17 @@ def _settings(base_settings, kafka, redis_url, triton_url, artifacts, **extra):
 @pytest.fixture(scope="module")
 def live(base_settings, kafka, redis_url, triton_url, artifacts, serving_config):
     """Fresh topics and one worker for the module, publishing in Kafka transactions."""
+    # A generous default deadline: `produce` opens a new idempotent producer each time, whose
+    # first record reaches the embedded broker up to 1 s after it was stamped, and the worker
+    # joins its group after it says it is ready. Deadlines are tested with explicit ones.
     settings = _settings(
-        base_settings, kafka, redis_url, triton_url, artifacts, kafka_transactions=True
+        base_settings,
+        kafka,
+        redis_url,
+        triton_url,
+        artifacts,
+        kafka_transactions=True,
+        request_deadline_ms=60_000,
     )
     workers = Workers(settings)
     workers.start(1)
@@ -102,6 +111,21 @@ def test_each_request_gets_exactly_one_response_with_its_id(live):
     assert sum(v[0]["status"] == "ok" for v in got.values()) == 30
     bad = got[batch[-1]["request_id"]][0]
     assert bad["status"] == "error" and "k must be" in bad["error"]
+
+
+def test_an_expired_request_is_answered_expired_at_once_and_its_batch_served(live):
+    now_ms = int(time.time() * 1000)
+    fresh = [request("196", k=5), request("196", k=5, deadline_ms=now_ms + 30_000)]
+    late = request("196", k=5, deadline_ms=now_ms - 2_000)  # one user: one partition, one batch
+    produce(live, "requests", [fresh[0], late, fresh[1]])
+    got = responses(live, {r["request_id"] for r in [*fresh, late]})
+    assert all(len(got[r["request_id"]]) == 1 for r in [*fresh, late])
+    assert [got[r["request_id"]][0]["status"] for r in fresh] == ["ok", "ok"]
+    expired = got[late["request_id"]][0]
+    assert expired["status"] == "expired" and "before serving" in expired["error"]
+    missed_ms = int(expired["error"].split("missed by ")[1].split(" ms")[0])
+    assert missed_ms >= 2_000
+    assert expired["items"] == [] and expired["stages"] == []  # Triton never ran it
 
 
 def test_an_interaction_removes_the_item_from_the_users_next_recommendation(live, state):
