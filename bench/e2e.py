@@ -1,31 +1,31 @@
 """End-to-end benchmark: Kafka → Faust stream worker(s) → Triton ensemble → Kafka, one data set.
 
     .venv/bin/python -m bench.e2e                           # ML-100K (trains once, cached)
+    .venv/bin/python -m bench.e2e --quick                   # a ~2 minute smoke run
+    STREAMREC_BENCH_ARTIFACTS=.streamrec/dev/artifacts/current .venv/bin/python -m bench.e2e
     .venv/bin/python -m bench.e2e --rates 20,50,100 --workers 2
 
 One run, on an embedded stack the benchmark starts itself (broker, Valkey, tritonserver and
 stream workers on free 127.0.0.1 ports, in a temporary directory, stopped by PID at the end):
 
-1. Interactions: a burst of N events produced as fast as possible (the data's hold-out, padded
+1. Idle CPU: no traffic for `--idle-s` after the warm-up; % of a core by process.
+2. Interactions: a burst of N events produced as fast as possible (the data's hold-out, padded
    with synthetic events over known users and items if N is larger); events/s from the first
    produce until the processed counter (`RedisState.acked()`) has grown by N; feature freshness
    from the workers' `streamrec_feature_freshness_seconds` histogram (bucket estimate); then
    single interactions produced one at a time, timed from produce to `acked()` incrementing.
-2. Requests at steady rates, open loop: a producer thread sends on a fixed schedule without
-   waiting for answers, a consumer thread records when each response arrives; latency =
-   arrival − scheduled send time (queueing behind a slow producer counts). Known users and a
-   share of unknown ones, k=10, temperature 0. Raising the rate stops once p99 > 1 s; then
-   up to `--refine` more rates locate where p99 crosses 100 ms (halving below the ladder if
-   no rate held it, else bisecting). Each request carries a deadline (`--deadline-s`), so an
-   overloaded rate drains as error responses instead of minutes of backlog.
-3. The in-process graph (`LocalRecommender`) on the same requests, sequentially, on the same
-   Valkey state; the end-to-end / in-process ratio of the medians.
-4. Per-stage medians from the responses' `stages` under each rate, beside the in-process ones.
-5. `bench/results/e2e-<data>.{json,md}` and a plot `bench/results/e2e-latency.png` (written
-   with a small built-in PNG writer; no plotting library needed).
-
-CPU time of every process (worker, tritonserver and each stage's Python stub, broker, Valkey,
-this process) is sampled per phase, to show what limits throughput on the machine.
+3. Requests, open loop (`bench.loadgen`): a producer process sends pre-encoded requests on a
+   fixed schedule, this process consumes the responses; latency = response received − request
+   produced, per request id. Known users and a share of unknown ones, k=10, temperature 0.
+   The ladder of rates is raised until a rate is not steady (achieved < 95 % of offered, or a
+   growing backlog), then up to `--refine` rates locate where p99 crosses `--slo-ms`; then
+   overload at `--overload` multiples of the highest sustainable rate (goodput, p99, answers
+   `expired`). Each request carries a deadline (`--deadline-ms`), so an overloaded rate drains
+   as expired answers instead of minutes of backlog. CPU-ms per answered request by process.
+4. The in-process graph (`LocalRecommender`) on the same requests, sequentially, on the same
+   Valkey state; the end-to-end / in-process ratio of the medians; per-stage medians.
+5. `bench/results/e2e-<data>.{json,md}` and a plot `bench/results/e2e-latency.png`
+   (matplotlib).
 """
 
 from __future__ import annotations
@@ -38,15 +38,14 @@ import math
 import os
 import re
 import shutil
-import struct
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
 import uuid
-import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -58,8 +57,6 @@ from bench.common import (
     ROOT,
     MemorySampler,
     Phases,
-    children,
-    cmdline,
     console,
     fmt,
     machine_info,
@@ -68,6 +65,14 @@ from bench.common import (
     ratio,
     summarize,
     write_results,
+)
+from bench.loadgen import (
+    CpuAccount,
+    Generator,
+    Message,
+    schedule_start,
+    stack_processes,
+    step_figures,
 )
 
 
@@ -78,16 +83,34 @@ class BenchmarkFailure(RuntimeError):
 # --- arguments -------------------------------------------------------------------------------
 
 
+QUICK = {  # --quick: a smoke run of about two minutes
+    "rates": "25,50,100",
+    "duration": 5.0,
+    "warmup_s": 1.0,
+    "refine": 1,
+    "events": 5000,
+    "paced": 50,
+    "idle_s": 10.0,
+    "generator_check_s": 1.0,
+    "inprocess_requests": 200,
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.e2e",
         description=(
             "End-to-end benchmark of the streaming recommender on an embedded stack it starts "
-            "itself: interaction throughput and feature freshness, open-loop request→response "
-            "latency at steady rates, the in-process graph on the same requests, per-stage "
-            "timings and per-process CPU. Writes bench/results/e2e-<data>.json, .md and "
-            "bench/results/e2e-latency.png."
+            "itself: interaction throughput and feature freshness, an open-loop sweep of "
+            "request rates over Kafka, overload, CPU per request and at idle by process, the "
+            "in-process graph on the same requests and per-stage timings. Writes "
+            "bench/results/e2e-<data>.json, .md and bench/results/e2e-latency.png."
         ),
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a ~2 minute smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()),
     )
     p.add_argument(
         "--data", default="ml-100k", help="data set (default ml-100k); see bench.serving"
@@ -95,8 +118,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--artifacts",
         type=Path,
-        help="a trained artifact version (or an artifact root with `current`) to reuse; "
-        "default: train once into bench/.work/<data>/artifacts and reuse that",
+        default=os.environ.get("STREAMREC_BENCH_ARTIFACTS") or None,
+        help="a trained artifact version (or an artifact root with `current`) to reuse, e.g. "
+        ".streamrec/dev/artifacts/current (default: $STREAMREC_BENCH_ARTIFACTS, else train "
+        "once into bench/.work/<data>/artifacts and reuse that)",
     )
     p.add_argument("--retrain", action="store_true", help="train again even if cached")
     p.add_argument("--workers", type=int, default=1, help="stream worker processes (default 1)")
@@ -115,23 +140,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="pause after each single interaction is processed (default 30 ms)",
     )
     p.add_argument(
-        "--rates", default="50,100,200,500", help="request rates in req/s, comma-separated"
-    )
-    p.add_argument("--duration", type=float, default=15.0, help="seconds per rate (default 15)")
-    p.add_argument(
-        "--deadline-s",
-        type=float,
-        default=5.0,
-        help="each request's deadline after its scheduled send (the worker answers an expired "
-        "request with an error instead of serving it; bounds the backlog under overload)",
+        "--rates",
+        default="25,50,100,200,300,400",
+        help="the ladder of request rates in req/s, comma-separated (default 25,...,400)",
     )
     p.add_argument(
-        "--stop-p99-ms",
-        type=float,
-        default=1000.0,
-        help="stop raising the rate once p99 (failures counted as infinite) exceeds this",
+        "--duration", type=float, default=15.0, help="measured seconds per rate (default 15)"
     )
-    p.add_argument("--slo-ms", type=float, default=100.0, help="p99 target for 'sustained'")
+    p.add_argument(
+        "--warmup-s",
+        type=float,
+        default=2.0,
+        help="seconds sent at each rate before the measured ones (default 2)",
+    )
+    p.add_argument(
+        "--pause-s", type=float, default=1.0, help="pause between rate steps (default 1 s)"
+    )
+    p.add_argument(
+        "--deadline-ms",
+        type=float,
+        help="each request's deadline after its scheduled send (default: the settings' "
+        "request_deadline_ms); the worker answers a request past it as expired instead of "
+        "serving it, which bounds the backlog under overload",
+    )
+    p.add_argument("--slo-ms", type=float, default=100.0, help="p99 target (default 100 ms)")
     p.add_argument(
         "--refine",
         type=int,
@@ -142,6 +174,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--min-rate", type=float, default=5.0, help="lowest rate a refinement tries (default 5)"
+    )
+    p.add_argument(
+        "--overload",
+        default="2,4",
+        help="multiples of the highest sustainable rate measured as overload (default 2,4)",
+    )
+    p.add_argument(
+        "--generator-check-s",
+        type=float,
+        default=3.0,
+        help="seconds the generator sends at the highest ladder rate to a topic nothing "
+        "consumes, to show it keeps that schedule (default 3; 0 = skip)",
     )
     p.add_argument("--cold-share", type=float, default=0.1, help="share of unknown users")
     p.add_argument("--k", type=int, default=10)
@@ -158,7 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="at most this many of the lowest rate's requests run in-process (default 1,000)",
     )
     p.add_argument(
-        "--idle-s", type=float, default=5.0, help="idle CPU baseline, seconds (default 5)"
+        "--idle-s", type=float, default=20.0, help="idle CPU baseline, seconds (default 20)"
     )
     p.add_argument(
         "--triton-timeout", type=float, default=600.0, help="tritonserver start-up limit (s)"
@@ -166,18 +210,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label", help="result name suffix (default: from --data)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
+    if "--quick" in (sys.argv[1:] if argv is None else argv):
+        p.set_defaults(**QUICK)  # options given explicitly still win
     args = p.parse_args(argv)
     try:
-        args.rates = [float(r) for r in str(args.rates).split(",") if r.strip()]
+        args.rates = sorted(float(r) for r in str(args.rates).split(",") if r.strip())
+        args.overload = [float(x) for x in str(args.overload).split(",") if x.strip()]
     except ValueError:
-        p.error("--rates takes comma-separated numbers, e.g. 50,100,200")
-    if not args.rates or any(r <= 0 for r in args.rates):
-        p.error("--rates must be positive")
-    args.rates = sorted(args.rates)
+        p.error("--rates and --overload take comma-separated numbers, e.g. 50,100,200")
+    if not args.rates or any(r <= 0 for r in args.rates) or any(x <= 0 for x in args.overload):
+        p.error("--rates and --overload must be positive")
     if args.workers < 1 or args.partitions < 1 or args.instances < 1:
         p.error("--workers, --partitions and --instances must be >= 1")
-    if args.events < 1 or args.paced < 0 or args.duration <= 0:
-        p.error("--events must be >= 1, --paced >= 0, --duration > 0")
+    if args.events < 1 or args.paced < 0 or args.duration <= 0 or args.warmup_s < 0:
+        p.error("--events must be >= 1, --paced >= 0, --duration > 0, --warmup-s >= 0")
     if not 0.0 <= args.cold_share <= 1.0:
         p.error("--cold-share must be in [0, 1]")
     return args
@@ -280,76 +326,6 @@ def bucket_summary(h: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# --- CPU accounting --------------------------------------------------------------------------
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int, tid: int | None = None) -> float:
-    """CPU seconds of a process (all its threads), or of one of its threads."""
-    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
-    try:
-        fields = Path(path).read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def machine_busy_seconds() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine, all cores."""
-    first = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    values = [int(v) for v in first[:8]]
-    idle = values[3] + values[4]  # idle + iowait
-    return (sum(values) - idle) / _TICK, sum(values) / _TICK
-
-
-class CpuMeter:
-    """CPU seconds per named process (a Triton stub per stage, the workers with their
-    children), snapshotted at phase boundaries; `%` = percent of one core over the interval."""
-
-    def __init__(self):
-        self.roots: dict[str, tuple[int, bool]] = {}  # name → (pid, include children)
-
-    def add(self, name: str, pid: int, tree: bool = False) -> None:
-        self.roots[name] = (pid, tree)
-
-    def snapshot(self) -> dict[str, Any]:
-        values: dict[str, float] = {}
-        for name, (pid, tree) in self.roots.items():
-            if name == "tritonserver":
-                values[name] = cpu_seconds(pid)
-                for child in children(pid):
-                    m = re.search(r"/([^/\s]+)/\d+/model\.py", cmdline(child))
-                    key = f"triton stub {m.group(1)}" if m else "triton other"
-                    values[key] = values.get(key, 0.0) + cpu_seconds(child)
-            elif tree:  # a stream worker: its event-loop thread apart from the rest
-                whole = cpu_seconds(pid) + sum(cpu_seconds(c) for c in children(pid))
-                main = cpu_seconds(pid, pid)
-                values[f"{name}: event-loop thread"] = main
-                values[f"{name}: other threads"] = whole - main
-            else:
-                values[name] = cpu_seconds(pid)
-        busy, total = machine_busy_seconds()
-        return {"t": time.perf_counter(), "cpu": values, "busy": busy, "total": total}
-
-    @staticmethod
-    def usage(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-        wall = max(b["t"] - a["t"], 1e-9)
-        pct = {
-            name: round((b["cpu"][name] - a["cpu"].get(name, 0.0)) / wall * 100, 1)
-            for name in b["cpu"]
-        }
-        ours = round(sum(pct.values()), 1)
-        machine = round((b["busy"] - a["busy"]) / wall * 100, 1)
-        return {
-            "wall_s": round(wall, 2),
-            "percent_of_one_core": pct,
-            "ours_total": ours,
-            "machine_busy": machine,
-            "others": round(max(machine - ours, 0.0), 1),
-        }
-
-
 # --- response recorder -----------------------------------------------------------------------
 
 
@@ -428,6 +404,11 @@ class Arrivals:
     def count(self, ids: set[str]) -> int:
         with self._changed:
             return len(ids & self.first.keys())
+
+    def answers(self, ids: Sequence[str]) -> dict[str, tuple[float, dict]]:
+        """Request id → (arrival, response) of those of `ids` answered so far."""
+        with self._changed:
+            return {rid: self.first[rid] for rid in ids if rid in self.first}
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -716,185 +697,309 @@ def build_rate_requests(
     return build_requests(artifacts, n, args.cold_share, args.k, now_ms, seed, prefix)
 
 
-def run_rate(
-    rate: float,
-    requests: list[dict],
-    settings,
-    bootstrap: str,
-    arrivals: Arrivals,
-    ports: list[int],
-    cpu: CpuMeter,
-    args: argparse.Namespace,
-    phases: Phases,
-) -> dict[str, Any]:
-    """Send `requests` open loop at `rate`; wait for the answers (or their deadlines)."""
-    from streams.kafka import EventProducer
+@dataclass
+class RequestLoad:
+    """What every request step needs: the stack's endpoints, the response consumer, the
+    request generator and the CPU account (with the idle baseline, once measured)."""
+
+    settings: Any
+    bootstrap: str
+    arrivals: Arrivals
+    generator: Generator
+    cpu: CpuAccount
+    ports: list[int]
+    args: argparse.Namespace
+    phases: Phases
+    idle_pct: dict[str, float]
+
+
+def encode_requests(
+    settings, requests: list[dict], rate: float, start: float, deadline_ms: float
+) -> list[Message]:
+    """(key, Avro value) per request; request i's deadline is `deadline_ms` after its
+    scheduled send (`start + i / rate`, perf_counter) in epoch ms."""
     from streams.topics import record_key, serde_for
 
     serde = serde_for(settings, "requests")
-    producer = EventProducer(settings, bootstrap)
-    # one untimed request first: the producer's connection and idempotence set-up (hundreds of
-    # ms on a busy machine) must not land on the first scheduled requests
-    warm = request_record(f"warm-{uuid.uuid4().hex[:8]}", requests[0]["user_id"], args.k, 0)
-    producer.send("requests", warm | {"timestamp_ms": requests[0]["timestamp_ms"]})
-    producer.flush()
-    arrivals.wait({warm["request_id"]}, 30)
-    n = len(requests)
-    ids = {r["request_id"] for r in requests}
-    scheduled = [0.0] * n
-    sent = [0.0] * n
-    errors: list[BaseException] = []
-    before = scrape(ports)
-    ready = threading.Event()
-    start_box: list[float] = []
-
-    def send() -> None:
-        try:
-            ready.wait()
-            t0 = start_box[0]
-            epoch0 = time.time() - (time.perf_counter() - t0)  # epoch of t0
-            for i, r in enumerate(requests):
-                at = t0 + i / rate
-                while (left := at - time.perf_counter()) > 0:
-                    time.sleep(left if left > 0.002 else left / 2)
-                deadline_ms = int((epoch0 + i / rate + args.deadline_s) * 1000)
-                value = serde.encode({**r, "deadline_ms": deadline_ms})
-                sent[i] = time.perf_counter()
-                scheduled[i] = at
-                producer.send_raw("requests", value, record_key("requests", r))
-            producer.flush(60)
-        except BaseException as e:  # reported after the join
-            errors.append(e)
-
-    thread = threading.Thread(target=send, name=f"e2e-send-{rate:g}", daemon=True)
-    thread.start()
-    cpu_start = cpu.snapshot()
-    start_box.append(time.perf_counter() + 0.05)
-    with quiet_gc():  # no collector pause in this process may delay a send or an arrival
-        ready.set()
-        thread.join()
-        cpu_end = cpu.snapshot()  # over the send window: the steady load
-    if errors:
-        raise BenchmarkFailure(f"request producer failed: {errors[0]}")
-    send_window = sent[-1] - scheduled[0]
-    got = arrivals.count(ids)
-    phases.log(
-        f"  sent {n:,} requests in {send_window:,.1f} s ({n / send_window:,.1f}/s); "
-        f"{got:,} answered so far; waiting for the rest"
-    )
-    with quiet_gc():
-        complete = arrivals.wait(ids, args.deadline_s + 10.0)
-    time.sleep(0.5)  # late duplicates
-    after = scrape(ports)
-    producer.close()
-
-    ok_lat, err_lat, stages, outside, errors_by = [], [], {}, [], {}
-    worst: list[tuple[float, int, dict]] = []
-    all_lat: list[float] = []
-    paths: dict[str, int] = {}
-    arrivals_ok: list[float] = []
-    with arrivals._changed:  # noqa: SLF001 - a consistent view
-        first = {rid: arrivals.first[rid] for rid in ids if rid in arrivals.first}
-    for i, r in enumerate(requests):
-        hit = first.get(r["request_id"])
-        if hit is None:
-            all_lat.append(math.inf)
-            continue
-        arrived, resp = hit
-        ms = (arrived - scheduled[i]) * 1000
-        all_lat.append(ms)
-        if resp["status"] != "ok":
-            err_lat.append(ms)
-            reason = re.sub(r"\d+", "N", resp["error"] or "")[:80]
-            errors_by[reason] = errors_by.get(reason, 0) + 1
-            continue
-        ok_lat.append(ms)
-        arrivals_ok.append(arrived)
-        worst.append((ms, i, resp))
-        paths[resp["path"]] = paths.get(resp["path"], 0) + 1
-        total = 0.0
-        for s in resp["stages"]:
-            stages.setdefault(s["name"], []).append(s["duration_ms"])
-            total += s["duration_ms"]
-        outside.append(ms - total)
-    missing = n - len(first)
-    by_second: dict[int, list[float]] = {}
-    for i, ms in enumerate(all_lat):
-        by_second.setdefault(int(scheduled[i] - scheduled[0]), []).append(ms)
-    per_second = [
-        {
-            "second": sec,
-            "sent": len(v),
-            "answered": sum(not math.isinf(x) for x in v),
-            "p50_ms": finite(float(np.percentile(v, 50, method="higher"))),
-            "max_ms": finite(float(max(v))),
-        }
-        for sec, v in sorted(by_second.items())
+    epoch0 = time.time() - time.perf_counter() + start
+    return [
+        (
+            record_key("requests", r),
+            serde.encode({**r, "deadline_ms": int((epoch0 + i / rate) * 1000 + deadline_ms)}),
+        )
+        for i, r in enumerate(requests)
     ]
-    span = (max(arrivals_ok) - scheduled[0]) if arrivals_ok else None
+
+
+def run_step(
+    load: RequestLoad, rate: float, kind: str, requests: list[dict], warmup_n: int
+) -> dict[str, Any]:
+    """Send `requests` open loop at `rate` from the generator process, wait for every answer
+    (or until the deadlines have passed and a margin more), then the step's figures."""
+    from streams.topics import topic_name
+
+    args, arrivals = load.args, load.arrivals
+    ids = [r["request_id"] for r in requests]
+    start = schedule_start(len(requests))
+    messages = encode_requests(load.settings, requests, rate, start, args.deadline_ms)
+    topic = topic_name(load.settings, "requests")
+    before = scrape(load.ports)
+    cpu_a = load.cpu.snapshot()
+    with quiet_gc():  # no collector pause in this process may delay an arrival's timestamp
+        sent, failed = load.generator.send(topic, messages, rate, start)
+        load.phases.log(
+            f"  sent {len(ids):,} requests in {sent[-1] - sent[0]:,.1f} s; "
+            f"{arrivals.count(set(ids)):,} answered so far"
+        )
+        complete = arrivals.wait(set(ids), args.deadline_ms / 1000 + 10.0)
+    cpu_b = load.cpu.snapshot()
+    after = scrape(load.ports)
+    answers = arrivals.answers(ids)
+    figures = step_figures(rate, ids, sent, start, warmup_n, answers, args.slo_ms)
     worker_h = histogram_diff(
         histogram(after, "streamrec_request_latency_seconds", stage="end_to_end"),
         histogram(before, "streamrec_request_latency_seconds", stage="end_to_end"),
     )
-    p_all = np.percentile(np.asarray(all_lat), [50, 99], method="higher") if all_lat else [0, 0]
-    lag = [(s - c) * 1000 for s, c in zip(sent, scheduled, strict=True)]
-    result = {
+    return {
         "rate": rate,
-        "requests": n,
-        "duration_s": round(n / rate, 2),
-        "send_window_s": round(send_window, 3),
-        "send_rate": round(n / send_window, 2) if send_window > 0 else None,
-        "send_lag_ms": summarize(lag),
-        "ok": len(ok_lat),
-        "errors": len(err_lat),
-        "error_reasons": errors_by,
-        "missing": missing,
+        "kind": kind,
+        **figures,
+        **response_details(requests[warmup_n:], sent[warmup_n:], answers),
         "complete": complete,
+        "failed_deliveries": failed,
         "duplicates_total": arrivals.duplicates,
-        "achieved_rps": round(len(ok_lat) / span, 2) if span else 0.0,
-        "latency_ms": summarize(ok_lat),
-        "error_latency_ms": summarize(err_lat),
-        "p50_all_ms": None if math.isinf(p_all[0]) else round(float(p_all[0]), 3),
-        "p99_all_ms": None if math.isinf(p_all[1]) else round(float(p_all[1]), 3),
         "worker_end_to_end": bucket_summary(worker_h),
+        "per_second": per_second(ids, sent, answers),
+        "cpu": CpuAccount.usage(cpu_a, cpu_b),
+        "cpu_per_request": CpuAccount.per_request(cpu_a, cpu_b, len(answers), load.idle_pct),
+        "_first": {rid: a[1] for rid, a in answers.items()},
+        "_requests": requests[warmup_n:],
+    }
+
+
+def response_details(
+    requests: list[dict], sent: list[float], answers: dict[str, tuple[float, dict]]
+) -> dict[str, Any]:
+    """Per-stage timings of the ok answers, the time outside the stages, serving paths, the
+    reasons of non-ok answers and the slowest requests."""
+    stages: dict[str, list[float]] = {}
+    outside: list[float] = []
+    paths: dict[str, int] = {}
+    reasons: dict[str, int] = {}
+    slowest: list[tuple[float, float, dict]] = []
+    for r, s in zip(requests, sent, strict=True):
+        hit = answers.get(r["request_id"])
+        if hit is None:
+            continue
+        arrived, resp = hit
+        if resp["status"] != "ok":
+            reason = f"{resp['status']}: " + re.sub(r"\d+", "N", resp["error"] or "")[:80]
+            reasons[reason] = reasons.get(reason, 0) + 1
+            continue
+        ms = (arrived - s) * 1000
+        paths[resp["path"]] = paths.get(resp["path"], 0) + 1
+        for st in resp["stages"]:
+            stages.setdefault(st["name"], []).append(st["duration_ms"])
+        outside.append(ms - sum(st["duration_ms"] for st in resp["stages"]))
+        slowest.append((ms, s - sent[0], resp))
+    return {
+        "error_reasons": reasons,
         "stages_p50_ms": {k: round(float(np.median(v)), 3) for k, v in stages.items()},
         "stages_p99_ms": {k: round(float(np.percentile(v, 99)), 3) for k, v in stages.items()},
         "outside_stages_p50_ms": round(float(np.median(outside)), 3) if outside else None,
         "outside_stages_p99_ms": round(float(np.percentile(outside, 99)), 3) if outside else None,
         "paths": paths,
-        "per_second": per_second,
         "slowest": [
             {
-                "sent_at_s": round(scheduled[i] - scheduled[0], 3),
+                "sent_at_s": round(at, 3),
                 "latency_ms": round(ms, 1),
-                "send_lag_ms": round(lag[i], 1),
                 "stages_ms": round(sum(st["duration_ms"] for st in resp["stages"]), 1),
                 "slowest_stage": max(resp["stages"], key=lambda st: st["duration_ms"])["name"],
                 "user_id": resp["user_id"],
                 "path": resp["path"],
             }
-            for ms, i, resp in sorted(worst, key=lambda w: -w[0])[:5]
+            for ms, at, resp in sorted(slowest, key=lambda w: -w[0])[:5]
         ],
-        "cpu": CpuMeter.usage(cpu_start, cpu_end),
-        "_first": {rid: first[rid][1] for rid in first},
-        "_p99_all": float(p_all[1]),
     }
-    return result
+
+
+def per_second(
+    ids: list[str], sent: list[float], answers: dict[str, tuple[float, dict]]
+) -> list[dict[str, Any]]:
+    """Per second of the step (warm-up included): requests sent, answered, still in flight at
+    the second's end, the median and the worst latency (unanswered = null)."""
+    arrived = np.sort([a for a, _ in answers.values()])
+    by_second: dict[int, list[float]] = {}
+    for rid, s in zip(ids, sent, strict=True):
+        hit = answers.get(rid)
+        ms = (hit[0] - s) * 1000 if hit else math.inf
+        by_second.setdefault(int(s - sent[0]), []).append(ms)
+    out = []
+    for sec, v in sorted(by_second.items()):
+        end = sent[0] + sec + 1
+        in_flight = int(
+            np.searchsorted(sent, end, "right") - np.searchsorted(arrived, end, "right")
+        )
+        out.append(
+            {
+                "second": sec,
+                "sent": len(v),
+                "answered": sum(not math.isinf(x) for x in v),
+                "in_flight_at_end": in_flight,
+                "p50_ms": finite(float(np.percentile(v, 50, method="higher"))),
+                "max_ms": finite(float(max(v))),
+            }
+        )
+    return out
+
+
+def step_requests(
+    artifacts: Path, rate: float, args: argparse.Namespace, now_ms: int, seed: int
+) -> tuple[list[dict], int]:
+    """The step's requests (warm-up first) and how many of them are warm-up."""
+    n = max(2, round(rate * (args.warmup_s + args.duration)))
+    reqs = build_rate_requests(artifacts, n, args, now_ms, f"r{rate:g}-{seed}", seed)
+    return reqs, min(round(rate * args.warmup_s), n - 1)
+
+
+def measure(
+    load: RequestLoad, artifacts: Path, rate: float, kind: str, now_ms: int, steps: list
+) -> dict[str, Any]:
+    """One step at `rate`, appended to `steps`, with a line of progress."""
+    args = load.args
+    reqs, warmup_n = step_requests(artifacts, rate, args, now_ms, args.seed + 100 + len(steps))
+    detail = f"({len(reqs):,} requests, {args.warmup_s:g} s warm-up + {args.duration:g} s, {kind})"
+    with load.phases.phase(f"{rate:g} req/s {kind}", detail, measure=True):
+        step = run_step(load, rate, kind, reqs, warmup_n)
+    steps.append(step)
+    lat = step["latency_ms"]
+    load.phases.log(
+        f"  {rate:g} req/s: achieved {step['achieved_rps']:,.1f}/s, p50 {fmt(lat.get('p50'))} "
+        f"ms, p99 {fmt(lat.get('p99'))} ms, {step['expired']} expired, {step['error']} errors, "
+        f"{step['unanswered']} unanswered, backlog {step['backlog_growth_per_s']:+.1f}/s"
+        + (" — steady" if step["steady"] else "")
+        + (f", p99 ≤ {args.slo_ms:g} ms" if step["sustainable"] else "")
+    )
+    if step["error_reasons"]:
+        reason, n = max(step["error_reasons"].items(), key=lambda kv: kv[1])
+        load.phases.log(f"  most frequent answer other than ok: {n:,}× {reason}")
+    time.sleep(args.pause_s)
+    return step
+
+
+def rate_sweep(load: RequestLoad, artifacts: Path, now_ms: int) -> dict[str, Any]:
+    """The ladder of rates, raised until a rate is not steady, then up to `--refine` rates
+    where the p99 target is crossed (halving below the ladder if no rate held it, else
+    bisecting between the highest that held and the next)."""
+    args = load.args
+    steps: list[dict[str, Any]] = []
+    stop_reason = None
+    for idx, rate in enumerate(args.rates):
+        step = measure(load, artifacts, rate, "ladder", now_ms, steps)
+        if not step["steady"]:
+            stop_reason = (
+                f"not steady at {rate:g} req/s (achieved {step['achieved_rps']:g}/s, backlog "
+                f"{step['backlog_growth_per_s']:+g}/s)"
+            )
+            if idx + 1 < len(args.rates):
+                load.phases.log(f"  [yellow]stop raising the rate: {stop_reason}[/yellow]")
+            break
+    for _ in range(args.refine):
+        rate = refinement(steps, args.min_rate)
+        if rate is None:
+            break
+        measure(load, artifacts, rate, "refine", now_ms, steps)
+    steps.sort(key=lambda x: x["rate"])
+    held = [x["rate"] for x in steps if x["sustainable"]]
+    return {
+        "steps": steps,
+        "highest_sustainable_rps": max(held) if held else None,
+        "stop_reason": stop_reason,
+    }
+
+
+def refinement(steps: list[dict[str, Any]], min_rate: float) -> float | None:
+    """The next rate to try, or None when the crossing is located closely enough."""
+    tested = {x["rate"] for x in steps}
+    held = [x["rate"] for x in steps if x["sustainable"]]
+    if not held:
+        rate = round(min(tested) / 2, 1)
+        return rate if rate >= min_rate else None
+    above = [r for r in tested if r > max(held)]
+    if not above or min(above) - max(held) < 0.1 * max(held):
+        return None
+    rate = float(round((max(held) + min(above)) / 2))
+    return None if rate in tested else rate
+
+
+def overload(
+    load: RequestLoad, artifacts: Path, now_ms: int, sweep: dict[str, Any]
+) -> dict[str, Any]:
+    """Steps at `--overload` multiples of the highest sustainable rate (of the lowest rate
+    tried if none held the target): goodput, p99 of the ok answers, answers expired."""
+    base = sweep["highest_sustainable_rps"] or min(x["rate"] for x in sweep["steps"])
+    steps: list[dict[str, Any]] = []
+    for multiple in load.args.overload:
+        step = measure(load, artifacts, round(base * multiple, 1), "overload", now_ms, steps)
+        step["multiple"] = multiple
+    return {
+        "base_rps": base,
+        "base": "highest sustainable" if sweep["highest_sustainable_rps"] else "lowest tried",
+        "steps": steps,
+    }
+
+
+def run_generator_check(load: RequestLoad, artifacts: Path, now_ms: int) -> dict[str, Any] | None:
+    """The generator check at the highest ladder rate, as a phase (None when skipped)."""
+    args = load.args
+    if args.generator_check_s <= 0:
+        return None
+    rate = max(args.rates)
+    n = max(2, round(rate * args.generator_check_s))
+    reqs = build_rate_requests(artifacts, n, args, now_ms, "generator-check", args.seed + 98)
+    with load.phases.phase("generator check", f"({n:,} requests at {rate:g}/s, not consumed)"):
+        check = generator_check(load, reqs, rate)
+    load.phases.log(
+        f"  sent {check['sent_rps']:,.1f}/s of {rate:g}/s offered, lateness p99 "
+        f"{fmt(check['send_lag_ms'].get('p99'))} ms"
+    )
+    return check
+
+
+def generator_check(load: RequestLoad, requests: list[dict], rate: float) -> dict[str, Any]:
+    """Can the generator keep the schedule at `rate`? The same requests sent to a topic that
+    nothing consumes, for `--generator-check-s` seconds: achieved send rate and lateness."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from streams.kafka import client_config
+    from streams.topics import topic_name
+
+    scratch = topic_name(load.settings, "requests") + "-generator-check"
+    admin = AdminClient(client_config(load.settings, load.bootstrap))
+    for fut in admin.create_topics([NewTopic(scratch, 1, 1)]).values():
+        fut.result(30)
+    start = schedule_start(len(requests))
+    messages = encode_requests(load.settings, requests, rate, start, load.args.deadline_ms)
+    cpu_a = load.cpu.snapshot()
+    sent, failed = load.generator.send(scratch, messages, rate, start)
+    cpu_b = load.cpu.snapshot()
+    window = sent[-1] - sent[0]
+    lag = [(s - (start + i / rate)) * 1000 for i, s in enumerate(sent)]
+    return {
+        "offered_rps": rate,
+        "requests": len(sent),
+        "sent_rps": round((len(sent) - 1) / window, 1) if window > 0 else None,
+        "send_lag_ms": summarize(lag),
+        "failed_deliveries": failed,
+        "generator_cpu_ms_per_request": round(
+            CpuAccount.spent(cpu_a, cpu_b).get("load generator", 0.0) * 1000 / len(sent), 3
+        ),
+    }
 
 
 def finite(x: float, digits: int = 1) -> float | None:
     """JSON has no infinity: a missing response's latency is reported as null."""
     return None if math.isinf(x) else round(x, digits)
-
-
-def sustained(level: dict[str, Any], slo_ms: float) -> bool:
-    """Every request answered ok, p99 under the target, throughput kept up with the offer."""
-    return (
-        level["missing"] == 0
-        and level["errors"] == 0
-        and level["latency_ms"].get("p99", math.inf) < slo_ms
-        and level["achieved_rps"] >= 0.95 * level["rate"]
-    )
 
 
 # --- phase 3: in-process ---------------------------------------------------------------------
@@ -950,198 +1055,38 @@ def compare_answers(e2e: dict[str, dict], local: dict[str, list[str]]) -> dict[s
     return {"checked": checked, "mismatches": mismatches, "examples": examples}
 
 
-# --- plot (a tiny PNG writer: no plotting library in the environment) ----------------------
-
-_FONT = {  # 5×7 capitals, digits and a little punctuation; rows top to bottom
-    "A": "01110 10001 10001 11111 10001 10001 10001",
-    "B": "11110 10001 10001 11110 10001 10001 11110",
-    "C": "01110 10001 10000 10000 10000 10001 01110",
-    "D": "11110 10001 10001 10001 10001 10001 11110",
-    "E": "11111 10000 10000 11110 10000 10000 11111",
-    "F": "11111 10000 10000 11110 10000 10000 10000",
-    "G": "01110 10001 10000 10111 10001 10001 01111",
-    "H": "10001 10001 10001 11111 10001 10001 10001",
-    "I": "01110 00100 00100 00100 00100 00100 01110",
-    "J": "00111 00010 00010 00010 00010 10010 01100",
-    "K": "10001 10010 10100 11000 10100 10010 10001",
-    "L": "10000 10000 10000 10000 10000 10000 11111",
-    "M": "10001 11011 10101 10101 10001 10001 10001",
-    "N": "10001 10001 11001 10101 10011 10001 10001",
-    "O": "01110 10001 10001 10001 10001 10001 01110",
-    "P": "11110 10001 10001 11110 10000 10000 10000",
-    "Q": "01110 10001 10001 10001 10101 10010 01101",
-    "R": "11110 10001 10001 11110 10100 10010 10001",
-    "S": "01111 10000 10000 01110 00001 00001 11110",
-    "T": "11111 00100 00100 00100 00100 00100 00100",
-    "U": "10001 10001 10001 10001 10001 10001 01110",
-    "V": "10001 10001 10001 10001 10001 01010 00100",
-    "W": "10001 10001 10001 10101 10101 10101 01010",
-    "X": "10001 10001 01010 00100 01010 10001 10001",
-    "Y": "10001 10001 01010 00100 00100 00100 00100",
-    "Z": "11111 00001 00010 00100 01000 10000 11111",
-    "0": "01110 10001 10011 10101 11001 10001 01110",
-    "1": "00100 01100 00100 00100 00100 00100 01110",
-    "2": "01110 10001 00001 00010 00100 01000 11111",
-    "3": "11111 00010 00100 00010 00001 10001 01110",
-    "4": "00010 00110 01010 10010 11111 00010 00010",
-    "5": "11111 10000 11110 00001 00001 10001 01110",
-    "6": "00110 01000 10000 11110 10001 10001 01110",
-    "7": "11111 00001 00010 00100 01000 01000 01000",
-    "8": "01110 10001 10001 01110 10001 10001 01110",
-    "9": "01110 10001 10001 01111 00001 00010 01100",
-    ".": "00000 00000 00000 00000 00000 01100 01100",
-    ",": "00000 00000 00000 00000 01100 00100 01000",
-    "/": "00000 00001 00010 00100 01000 10000 00000",
-    "(": "00010 00100 01000 01000 01000 00100 00010",
-    ")": "01000 00100 00010 00010 00010 00100 01000",
-    "-": "00000 00000 00000 11111 00000 00000 00000",
-    ":": "00000 01100 01100 00000 01100 01100 00000",
-    "=": "00000 00000 11111 00000 11111 00000 00000",
-    "<": "00010 00100 01000 10000 01000 00100 00010",
-    ">": "01000 00100 00010 00001 00010 00100 01000",
-    "%": "11000 11001 00010 00100 01000 10011 00011",
-    " ": "00000 00000 00000 00000 00000 00000 00000",
-}
-
-
-class Canvas:
-    def __init__(self, width: int, height: int):
-        self.w, self.h = width, height
-        self.px = bytearray(b"\xff" * (width * height * 3))
-
-    def dot(self, x: int, y: int, color: tuple[int, int, int]) -> None:
-        if 0 <= x < self.w and 0 <= y < self.h:
-            i = (y * self.w + x) * 3
-            self.px[i : i + 3] = bytes(color)
-
-    def rect(self, x0: int, y0: int, x1: int, y1: int, color) -> None:
-        for y in range(min(y0, y1), max(y0, y1) + 1):
-            for x in range(min(x0, x1), max(x0, x1) + 1):
-                self.dot(x, y, color)
-
-    def line(self, x0, y0, x1, y1, color, width: int = 1, dash: int = 0) -> None:
-        x0, y0, x1, y1 = (int(round(v)) for v in (x0, y0, x1, y1))
-        steps = max(abs(x1 - x0), abs(y1 - y0), 1)
-        r = width // 2
-        for s in range(steps + 1):
-            if dash and (s // dash) % 2:
-                continue
-            x = x0 + (x1 - x0) * s / steps
-            y = y0 + (y1 - y0) * s / steps
-            self.rect(
-                int(round(x)) - r, int(round(y)) - r, int(round(x)) + r, int(round(y)) + r, color
-            )
-
-    def text(self, x: int, y: int, s: str, color=(0, 0, 0), scale: int = 2) -> int:
-        """Draw `s` with its top-left at (x, y); returns the width drawn."""
-        for n, ch in enumerate(s.upper()):
-            rows = _FONT.get(ch, _FONT[" "]).split()
-            for ry, row in enumerate(rows):
-                for rx, bit in enumerate(row):
-                    if bit == "1":
-                        bx = x + n * 6 * scale + rx * scale
-                        self.rect(
-                            bx, y + ry * scale, bx + scale - 1, y + ry * scale + scale - 1, color
-                        )
-        return len(s) * 6 * scale
-
-    @staticmethod
-    def text_width(s: str, scale: int = 2) -> int:
-        return len(s) * 6 * scale
-
-    def png(self) -> bytes:
-        def chunk(kind: bytes, data: bytes) -> bytes:
-            body = kind + data
-            return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-        stride = self.w * 3
-        raw = b"".join(
-            b"\x00" + bytes(self.px[y * stride : (y + 1) * stride]) for y in range(self.h)
-        )
-        header = struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0)
-        return (
-            b"\x89PNG\r\n\x1a\n"
-            + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(raw, 9))
-            + chunk(b"IEND", b"")
-        )
+# --- plot --------------------------------------------------------------------------------------
 
 
 def plot_latency(result: dict[str, Any], path: Path) -> Path:
-    """p50 and p99 (log scale) against the offered request rate; the in-process p50 and the
-    p99 target as horizontal lines."""
-    rates = result["requests"]["rates"]
-    inproc = result["in_process"]["latency_ms"].get("p50")
+    """p50 and p99 of the ok answers (log scale) against the offered request rate, sweep and
+    overload; the in-process p50 and the p99 target as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    req = result["requests"]
+    steps = sorted(req["sweep"]["steps"] + req["overload"]["steps"], key=lambda x: x["rate"])
+    fig, ax = plt.subplots(figsize=(9.6, 6.0))
+    for name, color in (("p50", "tab:blue"), ("p99", "tab:red")):
+        points = [(s["rate"], s["latency_ms"].get(name)) for s in steps]
+        points = [(x, y) for x, y in points if y]
+        if points:
+            ax.plot(*zip(*points, strict=True), "o-", color=color, label=f"{name} end to end")
     slo = result["config"]["slo_ms"]
-    points = {
-        "P50": [(r["rate"], r["latency_ms"].get("p50")) for r in rates],
-        "P99": [(r["rate"], r["latency_ms"].get("p99")) for r in rates],
-    }
-    values = [v for series in points.values() for _, v in series if v] + [slo]
-    if inproc:
-        values.append(inproc)
-    lo = 10 ** math.floor(math.log10(max(min(values), 1e-3)))
-    hi = 10 ** math.ceil(math.log10(max(values)))
-    if hi <= lo:
-        hi = lo * 10
-    w, h = 960, 600
-    left, right, top, bottom = 110, 40, 70, 90
-    c = Canvas(w, h)
-    max_rate = max(r["rate"] for r in rates) * 1.08
-    pw, ph = w - left - right, h - top - bottom
-
-    def px(rate: float) -> float:
-        return left + rate / max_rate * pw
-
-    def py(ms: float) -> float:
-        return top + ph - (math.log10(ms) - math.log10(lo)) / (math.log10(hi) - math.log10(lo)) * ph
-
-    grey, black = (200, 200, 200), (0, 0, 0)
-    decade = lo
-    while decade <= hi * 1.0001:
-        y = py(decade)
-        c.line(left, y, left + pw, y, grey)
-        label = f"{decade:g}"
-        c.text(left - 12 - c.text_width(label), int(y) - 7, label)
-        decade *= 10
-    for r in rates:
-        x = px(r["rate"])
-        c.line(x, top, x, top + ph, (235, 235, 235))
-        label = f"{r['rate']:g}"
-        c.text(int(x) - c.text_width(label) // 2, top + ph + 12, label)
-    c.line(left, top, left, top + ph, black, 2)
-    c.line(left, top + ph, left + pw, top + ph, black, 2)
-    c.line(left, py(slo), left + pw, py(slo), (0, 150, 0), 2, dash=8)
-    if inproc:
-        c.line(left, py(inproc), left + pw, py(inproc), (120, 120, 120), 2, dash=4)
-    colors = {"P50": (31, 119, 180), "P99": (214, 39, 40)}
-    for name, series in points.items():
-        pts = [(px(r), py(v)) for r, v in series if v]
-        for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
-            c.line(x0, y0, x1, y1, colors[name], 3)
-        for x, y in pts:
-            c.rect(int(x) - 5, int(y) - 5, int(x) + 5, int(y) + 5, colors[name])
-    title = f"END-TO-END LATENCY VS REQUEST RATE ({result['label']})"
-    c.text((w - c.text_width(title)) // 2, 20, title)
-    xlabel = "OFFERED REQUEST RATE (REQ/S)"
-    c.text((w - c.text_width(xlabel)) // 2, h - 40, xlabel)
-    c.text(10, top - 30, "LATENCY MS (LOG)")
-    legend = [
-        ("P50 END TO END", colors["P50"]),
-        ("P99 END TO END", colors["P99"]),
-        (f"P99 TARGET {slo:g} MS", (0, 150, 0)),
-    ]
-    if inproc:
-        legend.append((f"IN-PROCESS P50 {inproc:.1f} MS", (120, 120, 120)))
-    ly = top + 10
-    for label, color in legend:
-        c.rect(left + 20, ly + 3, left + 44, ly + 9, color)
-        c.text(left + 52, ly, label, color=color)
-        ly += 22
+    ax.axhline(slo, color="tab:green", linestyle="--", label=f"p99 target {slo:g} ms")
+    if inproc := result["in_process"]["latency_ms"].get("p50"):
+        ax.axhline(inproc, color="grey", linestyle=":", label=f"in-process p50 {inproc:.1f} ms")
+    ax.set_yscale("log")
+    ax.set_xlabel("offered request rate (req/s)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title(f"End-to-end latency vs request rate ({result['label']})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".png.tmp")
-    tmp.write_bytes(c.png())
-    tmp.replace(path)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
     return path
 
 
@@ -1231,87 +1176,12 @@ def markdown_report(r: dict[str, Any]) -> str:
             ],
         ),
         "",
-        "## 2. Requests at steady rates (open loop)",
-        "",
-        "Rates: the ladder " + ", ".join(f"{x:g}" for x in cfg["rates"]) + " req/s, raised "
-        f"until p99 all > {cfg['stop_p99_ms']:g} ms, then up to {cfg['refine']} refinement "
-        "rate(s) (halving below the ladder if no rate held the p99 target, else bisecting "
-        "between the highest that held and the next). "
-        f"Each rate for {cfg['duration_s']:g} s; latency = arrival of the response at the "
-        "benchmark's consumer − the request's scheduled send time; "
-        f"{cfg['cold_share']:.0%} unknown users, k={cfg['k']}, temperature 0, deadline "
-        f"{cfg['deadline_s']:g} s after the scheduled send. Percentiles over the ok responses; "
-        "'p99 all' counts errors and missing responses as failures (∞). "
-        'Worker p50/p99: the worker\'s own `streamrec_request_latency_seconds{stage="end_to_end"}`'
-        " (produce → response sent, bucket estimate). 'Send lag': how late the benchmark's "
-        "sender was against the schedule (included in the latency; the benchmark runs its "
-        "timed sections with Python's cyclic collector off).",
-        "",
     ]
-    rows = []
-    for x in r["requests"]["rates"]:
-        lat = x["latency_ms"]
-        rows.append(
-            [
-                x["rate"],
-                x["requests"],
-                x["achieved_rps"],
-                lat.get("p50"),
-                lat.get("p90"),
-                lat.get("p99"),
-                lat.get("max"),
-                x["p99_all_ms"] if x["p99_all_ms"] is not None else "∞",
-                x["errors"],
-                x["missing"],
-                bucket_cell(x["worker_end_to_end"], "p50"),
-                bucket_cell(x["worker_end_to_end"], "p99"),
-                x["send_lag_ms"].get("p99"),
-                "yes" if x["sustained"] else "no",
-            ]
-        )
-    lines += [
-        markdown_table(
-            [
-                "offered req/s",
-                "requests",
-                "achieved req/s",
-                "p50 ms",
-                "p90 ms",
-                "p99 ms",
-                "max ms",
-                "p99 all ms",
-                "errors",
-                "missing",
-                "worker p50",
-                "worker p99",
-                "send lag p99 ms",
-                f"p99 < {cfg['slo_ms']:g} ms held",
-            ],
-            rows,
-        ),
-        "",
-    ]
-    req = r["requests"]
-    best = req["highest_rate_p99_under_slo"]
-    lines += [
-        f"**Highest rate sustained with p99 < {cfg['slo_ms']:g} ms** (all answered ok, achieved "
-        f"≥ 95 % of offered): {fmt(best) + ' req/s' if best else 'none of the rates tested'}."
-        + (
-            f" Stopped raising the rate after {req['stopped_after']:g} req/s: {req['stop_reason']}."
-            if req.get("stopped_after")
-            else ""
-        ),
-        "",
-    ]
-    errs = {reason: n for x in req["rates"] for reason, n in x["error_reasons"].items()}
-    if errs:
-        lines += [
-            "Error responses: " + "; ".join(f"{n}× {reason}" for reason, n in errs.items()) + ".",
-            "",
-        ]
+    lines += sweep_section(r) + overload_section(r) + cpu_per_request_section(r) + idle_section(r)
     ip = r["in_process"]
+    steps = r["requests"]["sweep"]["steps"]
     lines += [
-        "## 3. In-process graph vs end to end (same requests, same Valkey state)",
+        "## 6. In-process graph vs end to end (same requests, same Valkey state)",
         "",
         "The in-process graph ran after the stream workers were stopped (tritonserver, broker "
         "and Valkey idle but up), on the lowest rate's requests, sequentially.",
@@ -1337,7 +1207,7 @@ def markdown_report(r: dict[str, Any]) -> str:
                     x["latency_ms"].get("p99"),
                     r["ratios"]["e2e_p50_over_in_process_p50"].get(f"{x['rate']:g}"),
                 ]
-                for x in req["rates"]
+                for x in steps
             ],
         ),
         "",
@@ -1345,29 +1215,29 @@ def markdown_report(r: dict[str, Any]) -> str:
         f"{r['parity']['checked'] - r['parity']['mismatches']}/{r['parity']['checked']} "
         "requests (same request, same state).",
         "",
-        "## 4. Per-stage medians (ms, from the responses' `stages`)",
+        "## 7. Per-stage medians (ms, from the responses' `stages`)",
         "",
     ]
     names = list(ip["stages_p50_ms"])
-    headers = ["stage", "in-process"] + [f"{x['rate']:g} req/s" for x in req["rates"]]
+    headers = ["stage", "in-process"] + [f"{x['rate']:g} req/s" for x in steps]
     stage_rows = [
-        [name, ip["stages_p50_ms"][name]] + [x["stages_p50_ms"].get(name) for x in req["rates"]]
+        [name, ip["stages_p50_ms"][name]] + [x["stages_p50_ms"].get(name) for x in steps]
         for name in names
     ]
     stage_rows.append(
         ["sum of stages", round(sum(ip["stages_p50_ms"].values()), 3)]
         + [
             round(sum(x["stages_p50_ms"].values()), 3) if x["stages_p50_ms"] else None
-            for x in req["rates"]
+            for x in steps
         ]
     )
     stage_rows.append(
         ["outside the stages", ip["outside_stages_p50_ms"]]
-        + [x["outside_stages_p50_ms"] for x in req["rates"]]
+        + [x["outside_stages_p50_ms"] for x in steps]
     )
     stage_rows.append(
         ["end to end (p50)", ip["latency_ms"].get("p50")]
-        + [x["latency_ms"].get("p50") for x in req["rates"]]
+        + [x["latency_ms"].get("p50") for x in steps]
     )
     lines += [
         markdown_table(headers, stage_rows),
@@ -1376,7 +1246,7 @@ def markdown_report(r: dict[str, Any]) -> str:
         "Kafka both ways, the worker's batching and Avro, gRPC, the ensemble's scheduling and "
         "queueing for the Python-backend stubs (in-process: the graph's own glue).",
         "",
-        "## CPU by process (% of one core, mean over each phase)",
+        "## 8. CPU by process (% of one core, mean over each phase)",
         "",
     ]
     cpu_phases = r["cpu"]
@@ -1394,12 +1264,10 @@ def markdown_report(r: dict[str, Any]) -> str:
         markdown_table(["process"] + list(cpu_phases), cpu_rows),
         "",
         f"The machine has {m['cpus_usable']} CPUs ({m['cpus_usable'] * 100} % in all). "
-        "'bench' includes the benchmark's own producer and response consumer; during the "
-        "in-process phase it is the graph itself. The embedded broker answers empty fetches "
-        "at once (it does not hold them for fetch.wait.max.ms), so every idle consumer "
-        "(the worker's, the benchmark's) polls it in a tight loop. A worker's 'other threads' are "
-        "Faust's Kafka consumer thread (that loop), the `asyncio.to_thread` pool running the "
-        "interaction batches (Valkey, Feast writes) and the gRPC and metrics threads.",
+        "'bench consumer' is this process: the response consumer, and during the interaction "
+        "phases their producer, during the in-process phase the graph itself. A request "
+        "step's column spans its warm-up, its measured seconds and the wait for its last "
+        "answer.",
         "",
         "## Phases (s)",
         "",
@@ -1408,6 +1276,207 @@ def markdown_report(r: dict[str, Any]) -> str:
     if r.get("plot"):
         lines += ["", f"![latency against request rate]({Path(r['plot']).name})"]
     return "\n".join(lines)
+
+
+def step_row(x: dict[str, Any]) -> list[Any]:
+    lat = x["latency_ms"]
+    return [
+        x["kind"],
+        x["rate"],
+        x["sent_rps"],
+        x["achieved_rps"],
+        lat.get("p50"),
+        lat.get("p90"),
+        lat.get("p99"),
+        x["ok"],
+        x["expired"],
+        x["error"],
+        x["unanswered"],
+        x["backlog_growth_per_s"],
+        x["send_lag_ms"].get("p99"),
+        bucket_cell(x["worker_end_to_end"], "p99"),
+        "yes" if x["steady"] else "no",
+        "yes" if x["sustainable"] else "no",
+    ]
+
+
+STEP_HEADERS = [
+    "step",
+    "offered req/s",
+    "sent req/s",
+    "achieved ok/s",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "ok",
+    "expired",
+    "error",
+    "unanswered",
+    "backlog growth /s",
+    "send lag p99 ms",
+    "worker p99 ms",
+    "steady",
+]
+
+
+def sweep_section(r: dict[str, Any]) -> list[str]:
+    cfg, req = r["config"], r["requests"]
+    sweep = req["sweep"]
+    best = sweep["highest_sustainable_rps"]
+    lines = [
+        "## 2. Requests over Kafka: open-loop rate sweep",
+        "",
+        "A producer process of its own (confluent-kafka, `linger.ms=0`) sends pre-encoded "
+        "requests on the requests topic on a fixed schedule, without waiting for answers; the "
+        "benchmark's consumer reads the recommendations topic. Latency = response received − "
+        "request produced, per request id; percentiles over the `ok` answers. Ladder "
+        + ", ".join(f"{x:g}" for x in cfg["rates"])
+        + f" req/s, raised until a rate is not steady, then up to {cfg['refine']} refinement "
+        f"rate(s). Each rate: {cfg['warmup_s']:g} s of warm-up at that rate (not counted), "
+        f"then {cfg['duration_s']:g} s measured. {cfg['cold_share']:.0%} unknown users, "
+        f"k={cfg['k']}, temperature 0, each request's deadline {fmt(cfg['deadline_ms'], 0)} ms "
+        "after its scheduled send. *Steady*: achieved ≥ 95 % of offered and the requests in "
+        "flight not growing (least-squares slope ≤ max(2 % of the rate, 1)/s). *Unanswered*: "
+        "no response within the deadline + 10 s. *Worker p99*: the worker's own "
+        '`streamrec_request_latency_seconds{stage="end_to_end"}` (bucket estimate).',
+        "",
+        markdown_table(
+            STEP_HEADERS + [f"p99 ≤ {cfg['slo_ms']:g} ms"], [step_row(x) for x in sweep["steps"]]
+        ),
+        "",
+        f"**Highest steady rate with p99 ≤ {cfg['slo_ms']:g} ms: "
+        f"{fmt(best) + ' req/s' if best else 'none of the rates tried'}.**"
+        + (f" Stopped raising the rate: {sweep['stop_reason']}." if sweep["stop_reason"] else ""),
+        "",
+    ]
+    check = req["generator_check"]
+    if check:
+        lag = check["send_lag_ms"]
+        lines += [
+            f"Generator check: at {check['offered_rps']:g} req/s offered to a topic nothing "
+            f"consumes, one Python process sent {fmt(check['sent_rps'], 1)} req/s (lateness "
+            f"against the schedule p50 {fmt(lag.get('p50'))} ms, p99 {fmt(lag.get('p99'))} ms, "
+            f"max {fmt(lag.get('max'))} ms; {check['failed_deliveries']} failed deliveries; "
+            f"{fmt(check['generator_cpu_ms_per_request'], 3)} CPU-ms per request).",
+            "",
+        ]
+    return lines
+
+
+def overload_section(r: dict[str, Any]) -> list[str]:
+    over = r["requests"]["overload"]
+    rows = [
+        [
+            f"{x['multiple']:g}×",
+            x["rate"],
+            x["achieved_rps"],
+            x["latency_ms"].get("p50"),
+            x["latency_ms"].get("p99"),
+            x["ok"],
+            x["expired"],
+            x["error"],
+            x["unanswered"],
+            x["backlog_growth_per_s"],
+        ]
+        for x in over["steps"]
+    ]
+    reasons: dict[str, int] = {}
+    for x in r["requests"]["sweep"]["steps"] + over["steps"]:
+        for reason, n in x["error_reasons"].items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    lines = [
+        "## 3. Overload",
+        "",
+        f"Multiples of the {over['base']} rate ({fmt(over['base_rps'])} req/s), measured like "
+        "the sweep. Goodput = `ok` answers per second; p99 over the `ok` answers; *expired*: "
+        "answered with status `expired` (older than their deadline when the worker took them).",
+        "",
+        markdown_table(
+            [
+                "multiple",
+                "offered req/s",
+                "goodput ok/s",
+                "p50 ok ms",
+                "p99 ok ms",
+                "ok",
+                "expired",
+                "error",
+                "unanswered",
+                "backlog growth /s",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    if reasons:
+        lines += [
+            "Answers other than `ok` (all steps): "
+            + "; ".join(f"{n:,}× {reason}" for reason, n in reasons.items())
+            + ".",
+            "",
+        ]
+    return lines
+
+
+CPU_ROLES = [
+    "stream worker",
+    "broker",
+    "tritonserver",
+    "triton stubs",
+    "valkey",
+    "load generator",
+    "bench consumer",
+]
+
+
+def cpu_per_request_section(r: dict[str, Any]) -> list[str]:
+    steps = r["requests"]["sweep"]["steps"] + r["requests"]["overload"]["steps"]
+    headers = ["process"] + [f"{x['rate']:g} req/s {x['kind']}" for x in steps]
+    rows = [
+        [role] + [x["cpu_per_request"]["cpu_ms"].get(role) for x in steps] for role in CPU_ROLES
+    ]
+    rows.append(["all of the above"] + [x["cpu_per_request"]["total_cpu_ms"] for x in steps])
+    rows.append(["answered requests"] + [x["cpu_per_request"]["answered"] for x in steps])
+    serving = ("stream worker", "broker", "tritonserver", "triton stubs", "valkey")
+    rows.append(
+        ["serving side above idle"]
+        + [
+            round(sum(x["cpu_per_request"]["cpu_ms_above_idle"].get(k, 0.0) for k in serving), 2)
+            for x in steps
+        ]
+    )
+    return [
+        "## 4. CPU-ms per request by process",
+        "",
+        "CPU time (user + system, psutil) of each process between the start of a step (warm-up "
+        "included) and its last answer, divided by the requests answered in it (any status). "
+        "*Triton stubs*: tritonserver's Python-backend stub processes (one per stage and "
+        "instance). *Load generator*: the producer process; *bench consumer*: the benchmark's "
+        "response consumer. *Serving side above idle*: worker, broker, Triton and Valkey less "
+        "what they burn with no traffic (section 5) over the same time.",
+        "",
+        markdown_table(headers, rows),
+        "",
+    ]
+
+
+def idle_section(r: dict[str, Any]) -> list[str]:
+    idle = r.get("idle_cpu")
+    if not idle:
+        return []
+    pct = idle["percent_of_one_core"]
+    rows = [[role, pct.get(role)] for role in CPU_ROLES[:5]]
+    rows.append(["whole machine (busy)", idle["machine_busy"]])
+    return [
+        "## 5. Idle CPU",
+        "",
+        f"No traffic for {idle['wall_s']:g} s after the warm-up, no client connected: % of one "
+        "core. The embedded broker answers empty fetches at once (it does not hold them for "
+        "`fetch.wait.max.ms`), so an idle consumer (the worker's) polls it in a tight loop.",
+        "",
+        markdown_table(["process", "% of one core"], rows),
+        "",
+    ]
 
 
 def bucket_cell(h: dict[str, Any], name: str) -> Any:
@@ -1429,10 +1498,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from serving.triton_export import export_repository
     from streamrec.config import Settings, TopicNames
     from streamrec.stack.servers import start_kafka, start_redis, start_triton, stop_service
+    from streams.kafka import client_config
     from streams.topics import create_topics
     from streams.workers import Workers
 
-    label = args.label or data_label(args.data)
+    label = args.label or data_label(args.data) + ("-quick" if args.quick else "")
     started = datetime.now().astimezone().isoformat(timespec="seconds")
     machine = machine_info()
     train_args = argparse.Namespace(
@@ -1463,8 +1533,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tmp = Path(tempfile.mkdtemp(prefix=f"streamrec-e2e-{label}-"))
         services = []
         workers = None
-        cpu = CpuMeter()
-        cpu.add("bench (this process)", os.getpid())
+        generator: Generator | None = None
+        service_pids: dict[str, int] = {}
+
+        def discover() -> dict[str, list[int]]:
+            worker_pids = [w.pid for w in workers.running()] if workers else []
+            return stack_processes(service_pids, worker_pids, generator and generator.pid)
+
+        cpu = CpuAccount(discover)
         cpu_phases: dict[str, dict[str, Any]] = {}
         ok = False
         try:
@@ -1477,8 +1553,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"  broker {kafka.endpoint} (pid {kafka.pid}), valkey {redis.endpoint} "
                 f"(pid {redis.pid})"
             )
-            cpu.add("kafka broker", kafka.pid)
-            cpu.add("valkey", redis.pid)
+            service_pids |= {"broker": kafka.pid, "valkey": redis.pid}
             project = "streamrec"
             prefix = f"e2e{uuid.uuid4().hex[:6]}"
             # the worker finds its artifacts as <artifact_dir>/current
@@ -1498,6 +1573,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     **{r: f"{prefix}-{n}" for r, n in TopicNames().model_dump().items()}
                 ),
             )
+            if args.deadline_ms is None:
+                args.deadline_ms = float(settings.request_deadline_ms)
             with phases.phase("load features", "(Feast materialize + seen/popularity state)"):
                 load_features(artifacts, redis.endpoint, settings.feature_repo(), project)
             config = serving_config({"redis_url": redis.endpoint, "feast_project": project})
@@ -1508,7 +1585,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 triton = start_triton(tmp / "triton", args.triton_timeout, repository=repository)
                 services.append(triton)
             phases.log(f"  tritonserver {triton.endpoint} (pid {triton.pid})")
-            cpu.add("tritonserver", triton.pid)
+            service_pids["triton"] = triton.pid
             settings = settings.model_copy(update={"triton_url": triton.endpoint})
             create_topics(settings, kafka.endpoint)
             with phases.phase("start stream workers", f"({args.workers})"):
@@ -1524,8 +1601,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     else:
                         os.environ["F_DATADIR"] = saved
             ports = [w.metrics_port for w in running]
-            for n, w in enumerate(running):
-                cpu.add(f"stream worker {n}", w.pid, tree=True)
             phases.log(
                 "  workers "
                 + ", ".join(f"pid {w.pid} (metrics :{w.metrics_port})" for w in running)
@@ -1541,18 +1616,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 snap = cpu.snapshot()
                 with phases.phase("idle", f"({args.idle_s:g} s, no traffic, no client)"):
                     time.sleep(args.idle_s)
-                cpu_phases["idle (no traffic)"] = CpuMeter.usage(snap, cpu.snapshot())
-                idle = cpu_phases["idle (no traffic)"]["percent_of_one_core"]
-                phases.log(
-                    "  idle CPU: " + ", ".join(f"{k} {v:g} %" for k, v in idle.items() if v >= 1.0)
-                )
+                cpu_phases["idle (no traffic)"] = CpuAccount.usage(snap, cpu.snapshot())
+            idle = cpu_phases.get("idle (no traffic)", {}).get("percent_of_one_core", {})
+            phases.log("  idle CPU: " + ", ".join(f"{k} {v:g} %" for k, v in idle.items()))
 
             gc.collect()
             gc.freeze()  # what the setup built is never collected: shorter pauses from here on
             snap = cpu.snapshot()
             with phases.phase("interaction burst", f"({len(events):,} events)"):
                 burst = run_burst(events, settings, kafka.endpoint, state, ports, phases)
-            cpu_phases["interaction burst"] = CpuMeter.usage(snap, cpu.snapshot())
+            cpu_phases["interaction burst"] = CpuAccount.usage(snap, cpu.snapshot())
             fr = burst["freshness"]
             phases.log(
                 f"  {burst['events_per_s']:,.0f} events/s "
@@ -1575,72 +1648,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     args.seed,
                     phases,
                 )
-            cpu_phases["single interactions"] = CpuMeter.usage(snap, cpu.snapshot())
+            cpu_phases["single interactions"] = CpuAccount.usage(snap, cpu.snapshot())
             d = paced["direct_ms"]
             phases.log(
                 f"  produce → acked: p50 {fmt(d.get('p50'))} ms, p99 {fmt(d.get('p99'))} ms "
                 f"(histogram p50 ≈ {fmt(paced['histogram'].get('p50_ms'))} ms)"
             )
 
-            rates: list[dict[str, Any]] = []
-            stop_reason = stopped_after = None
             with Arrivals(settings, kafka.endpoint) as arrivals:
                 with phases.phase("response consumer", "(joins its group; 10 requests)"):
                     warm_up_requests(settings, kafka.endpoint, arrivals, users, now_ms, args, 10)
-
-                def measure(rate: float, kind: str) -> dict[str, Any]:
-                    n = max(1, int(round(rate * args.duration)))
-                    reqs = build_rate_requests(
-                        artifacts, n, args, now_ms, f"r{rate:g}", args.seed + 100 + len(rates)
-                    )
-                    with phases.phase(f"{rate:g} req/s", f"({n:,} requests, open loop, {kind})"):
-                        level = run_rate(
-                            rate, reqs, settings, kafka.endpoint, arrivals, ports, cpu, args, phases
-                        )
-                    level["_requests"] = reqs
-                    level["kind"] = kind
-                    level["sustained"] = sustained(level, args.slo_ms)
-                    rates.append(level)
-                    cpu_phases[f"{rate:g} req/s"] = level["cpu"]
-                    lat = level["latency_ms"]
-                    phases.log(
-                        f"  {rate:g} req/s: achieved {level['achieved_rps']:,.1f}/s, p50 "
-                        f"{fmt(lat.get('p50'))} ms, p99 {fmt(lat.get('p99'))} ms, "
-                        f"{level['errors']} errors, {level['missing']} missing"
-                        + (f" — sustained under {args.slo_ms:g} ms" if level["sustained"] else "")
-                    )
-                    time.sleep(2.0)
-                    return level
-
-                for idx, rate in enumerate(args.rates):
-                    level = measure(rate, "ladder")
-                    if level["_p99_all"] > args.stop_p99_ms:
-                        p99_all, failed = level["_p99_all"], level["errors"] + level["missing"]
-                        stopped_after = rate
-                        stop_reason = (
-                            f"p99 {'∞' if math.isinf(p99_all) else fmt(p99_all)}"
-                            f" ms > {args.stop_p99_ms:g} ms"
-                            + (f" ({failed} errors or missing)" if failed else "")
-                        )
-                        if idx + 1 < len(args.rates):
-                            phases.log(f"  [yellow]stop raising the rate: {stop_reason}[/yellow]")
-                        break
-                # where the p99 target is crossed: lower rates if none held it, else bisect
-                for _ in range(args.refine):
-                    tested = {x["rate"] for x in rates}
-                    held = [x["rate"] for x in rates if x["sustained"]]
-                    if not held:
-                        rate = round(min(tested) / 2, 1)
-                        if rate < args.min_rate:
-                            break
-                    else:
-                        above = [r for r in tested if r > max(held)]
-                        if not above:
-                            break
-                        rate = float(round((max(held) + min(above)) / 2))
-                        if rate in tested or min(above) - max(held) < 0.1 * max(held):
-                            break
-                    measure(rate, "refine")
+                generator = Generator(client_config(settings, kafka.endpoint))
+                load = RequestLoad(
+                    settings, kafka.endpoint, arrivals, generator, cpu, ports, args, phases, idle
+                )
+                try:
+                    check = run_generator_check(load, artifacts, now_ms)
+                    sweep = rate_sweep(load, artifacts, now_ms)
+                    over = overload(load, artifacts, now_ms, sweep)
+                finally:
+                    generator.close()
+            for step in sweep["steps"] + over["steps"]:
+                cpu_phases[f"{step['rate']:g} req/s {step['kind']}"] = step["cpu"]
 
             # The workers idle at a sizeable share of a core (see the idle phase): stop them,
             # so that the in-process baseline runs on the machine the e2e run had minus them.
@@ -1648,14 +1677,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 workers.stop_all()
             with phases.phase("build in-process graph"):
                 local = LocalRecommender(artifacts, config)
-            rates.sort(key=lambda x: x["rate"])
-            base = rates[0]
+            base = sweep["steps"][0]
             same = base["_requests"][: args.inprocess_requests]
             warm = build_rate_requests(artifacts, 20, args, now_ms, "warm-local", args.seed + 99)
             snap = cpu.snapshot()
             with phases.phase("in-process sequential", f"({len(same)} requests)"):
                 in_process = run_in_process(local, same, warm, phases)
-            cpu_phases["in-process sequential"] = CpuMeter.usage(snap, cpu.snapshot())
+            cpu_phases["in-process sequential"] = CpuAccount.usage(snap, cpu.snapshot())
             parity = compare_answers(base["_first"], in_process["_items"])
             phases.log(
                 f"  in-process p50 {fmt(in_process['latency_ms']['p50'])} ms; answers equal on "
@@ -1675,8 +1703,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 phases.log(f"directory kept: {tmp}")
 
-    ip50 = in_process["latency_ms"]["p50"]
-    slo_ok = [x["rate"] for x in rates if x["sustained"]]
+    ip = in_process["latency_ms"]
     result = {
         "benchmark": "e2e",
         "label": label,
@@ -1684,6 +1711,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine,
         "config": {
             "data": args.data,
+            "quick": args.quick,
             "workers": args.workers,
             "partitions": args.partitions,
             "instances": args.instances,
@@ -1693,10 +1721,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "rates": args.rates,
             "refine": args.refine,
             "min_rate": args.min_rate,
+            "overload": args.overload,
             "duration_s": args.duration,
-            "deadline_s": args.deadline_s,
-            "stop_p99_ms": args.stop_p99_ms,
+            "warmup_s": args.warmup_s,
+            "deadline_ms": args.deadline_ms,
             "slo_ms": args.slo_ms,
+            "idle_s": args.idle_s,
             "cold_share": args.cold_share,
             "k": args.k,
             "temperature": 0.0,
@@ -1708,20 +1738,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "artifacts": {k: v for k, v in meta.items() if k != "training"},
         "interactions": {"source": source, "burst": burst, "paced": paced},
-        "requests": {
-            "rates": rates,
-            "highest_rate_p99_under_slo": max(slo_ok) if slo_ok else None,
-            "stopped_after": stopped_after,
-            "stop_reason": stop_reason,
-        },
+        "requests": {"generator_check": check, "sweep": sweep, "overload": over},
+        "idle_cpu": cpu_phases.get("idle (no traffic)"),
         "in_process": in_process,
         "ratios": {
             "e2e_p50_over_in_process_p50": {
-                f"{x['rate']:g}": ratio(x["latency_ms"].get("p50"), ip50) for x in rates
+                f"{x['rate']:g}": ratio(x["latency_ms"].get("p50"), ip["p50"])
+                for x in sweep["steps"]
             },
             "e2e_p99_over_in_process_p99": {
-                f"{x['rate']:g}": ratio(x["latency_ms"].get("p99"), in_process["latency_ms"]["p99"])
-                for x in rates
+                f"{x['rate']:g}": ratio(x["latency_ms"].get("p99"), ip["p99"])
+                for x in sweep["steps"]
             },
         },
         "parity": parity,
@@ -1763,7 +1790,8 @@ def warm_up_requests(settings, bootstrap, arrivals, users, now_ms, args, n: int)
     ids = set()
     for i in range(n):
         user = users[rng.integers(len(users))] if i % 10 else f"bench-warm-unknown-{i}"
-        r = request_record(f"warm-{uuid.uuid4().hex[:8]}", user, args.k, now_ms)
+        deadline = int(time.time() * 1000) + 30_000
+        r = request_record(f"warm-{uuid.uuid4().hex[:8]}", user, args.k, now_ms, deadline)
         ids.add(r["request_id"])
         producer.send("requests", r)
         producer.flush()
