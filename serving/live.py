@@ -40,14 +40,10 @@ class LiveItems:
     def __init__(self, artifacts: Path, state):
         self.artifacts = artifacts
         self.state = state  # serving.state.RedisState
-        self.workflow = Workflow.load(artifacts / "workflow.json")
         self.ids: list[str] = json.loads((artifacts / "item_ids.json").read_text())
         self.row: dict[str, int] = {i: n for n, i in enumerate(self.ids)}
         self.raw_row: dict[bytes, int] = {i.encode(): n for i, n in self.row.items()}
-        self.trained = len(self.ids)
-        profiles = json.loads((artifacts / "items.json").read_text())
-        features = [self._features(i, profiles.get(i)) for i in self.ids]
-        self.features = {n: np.stack([f[n] for f in features]) for n in ITEM_OUTPUTS}
+        self._profiles: dict[str, dict] = {}  # items changed after training, until `features`
         # Backfill order after the live ranking: the artifacts' popular list, then row order.
         popular = json.loads((artifacts / "popular.json").read_text())
         fallback = {i: n for n, i in enumerate(popular)}
@@ -87,6 +83,17 @@ class LiveItems:
             pick = np.argpartition(key, m - 1)[:m] if m < len(key) else np.arange(len(key))
             self._top = pick[np.lexsort((pick, key[pick]))]
         return self._top[:n]
+
+    @cached_property
+    def workflow(self) -> Workflow:
+        return Workflow.load(self.artifacts / "workflow.json")
+
+    @cached_property
+    def features(self) -> dict[str, np.ndarray]:
+        """The model inputs of every item (loaded by the first stage that asks for them)."""
+        profiles = json.loads((self.artifacts / "items.json").read_text()) | self._profiles
+        rows = [self._features(i, profiles.get(i)) for i in self.ids]
+        return {n: np.stack([r[n] for r in rows]) for n in ITEM_OUTPUTS}
 
     @cached_property
     def index(self):
@@ -162,22 +169,26 @@ class LiveItems:
         """New items get a row (and an embedding once the index is loaded); known ones get their
         features updated."""
         new = [i for i in profiles if i not in self.row]
-        for item in profiles:
-            if item in self.row:
-                out = self._features(item, profiles[item])
-                for name in ITEM_OUTPUTS:
-                    self.features[name][self.row[item]] = out[name]
-        if not new:
-            return
         start = len(self.ids)
         for n, item in enumerate(new):
             self.row[item] = start + n
             self.raw_row[item.encode()] = start + n
         self.ids.extend(new)
-        rows = [self._features(i, profiles[i]) for i in new]
-        for name in ITEM_OUTPUTS:
-            added = np.stack([r[name] for r in rows])
-            self.features[name] = np.concatenate([self.features[name], added])
+        if "features" not in self.__dict__:
+            self._profiles |= profiles
+        else:
+            changed = [i for i in profiles if i not in new]
+            for item in changed:
+                out = self._features(item, profiles[item])
+                for name in ITEM_OUTPUTS:
+                    self.features[name][self.row[item]] = out[name]
+            if new:
+                rows = [self._features(i, profiles[i]) for i in new]
+                for name in ITEM_OUTPUTS:
+                    added = np.stack([r[name] for r in rows])
+                    self.features[name] = np.concatenate([self.features[name], added])
+        if not new:
+            return
         self.fallback_rank = np.concatenate(
             [self.fallback_rank, len(self.fallback_rank) + np.arange(len(new), dtype=np.float64)]
         )

@@ -170,6 +170,7 @@ class InteractionProcessor:
         # its transaction leaves no stale Feast row when it is run again.
         items: dict[str, int] = {}
         seen_ids: set[tuple[str, str]] = set()
+        counted: list[tuple[str, int]] = []
         for (_, r), done in zip(good, applied, strict=True):
             user, item, ts = r["user_id"], r["item_id"], int(r["timestamp_ms"])
             items[item] = max(ts, items.get(item, 0))
@@ -182,8 +183,9 @@ class InteractionProcessor:
             )
             self.state.mark_applied(pipe, user, r["event_id"], ts)
             self.state.add_seen(pipe, user, item, ts)
-            self.state.add_popularity(pipe, item, ts)
+            counted.append((item, ts))
             result.applied += 1
+        self.state.add_popularity(pipe, counted)
         for user in {u for u, _ in seen_ids}:
             self.state.put_user(pipe, user, states[user])
         return {u: states[u] for u in users if states[u] is not None}, items
