@@ -269,29 +269,35 @@ class Scoring(Operator):
 
     def __init__(self, artifacts: Path, config: dict[str, Any], items):
         super().__init__(artifacts, config, items)
-        from models.onnx_export import onnx_session
+        from models.onnx_export import onnx_session, per_user
 
-        self.ranker = onnx_session(artifacts / "ranker.onnx")
+        # The user's history is pooled once per user, not once per candidate (40% of the work).
+        self.ranker = onnx_session(per_user(artifacts / "ranker.onnx", {"hist_items"}))
 
     def compute(self, batch):
-        from models.onnx_export import run_onnx
-        from models.recommender import ranker_feed
+        from models.inputs import dense_features
+        from models.onnx_export import USER_INDEX, run_onnx
 
-        feeds = [
-            ranker_feed(
-                {name: t[name] for name in USER_OUTPUTS},
-                {name: t[name] for name in ITEM_OUTPUTS},
-                t["kept_scores"],
-                t["popularity"],
-                t["genre_affinity"],
-                int(t["user_events"][0]),
-            )
-            for t in batch
-        ]
         counts = [len(t["item_id"]) for t in batch]
         if sum(counts) == 0:
             return [{"scores": np.zeros(0, dtype=np.float32)} for _ in batch]
-        feed = {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
+        rows = np.repeat(np.arange(len(batch)), counts)
+        feed = {name: np.concatenate([t[name] for t in batch])[rows] for name in USER_OUTPUTS}
+        feed["hist_items"] = np.concatenate([t["hist_items"] for t in batch])
+        feed[USER_INDEX] = rows
+        feed |= {name: np.concatenate([t[name] for t in batch]) for name in ITEM_OUTPUTS}
+        feed["dense"] = np.concatenate(
+            [
+                dense_features(
+                    t["kept_scores"],
+                    t["popularity"],
+                    t["item_genres"],
+                    t["genre_affinity"],
+                    int(t["user_events"][0]),
+                )
+                for t in batch
+            ]
+        )
         scores = run_onnx(self.ranker, feed).reshape(-1).astype(np.float32)
         return [{"scores": s} for s in np.split(scores, np.cumsum(counts)[:-1])]
 
