@@ -192,11 +192,13 @@ class Executor:
     def _from_wire(self, name: str, value: np.ndarray) -> np.ndarray:
         if not self.tensors[name].items:
             return value
-        row = self.items.raw_row
-        return np.array([row[i] for i in value.tolist()], dtype=np.int64)
+        rows = self.items.rows(value.tolist())
+        if len(rows) != len(value):
+            raise KeyError(f"{name}: item ids unknown to this process")
+        return rows
 
     def _to_wire(self, name: str, value: np.ndarray) -> np.ndarray:
         if not self.tensors[name].items:
             return value
-        ids = self.items.ids
-        return np.array([ids[r].encode() for r in value.tolist()], dtype=np.object_)
+        ids = self.items.raw_ids
+        return np.array([ids[r] for r in value.tolist()], dtype=np.object_)

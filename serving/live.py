@@ -14,6 +14,7 @@ import json
 import logging
 import math
 from functools import cached_property
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,8 @@ class LiveItems:
         self.state = state  # serving.state.RedisState
         self.ids: list[str] = json.loads((artifacts / "item_ids.json").read_text())
         self.row: dict[str, int] = {i: n for n, i in enumerate(self.ids)}
-        self.raw_row: dict[bytes, int] = {i.encode(): n for i, n in self.row.items()}
+        self.raw_ids: list[bytes] = [i.encode() for i in self.ids]  # as they go on the wire
+        self.raw_row: dict[bytes, int] = {i: n for n, i in enumerate(self.raw_ids)}
         self._profiles: dict[str, dict] = {}  # items changed after training, until `features`
         # Backfill order after the live ranking: the artifacts' popular list, then row order.
         popular = json.loads((artifacts / "popular.json").read_text())
@@ -61,13 +63,13 @@ class LiveItems:
 
     # --- reading -------------------------------------------------------------------------------
     def rows(self, ids) -> np.ndarray:
-        """Rows of these item ids (str or bytes); unknown ids are dropped."""
-        out = []
-        for i in ids:
-            r = self.raw_row.get(i) if isinstance(i, bytes) else self.row.get(i)
-            if r is not None:
-                out.append(r)
-        return np.array(out, dtype=np.int64)
+        """Rows of these item ids (all str or all bytes); unknown ids are dropped."""
+        ids = list(ids)
+        if not ids:
+            return np.zeros(0, dtype=np.int64)
+        index = self.raw_row if isinstance(ids[0], bytes) else self.row
+        rows = np.fromiter(map(index.get, ids, repeat(-1)), dtype=np.int64, count=len(ids))
+        return rows[rows >= 0]
 
     def popularity_at(self, rows: np.ndarray, now_ms: int) -> np.ndarray:
         """Time-decayed interaction counts of these rows at `now_ms`."""
@@ -174,6 +176,7 @@ class LiveItems:
             self.row[item] = start + n
             self.raw_row[item.encode()] = start + n
         self.ids.extend(new)
+        self.raw_ids.extend(i.encode() for i in new)
         if "features" not in self.__dict__:
             self._profiles |= profiles
         else:

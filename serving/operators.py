@@ -337,9 +337,9 @@ class Ordering(Operator):
         positions = limit_per_genre(positions, item_genres, int(self.config["max_per_genre"]))
         top = positions[: int(k[0])]
         fill = backfill[: max(0, int(k[0]) - len(top))]
-        ids = self.items.ids
+        ids = self.items.raw_ids
         return {
-            "items": strings([ids[r] for r in kept[top]] + [ids[r] for r in fill]),
+            "items": np.array([ids[r] for r in kept[top]] + [ids[r] for r in fill], np.object_),
             "item_scores": np.concatenate([scores[top], np.zeros(len(fill))]).astype(np.float32),
             "backfilled": np.array([len(fill)], dtype=np.int32),
         }
