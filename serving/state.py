@@ -99,12 +99,6 @@ class RedisState:
         return score * math.exp(-(ts_ms - self.epoch) * _K)
 
     # --- reads (hot path) ----------------------------------------------------------------------
-    def seen_mask(self, user_id: str, items: Sequence[str]) -> list[bool]:
-        if not items:
-            return []
-        scores = self.client.zmscore(self.key("seen", user_id), list(items))
-        return [s is not None for s in scores]
-
     def unavailable_mask(self, items: Sequence[str]) -> list[bool]:
         if not items:
             return []
@@ -141,9 +135,6 @@ class RedisState:
             "last_id": last[0][0] if last else b"0-0",
             "n": int(n or 0),
         }
-
-    def popular(self, n: int) -> list[str]:
-        return [i.decode() for i in self.client.zrevrange(self.key("popular"), 0, n - 1)]
 
     def popularity_scores(self, items: Sequence[str]) -> list[float]:
         if not items:
