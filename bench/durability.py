@@ -30,7 +30,7 @@ def redis_commit(state: RedisState, batch: int, wait_aof: bool) -> float:
     for n in range(batch):
         state.mark_applied(pipe, user, uuid.uuid4().hex, n)
         state.add_seen(pipe, user, str(n), n)
-        state.add_popularity(pipe, str(n), n)
+    state.add_popularity(pipe, [(str(n), n) for n in range(batch)])
     pipe.execute()
     if wait_aof:
         state.wait_durable()

@@ -56,6 +56,18 @@ class ItemIndex:
             [[self.ids[r] for r in row[h]] for row, h in zip(rows, hits, strict=True)],
         )
 
+    def search_rows(self, queries: np.ndarray, n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """As `search`, with index rows instead of item ids."""
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if len(q) == 0:
+            return [], []
+        scores, rows = self.index.search(q, min(n, len(self.ids)))
+        hits = [row >= 0 for row in rows]
+        return (
+            [s[h] for s, h in zip(scores, hits, strict=True)],
+            [r[h] for r, h in zip(rows, hits, strict=True)],
+        )
+
     def vectors(self, ids: list[str]) -> np.ndarray:
         """The stored embeddings of these items, in order."""
         if not ids:

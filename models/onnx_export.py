@@ -84,8 +84,70 @@ def _check_names(path: Path, inputs: list[str], outputs: list[str]) -> None:
         )
 
 
-def onnx_session(path: Path | str, intra_op_num_threads: int = 1):
-    """A CPU onnxruntime session (one intra-op thread by default)."""
+USER_INDEX = "user_index"
+
+
+def per_user(path: Path | str, user_inputs: set[str]) -> bytes:
+    """The model at `path`, rewritten to compute what depends only on `user_inputs` once per
+    user instead of once per row: those inputs then take one row per user, and a new input
+    `user_index` (int64, one per row) says which user each row belongs to.
+
+    A ranker scores hundreds of candidates per user; its user-only part (e.g. pooling the
+    user's history embeddings) is the same for all of them. The rewrite gathers the user-only
+    tensors where the rest of the graph reads them; the results are identical.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    constant = {i.name for i in graph.initializer}
+    constant |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    user = set(user_inputs)
+    for node in graph.node:  # in topological order
+        inputs = [i for i in node.input if i]
+        if any(i in user for i in inputs) and all(i in user or i in constant for i in inputs):
+            user.update(node.output)
+    frontier = {
+        i: f"{i}/per_row"
+        for node in graph.node
+        if not set(node.output) <= user
+        for i in node.input
+        if i in user
+    }
+    if not frontier:
+        raise ValueError(f"nothing in {path} depends only on {sorted(user_inputs)}")
+    for node in graph.node:
+        if not set(node.output) <= user:
+            for n, name in enumerate(node.input):
+                node.input[n] = frontier.get(name, name)
+    gathers = [
+        onnx.helper.make_node("Gather", [name, USER_INDEX], [row], axis=0)
+        for name, row in frontier.items()
+    ]
+    graph.node.extend(gathers)
+    graph.input.append(
+        onnx.helper.make_tensor_value_info(USER_INDEX, onnx.TensorProto.INT64, ["rows"])
+    )
+    return _sorted(model).SerializeToString()
+
+
+def _sorted(model):
+    """Nodes in topological order (the appended gathers moved before their readers)."""
+    graph = model.graph
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        node = next(n for n in pending if all(i in ready for i in n.input))
+        pending.remove(node)
+        ordered.append(node)
+        ready.update(node.output)
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return model
+
+
+def onnx_session(path: Path | str | bytes, intra_op_num_threads: int = 1):
+    """A CPU onnxruntime session (one intra-op thread by default) of a file or model bytes."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -93,7 +155,8 @@ def onnx_session(path: Path | str, intra_op_num_threads: int = 1):
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def onnx_feed(session, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:

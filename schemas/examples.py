@@ -51,6 +51,7 @@ def example_records(now_ms: int) -> dict[str, dict]:
                     "candidates_in": 1682,
                     "candidates_out": 300,
                     "duration_ms": 0.8,
+                    "batch_size": 1,
                 }
             ],
             "request_timestamp_ms": now_ms,

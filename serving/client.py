@@ -10,22 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import re
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from serving.graph import LocalRuntime
-from serving.operators import DEFAULTS, GRAPH, OPERATORS, request_tensors, response_record
-from serving.triton_export import ENSEMBLE
+from serving.operators import DEFAULTS, GRAPH, request_tensors, response_record
+from serving.triton_export import ENSEMBLE, LAYOUTS
 
 _NP_TO_TRITON = {np.object_: "BYTES", np.int64: "INT64", np.int32: "INT32", np.float32: "FP32"}
-STAGES: tuple[str, ...] = tuple(op.name for op in OPERATORS)  # the ensemble's stage models
+# The models an ensemble may chain, in any layout.
+STAGES: tuple[str, ...] = tuple(dict.fromkeys(n for groups in LAYOUTS.values() for n in groups))
 # Read-only: an unknown user takes the cold-start path, through all six stages.
 CANARY_REQUEST: dict[str, Any] = {"user_id": "__canary__", "k": 1, "temperature": 0.0, "seed": 0}
 _DEAD_STUB = re.compile(r"Stub process '(\w+?)_\d+_\d+' is not healthy")
@@ -81,13 +84,18 @@ def _reload_config(config: dict) -> str:
 
 
 def _infer_args(grpc, tensors: dict[str, np.ndarray]) -> tuple[list, list]:
-    """The request tensors as tritonclient inputs, and the graph's response as outputs."""
+    """The request tensors as tritonclient inputs (a batch of one: Triton batches requests
+    itself), and the graph's response as outputs."""
     inputs = []
     for name, value in tensors.items():
-        t = grpc.InferInput(name, list(value.shape), _NP_TO_TRITON[value.dtype.type])
-        t.set_data_from_numpy(value)
+        t = grpc.InferInput(name, [1, *value.shape], _NP_TO_TRITON[value.dtype.type])
+        t.set_data_from_numpy(value[None])
         inputs.append(t)
     return inputs, [grpc.InferRequestedOutput(n) for n in GRAPH.response]
+
+
+def _outputs(result) -> dict[str, np.ndarray]:
+    return {n: result.as_numpy(n)[0] for n in GRAPH.response}
 
 
 class TritonRecommender:
@@ -106,7 +114,27 @@ class TritonRecommender:
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         inputs, outputs = _infer_args(self._grpc, tensors)
         result = self.client.infer(ENSEMBLE, inputs, outputs=outputs, client_timeout=self.timeout)
-        return {n: result.as_numpy(n) for n in GRAPH.response}
+        return _outputs(result)
+
+    def run_batch(self, batch: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """Requests sent together (Triton batches them); outputs in order."""
+        done: queue.Queue = queue.Queue()
+        for n, tensors in enumerate(batch):
+            inputs, outputs = _infer_args(self._grpc, tensors)
+            self.client.async_infer(
+                ENSEMBLE,
+                inputs,
+                partial(lambda n, result, error: done.put((n, result, error)), n),
+                outputs=outputs,
+                client_timeout=self.timeout,
+            )
+        results: list[dict[str, np.ndarray]] = [{}] * len(batch)
+        for _ in batch:
+            n, result, error = done.get()
+            if error is not None:
+                raise error
+            results[n] = _outputs(result)
+        return results
 
     def recommend(self, request: dict) -> dict:
         return response_record(request, self.run(request_tensors(request)), self.version)
@@ -130,7 +158,7 @@ class TritonRecommender:
             False, time.monotonic() - start, reason, _suspects(before, after, reason)
         )
 
-    def heal(self, stages: Sequence[str] = STAGES, timeout: float = 30.0) -> list[str]:
+    def heal(self, stages: Sequence[str], timeout: float = 30.0) -> list[str]:
         """Reload `stages` (e.g. a failed canary's suspects) with new stub processes through
         Triton's repository API, one after another (~2-4 s each); concurrent calls queue."""
         with self._heal_lock:
@@ -161,7 +189,7 @@ class AsyncTritonRecommender:
     async def run(self, tensors: dict[str, np.ndarray], timeout: float | None = None) -> dict:
         inputs, outputs = _infer_args(self._grpc, tensors)
         result = await self.client.infer(ENSEMBLE, inputs, outputs=outputs, client_timeout=timeout)
-        return {n: result.as_numpy(n) for n in GRAPH.response}
+        return _outputs(result)
 
     async def canary(self, timeout: float = 2.0) -> CanaryResult:
         """As `TritonRecommender.canary`."""
@@ -184,7 +212,7 @@ class AsyncTritonRecommender:
             False, time.monotonic() - start, reason, _suspects(before, after, reason)
         )
 
-    async def heal(self, stages: Sequence[str] = STAGES, timeout: float = 30.0) -> list[str]:
+    async def heal(self, stages: Sequence[str], timeout: float = 30.0) -> list[str]:
         """As `TritonRecommender.heal`."""
         async with self._heal_lock:
             for name in stages:
@@ -207,6 +235,9 @@ class LocalRecommender:
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.runtime.run(tensors)
+
+    def run_batch(self, batch: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        return self.runtime.run_batch(batch)
 
     def recommend(self, request: dict) -> dict:
         return response_record(request, self.run(request_tensors(request)), self.version)

@@ -1,13 +1,19 @@
 """An operator graph: stages with declared tensor inputs and outputs, run in-process or on Triton.
 
 Each operator reads named tensors and writes named tensors; a tensor is produced exactly once.
-`Graph` checks the wiring; `Graph.run` is the in-process runtime; `serving.triton_export` turns
-the same graph into one Triton Python model per operator plus an ensemble.
+Operators compute on a batch of requests at once (one dict of tensors per request, shapes as
+declared, no batch dimension). `Graph` checks the wiring; `LocalRuntime` runs it in this
+process; `serving.triton_export` runs the same graph on Triton, all operators in one executor
+model or split over several models chained by an ensemble.
+
+Item tensors (`Tensor.items`) hold rows of the stages' shared item table (`serving.live`):
+integers inside a process, item ids on the wire between Triton models.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,6 +25,11 @@ import numpy as np
 class Tensor:
     dtype: str  # Triton data type: TYPE_STRING, TYPE_INT64, TYPE_INT32, TYPE_FP32
     dims: tuple[int, ...]  # -1 = variable
+    items: bool = False  # item rows (INT64) in a process, item ids (TYPE_STRING) on the wire
+
+    @property
+    def wire_dtype(self) -> str:
+        return "TYPE_STRING" if self.items else self.dtype
 
 
 NUMPY = {
@@ -27,12 +38,14 @@ NUMPY = {
     "TYPE_INT32": np.int32,
     "TYPE_FP32": np.float32,
 }
-STATS = Tensor("TYPE_FP32", (3,))  # candidates in, candidates out, milliseconds
+STATS = Tensor("TYPE_FP32", (4,))  # candidates in, candidates out, milliseconds, batch size
+Tensors = dict[str, np.ndarray]  # one request's tensors
 
 
 class Operator:
     """One stage. Subclasses declare `name`, `inputs`, `outputs`, the artifact files they need,
-    and implement `compute`; `count_in`/`count_out` name the tensors whose length is reported."""
+    and implement `compute` over a batch; `count_in`/`count_out` name the tensors whose length
+    is reported. `items` is the process's shared item table (`serving.live.LiveItems`)."""
 
     name: ClassVar[str]
     inputs: ClassVar[dict[str, Tensor]]
@@ -41,21 +54,24 @@ class Operator:
     count_in: ClassVar[str | None] = None
     count_out: ClassVar[str | None] = None
 
-    def __init__(self, artifacts: Path, config: dict[str, Any]):
+    def __init__(self, artifacts: Path, config: dict[str, Any], items):
         self.artifacts = artifacts
         self.config = config
+        self.items = items
 
-    def compute(self, **tensors: np.ndarray) -> dict[str, np.ndarray]:
+    def compute(self, batch: list[Tensors]) -> list[Tensors]:
+        """The outputs of each request of the batch, in order."""
         raise NotImplementedError
 
-    def __call__(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: list[Tensors]) -> list[Tensors]:
         start = time.perf_counter()
-        out = self.compute(**{name: tensors[name] for name in self.inputs})
+        outs = self.compute([{name: t[name] for name in self.inputs} for t in batch])
         ms = (time.perf_counter() - start) * 1000
-        n_in = len(tensors[self.count_in]) if self.count_in else 0
-        n_out = len(out[self.count_out]) if self.count_out else 0
-        out[self.stats_name()] = np.array([n_in, n_out, ms], dtype=np.float32)
-        return out
+        for t, out in zip(batch, outs, strict=True):
+            n_in = len(t[self.count_in]) if self.count_in else 0
+            n_out = len(out[self.count_out]) if self.count_out else 0
+            out[self.stats_name()] = np.array([n_in, n_out, ms, len(batch)], dtype=np.float32)
+        return outs
 
     @classmethod
     def stats_name(cls) -> str:
@@ -68,10 +84,15 @@ class Operator:
 
 class Graph:
     def __init__(
-        self, request: dict[str, Tensor], operators: list[type[Operator]], response: tuple[str, ...]
+        self,
+        request: dict[str, Tensor],
+        operators: list[type[Operator]],
+        response: tuple[str, ...],
+        items: Callable[[Path, dict[str, Any]], Any],
     ):
         self.request = request
         self.operators = operators
+        self.items = items  # (artifacts, config) -> the item table the operators share
         self.response = response + tuple(op.stats_name() for op in operators)
         self._check()
 
@@ -96,7 +117,26 @@ class Graph:
         self.tensors = produced
 
     def build(self, artifacts: Path, config: dict[str, Any]) -> LocalRuntime:
-        return LocalRuntime(self, [op(artifacts, config) for op in self.operators])
+        return LocalRuntime(self, self.instantiate(self.operators, artifacts, config))
+
+    def instantiate(
+        self, operators: list[type[Operator]], artifacts: Path, config: dict[str, Any]
+    ) -> list[Operator]:
+        """These operators of the graph, sharing one item table."""
+        items = self.items(artifacts, config)
+        return [op(artifacts, config, items) for op in operators]
+
+
+def run_batch(operators: list[Operator], batch: list[Tensors]) -> list[Tensors]:
+    """Run operators in order over a batch; every tensor they produce is added to each request's
+    dict. The shared item table first takes in what changed since the last batch."""
+    if operators:
+        operators[0].items.sync()
+    batch = [dict(t) for t in batch]
+    for op in operators:
+        for t, out in zip(batch, op(batch), strict=True):
+            t.update(out)
+    return batch
 
 
 class LocalRuntime:
@@ -106,8 +146,59 @@ class LocalRuntime:
         self.graph = graph
         self.operators = operators
 
-    def run(self, request: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        tensors = dict(request)
-        for op in self.operators:
-            tensors.update(op(tensors))
-        return {name: tensors[name] for name in self.graph.response}
+    def run(self, request: Tensors) -> Tensors:
+        return self.run_batch([request])[0]
+
+    def run_batch(self, requests: list[Tensors]) -> list[Tensors]:
+        done = run_batch(self.operators, requests)
+        return [{name: t[name] for name in self.graph.response} for t in done]
+
+
+class Executor:
+    """Some operators of the graph run as one unit in this process: the body of one Triton model.
+
+    Takes a batch of requests as they arrive on the wire (item tensors as ids), runs the
+    operators once over the batch and returns each request's `outputs` (item tensors as ids).
+    A batch that fails is run again request by request, so that one bad request fails alone.
+    """
+
+    def __init__(
+        self,
+        graph: Graph,
+        names: list[str],
+        outputs: list[str],
+        artifacts: Path,
+        config: dict[str, Any],
+    ):
+        chosen = [op for op in graph.operators if op.name in names]
+        self.operators = graph.instantiate(chosen, artifacts, config)
+        self.items = self.operators[0].items
+        self.tensors = graph.tensors
+        self.outputs = outputs
+
+    def run(self, batch: list[Tensors]) -> list[Tensors | Exception]:
+        try:
+            return self._run(batch)
+        except Exception as e:  # noqa: BLE001 - isolate the failing request(s)
+            if len(batch) == 1:
+                return [e]
+        return [r for t in batch for r in self.run([t])]
+
+    def _run(self, batch: list[Tensors]) -> list[Tensors]:
+        batch = [{n: self._from_wire(n, v) for n, v in t.items()} for t in batch]
+        done = run_batch(self.operators, batch)
+        return [{n: self._to_wire(n, t[n]) for n in self.outputs} for t in done]
+
+    def _from_wire(self, name: str, value: np.ndarray) -> np.ndarray:
+        if not self.tensors[name].items:
+            return value
+        rows = self.items.rows(value.tolist())
+        if len(rows) != len(value):
+            raise KeyError(f"{name}: item ids unknown to this process")
+        return rows
+
+    def _to_wire(self, name: str, value: np.ndarray) -> np.ndarray:
+        if not self.tensors[name].items:
+            return value
+        ids = self.items.raw_ids
+        return np.array([ids[r] for r in value.tolist()], dtype=np.object_)

@@ -8,12 +8,16 @@ additions, and the stream processors' authoritative user state. One place for th
                          score · exp(−k·(t − epoch)) (see `popularity_at`)
 - `{p}:popular:epoch`    the epoch (ms) of that scale, set when the state is loaded
 - `{p}:catalog`          HASH item → JSON profile (title, year, genres, timestamp_ms) of items
-                         added or changed after training; `{p}:catalog:version` counts changes
+                         added or changed after training
 - `{p}:updated`          HASH item → event ms of the newest item update applied (newest wins)
 - `{p}:user:{user}`      JSON `UserActivity`: the user's stream state (Feast gets a projection)
 - `{p}:applied:{user}`   ZSET event id → event ms of the newest `APPLIED_LIMIT` applied events
 - `{p}:pending`          SET of `user:event id` applied to the state but not yet to Feast
 - `{p}:acked`            count of interactions whose effects are all written (replay barrier)
+- `{p}:changes`          STREAM of what the serving stages keep in memory (popularity deltas,
+                         availability, catalog profiles, resets), entries numbered by
+                         `{p}:changes:n` so that a reader notices entries trimmed before it read
+                         them (it then reloads a snapshot, see `snapshot`)
 
 Every client has socket timeouts: a stalled server raises `redis.TimeoutError` instead of
 hanging a stream worker or a serving stage for ever.
@@ -28,6 +32,7 @@ from collections.abc import Iterable, Sequence
 from models.features import POPULARITY_HALF_LIFE_MS, UserActivity
 
 SEEN_LIMIT = 1000
+CHANGES_LIMIT = 100_000  # entries kept in `{p}:changes` (approximately: MAXLEN ~)
 APPLIED_LIMIT = 1000
 TIMEOUT_S = 2.0  # socket timeouts of every streamrec Redis client
 _K = math.log(2) / POPULARITY_HALF_LIFE_MS
@@ -37,6 +42,14 @@ _K = math.log(2) / POPULARITY_HALF_LIFE_MS
 _ACK = """
 local n = redis.call('SREM', KEYS[1], unpack(ARGV))
 redis.call('INCRBY', KEYS[2], n)
+return n
+"""
+
+
+# Appends one numbered entry to the change stream (atomic with the caller's transaction).
+_LOG = """
+local n = redis.call('INCR', KEYS[2])
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'n', n, 'kind', ARGV[2], 'data', ARGV[3])
 return n
 """
 
@@ -64,6 +77,7 @@ class RedisState:
         self.wait_aof = wait_aof
         self._epoch: int | None = None
         self._ack = self.client.register_script(_ACK)
+        self._log = self.client.register_script(_LOG)
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -85,27 +99,47 @@ class RedisState:
         return score * math.exp(-(ts_ms - self.epoch) * _K)
 
     # --- reads (hot path) ----------------------------------------------------------------------
-    def seen_mask(self, user_id: str, items: Sequence[str]) -> list[bool]:
-        if not items:
-            return []
-        scores = self.client.zmscore(self.key("seen", user_id), list(items))
-        return [s is not None for s in scores]
-
     def unavailable_mask(self, items: Sequence[str]) -> list[bool]:
         if not items:
             return []
         return [bool(x) for x in self.client.smismember(self.key("unavailable"), list(items))]
 
-    def popular(self, n: int) -> list[str]:
-        return [i.decode() for i in self.client.zrevrange(self.key("popular"), 0, n - 1)]
+    def seen_sets(self, user_ids: Sequence[str]) -> list[list[bytes]]:
+        """Each user's seen items (raw ids), in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for user in user_ids:
+            pipe.zrange(self.key("seen", user), 0, -1)
+        return pipe.execute() if user_ids else []
+
+    def changes(self, after: bytes, count: int = 1000) -> list[tuple[bytes, dict]]:
+        """Entries of the change stream after stream id `after` (oldest first, up to `count`)."""
+        found = self.client.xread({self.key("changes"): after}, count=count)
+        return found[0][1] if found else []
+
+    def snapshot(self) -> dict:
+        """What the change stream describes, as of one instant: popularity, unavailable items,
+        catalog profiles, the popularity epoch, and the stream's last entry (id and number)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zrange(self.key("popular"), 0, -1, withscores=True)
+        pipe.smembers(self.key("unavailable"))
+        pipe.hgetall(self.key("catalog"))
+        pipe.get(self.key("popular", "epoch"))
+        pipe.xrevrange(self.key("changes"), count=1)
+        pipe.get(self.key("changes", "n"))
+        popular, unavailable, catalog, epoch, last, n = pipe.execute()
+        return {
+            "popularity": {i.decode(): s for i, s in popular},
+            "unavailable": {i.decode() for i in unavailable},
+            "catalog": {i.decode(): json.loads(p) for i, p in catalog.items()},
+            "epoch": int(epoch or 0),
+            "last_id": last[0][0] if last else b"0-0",
+            "n": int(n or 0),
+        }
 
     def popularity_scores(self, items: Sequence[str]) -> list[float]:
         if not items:
             return []
         return [s or 0.0 for s in self.client.zmscore(self.key("popular"), list(items))]
-
-    def catalog_version(self) -> int:
-        return int(self.client.get(self.key("catalog", "version")) or 0)
 
     def catalog_additions(self, items: Iterable[str] | None = None) -> dict[str, dict]:
         """Profiles of items added or changed after training (all of them when `items` is None)."""
@@ -168,8 +202,17 @@ class RedisState:
         pipe.zadd(key, {item_id: ts_ms}, gt=True)  # adds new members; keeps the newest time
         pipe.zremrangebyrank(key, 0, -SEEN_LIMIT - 1)
 
-    def add_popularity(self, pipe, item_id: str, ts_ms: int) -> None:
-        pipe.zincrby(self.key("popular"), self.popularity_weight(ts_ms), item_id)
+    def add_popularity(self, pipe, events: Sequence[tuple[str, int]]) -> None:
+        """Count (item, event ms) interactions, in order; one change-stream entry for all."""
+        weights = [(item, self.popularity_weight(ts_ms)) for item, ts_ms in events]
+        for item, weight in weights:
+            pipe.zincrby(self.key("popular"), weight, item)
+        if weights:  # JSON keeps each float exactly: readers add the same doubles in order
+            self.log_change(pipe, "popularity", weights)
+
+    def log_change(self, pipe, kind: str, data) -> None:
+        keys = [self.key("changes"), self.key("changes", "n")]
+        self._log(keys=keys, args=[CHANGES_LIMIT, kind, json.dumps(data)], client=pipe)
 
     def mark_applied(self, pipe, user_id: str, event_id: str, ts_ms: int) -> None:
         key = self.key("applied", user_id)
@@ -185,13 +228,14 @@ class RedisState:
             pipe.srem(self.key("unavailable"), item_id)
         else:
             pipe.sadd(self.key("unavailable"), item_id)
+        self.log_change(pipe, "available", [[item_id, available]])
 
     def put_update_time(self, pipe, item_id: str, ts_ms: int) -> None:
         pipe.hset(self.key("updated"), item_id, ts_ms)
 
     def put_catalog_item(self, pipe, item_id: str, profile: dict) -> None:
         pipe.hset(self.key("catalog"), item_id, json.dumps(profile))
-        pipe.incr(self.key("catalog", "version"))
+        self.log_change(pipe, "catalog", {item_id: profile})
 
     def load(
         self,
@@ -214,4 +258,5 @@ class RedisState:
         }
         if scores:
             pipe.zadd(self.key("popular"), scores)
+        self.log_change(pipe, "reset", None)  # readers reload everything
         pipe.execute()

@@ -1,5 +1,6 @@
-"""Export the operator graph to a Triton model repository: one Python-backend model per operator
-(its code and artifacts under the version folder) and an ensemble named `streamrec`."""
+"""Export the operator graph to a Triton model repository: Python-backend models that each run
+some of the operators over dynamically batched requests (code and artifacts under the version
+folder), chained by an ensemble named `streamrec`."""
 
 from __future__ import annotations
 
@@ -9,10 +10,22 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from serving.graph import Graph, Operator, Tensor
+from serving.graph import Graph, Tensor
 from serving.operators import GRAPH
 
 ENSEMBLE = "streamrec"
+# How the operators are split into Triton models (each a Python-backend process), chained by the
+# ensemble. `executor`: one model runs the whole graph (no hops between stages; the default,
+# fastest in bench/serving.py); `fused`: candidates | ranking; `stages`: one model per operator.
+LAYOUTS: dict[str, dict[str, list[str]]] = {
+    "executor": {"executor": [op.name for op in GRAPH.operators]},
+    "fused": {
+        "candidates": ["user_features", "retrieval", "filtering"],
+        "ranking": ["item_features", "scoring", "ordering"],
+    },
+    "stages": {op.name: [op.name] for op in GRAPH.operators},
+}
+DEFAULT_LAYOUT = "executor"
 ROOT = Path(__file__).resolve().parents[1]
 # The modules the operators import, shipped with every model: nothing else of the app is needed.
 SHIPPED = (
@@ -26,13 +39,15 @@ SHIPPED = (
     "models/workflow.py",
     "serving/__init__.py",
     "serving/graph.py",
+    "serving/live.py",
     "serving/operators.py",
     "serving/state.py",
 )
 
 MODEL_PY = '''\
-"""Triton Python-backend model for the streamrec operator `{name}` (generated)."""
+"""Triton Python-backend model running streamrec operators {names} (generated)."""
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -42,62 +57,90 @@ sys.path.insert(0, str(HERE / "code"))
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from serving.operators import {cls}  # noqa: E402
+from serving.graph import Executor  # noqa: E402
+from serving.operators import GRAPH  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = json.loads(config["parameters"]["config"]["string_value"])
-        self.op = {cls}(HERE / "artifacts", params)
+        self.inputs = [t["name"] for t in config["input"]]
+        outputs = [t["name"] for t in config["output"]]
+        self.executor = Executor(GRAPH, {names!r}, outputs, HERE / "artifacts", params)
+        gc.freeze()  # the loaded models and tables are never garbage: keep them out of GC scans
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                tensors = {{
-                    name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()
-                    for name in self.op.inputs
-                }}
-                out = self.op(tensors)
-                responses.append(pb_utils.InferenceResponse(
-                    [pb_utils.Tensor(name, value) for name, value in out.items()]))
-            except Exception as e:  # the error travels back to the client with the stage name
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"{{self.op.name}}: {{type(e).__name__}}: {{e}}")))
-        return responses
+        batch = [
+            {{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy()[0] for n in self.inputs}}
+            for r in requests
+        ]
+        return [self._response(out) for out in self.executor.run(batch)]
+
+    def _response(self, out):
+        if isinstance(out, Exception):  # travels back to the client with the model's name
+            error = f"{{Path(__file__).parent.parent.name}}: {{type(out).__name__}}: {{out}}"
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(error))
+        return pb_utils.InferenceResponse([pb_utils.Tensor(n, v[None]) for n, v in out.items()])
 '''
 
 
-def _tensor(name: str, spec: Tensor) -> str:
+def _tensor(name: str, spec: Tensor, ragged: bool = False) -> str:
     dims = ", ".join(str(d) for d in spec.dims)
-    return f'  {{ name: "{name}" data_type: {spec.dtype} dims: [ {dims} ] }}'
+    extra = " allow_ragged_batch: true" if ragged and -1 in spec.dims else ""
+    return f'  {{ name: "{name}" data_type: {spec.wire_dtype} dims: [ {dims} ]{extra} }}'
 
 
-def _tensors(kind: str, tensors: dict[str, Tensor]) -> str:
-    return f"{kind} [\n" + ",\n".join(_tensor(n, s) for n, s in tensors.items()) + "\n]\n"
+def _tensors(kind: str, tensors: dict[str, Tensor], ragged: bool = False) -> str:
+    lines = ",\n".join(_tensor(n, s, ragged) for n, s in tensors.items())
+    return f"{kind} [\n{lines}\n]\n"
 
 
-def operator_config(op: type[Operator], config: dict[str, Any], instances: int) -> str:
+def _batching(max_batch: int, queue_delay_us: int) -> str:
+    return (
+        f"max_batch_size: {max_batch}\n"
+        f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}\n"
+    )
+
+
+def group_tensors(graph: Graph, names: list[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """What a model running these operators reads from outside them, and what it must return
+    (read by a later model or part of the response)."""
+    ops = [op for op in graph.operators if op.name in names]
+    later = [op for op in graph.operators[graph.operators.index(ops[-1]) + 1 :]]
+    produced = {n: s for op in ops for n, s in op.all_outputs().items()}
+    inputs = {n: s for op in ops for n, s in op.inputs.items() if n not in produced}
+    needed = set(graph.response) | {n for op in later for n in op.inputs}
+    return inputs, {n: s for n, s in produced.items() if n in needed}
+
+
+def model_config(
+    name: str, graph: Graph, names: list[str], config: dict[str, Any], settings: dict[str, int]
+) -> str:
+    inputs, outputs = group_tensors(graph, names)
     quoted = json.dumps(json.dumps(config))  # a JSON document as one pbtxt string
     return (
-        f'name: "{op.name}"\nbackend: "python"\nmax_batch_size: 0\n'
-        + _tensors("input", op.inputs)
-        + _tensors("output", op.all_outputs())
-        + f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]\n"
+        f'name: "{name}"\nbackend: "python"\n'
+        + _batching(settings["max_batch"], settings["queue_delay_us"])
+        + _tensors("input", inputs, ragged=True)
+        + _tensors("output", outputs)
+        + f"instance_group [ {{ kind: KIND_CPU count: {settings['instances']} }} ]\n"
         + f'parameters {{ key: "config" value {{ string_value: {quoted} }} }}\n'
     )
 
 
-def ensemble_config(graph: Graph, version: str) -> str:
+def ensemble_config(
+    graph: Graph, groups: dict[str, list[str]], version: str, max_batch: int
+) -> str:
     steps = []
-    for op in graph.operators:
-        inputs = "".join(f' input_map {{ key: "{n}" value: "{n}" }}' for n in op.inputs)
-        outputs = "".join(f' output_map {{ key: "{n}" value: "{n}" }}' for n in op.all_outputs())
-        steps.append(f'  {{ model_name: "{op.name}" model_version: -1{inputs}{outputs} }}')
+    for name, names in groups.items():
+        inputs, outputs = group_tensors(graph, names)
+        ins = "".join(f' input_map {{ key: "{n}" value: "{n}" }}' for n in inputs)
+        outs = "".join(f' output_map {{ key: "{n}" value: "{n}" }}' for n in outputs)
+        steps.append(f'  {{ model_name: "{name}" model_version: -1{ins}{outs} }}')
     response = {name: graph.tensors[name] for name in graph.response}
     return (
-        f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: 0\n'
+        f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: {max_batch}\n'
         + _tensors("input", graph.request)
         + _tensors("output", response)
         + "ensemble_scheduling {\n step [\n"
@@ -112,27 +155,38 @@ def export_repository(
     repository: Path,
     config: dict[str, Any],
     instances: int = 1,
+    layout: str = DEFAULT_LAYOUT,
+    max_batch: int = 64,
+    queue_delay_us: int = 200,
     graph: Graph = GRAPH,
 ) -> Path:
-    """(Re)write the graph's models into `repository`; other models there are left alone."""
+    """(Re)write the graph's models into `repository` in `layout`; models of other layouts
+    there are removed, anything else is left alone."""
+    from serving.live import FILES
+
+    groups = LAYOUTS[layout]
+    settings = {"instances": instances, "max_batch": max_batch, "queue_delay_us": queue_delay_us}
     version = json.loads((artifacts / "manifest.json").read_text())["version"]
     repository.mkdir(parents=True, exist_ok=True)
-    for op in graph.operators:
-        model = repository / op.name
-        shutil.rmtree(model, ignore_errors=True)
-        folder = model / "1"
+    for name in {n for groups in LAYOUTS.values() for n in groups}:
+        shutil.rmtree(repository / name, ignore_errors=True)
+    for name, names in groups.items():
+        folder = repository / name / "1"
         for rel in SHIPPED:
             (folder / "code" / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, folder / "code" / rel)
         (folder / "artifacts").mkdir(parents=True)
-        for name in op.files:
-            _link_or_copy(artifacts / name, folder / "artifacts" / name)
-        (folder / "model.py").write_text(MODEL_PY.format(name=op.name, cls=op.__name__))
-        (model / "config.pbtxt").write_text(operator_config(op, config, instances))
+        ops = [op for op in graph.operators if op.name in names]
+        for file in sorted({*FILES, *(f for op in ops for f in op.files)}):
+            _link_or_copy(artifacts / file, folder / "artifacts" / file)
+        (folder / "model.py").write_text(MODEL_PY.format(names=names))
+        (repository / name / "config.pbtxt").write_text(
+            model_config(name, graph, names, config, settings)
+        )
     ensemble = repository / ENSEMBLE
     shutil.rmtree(ensemble, ignore_errors=True)
     (ensemble / "1").mkdir(parents=True)
-    (ensemble / "config.pbtxt").write_text(ensemble_config(graph, version))
+    (ensemble / "config.pbtxt").write_text(ensemble_config(graph, groups, version, max_batch))
     return repository
 
 

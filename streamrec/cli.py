@@ -439,7 +439,18 @@ def _artifacts():
 
 @serve_app.command("triton")
 def serve_triton(
-    instances: Annotated[int, typer.Option(help="Instances of each stage model.")] = 1,
+    instances: Annotated[int, typer.Option(help="Instances of each model.")] = 1,
+    layout: Annotated[
+        str,
+        typer.Option(
+            help="How the six operators map to Triton models: executor (one model runs them "
+            "all, fastest), fused (two models) or stages (one model each)."
+        ),
+    ] = "executor",
+    max_batch: Annotated[int, typer.Option(help="Most requests Triton batches together.")] = 64,
+    queue_delay_us: Annotated[
+        int, typer.Option(help="How long Triton waits to fill a batch (microseconds).")
+    ] = 200,
     candidates: Annotated[int, typer.Option(help="Items retrieval hands to ranking.")] = 300,
     temperature: Annotated[
         float, typer.Option(help="Default sampling temperature (0 = greedy).")
@@ -453,8 +464,10 @@ def serve_triton(
     With STREAMREC_TRITON_URL set, only exports: point that server at the printed repository.
     """
     from serving.client import serving_config
-    from serving.triton_export import ENSEMBLE, export_repository
+    from serving.triton_export import ENSEMBLE, LAYOUTS, export_repository
 
+    if layout not in LAYOUTS:
+        fail(f"unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     settings = get_settings()
     stack = _stack()
     artifacts = _artifacts()
@@ -470,7 +483,13 @@ def serve_triton(
             }
         )
         repository = export_repository(
-            artifacts, stack.root / "triton" / "models", config, instances=instances
+            artifacts,
+            stack.root / "triton" / "models",
+            config,
+            instances=instances,
+            layout=layout,
+            max_batch=max_batch,
+            queue_delay_us=queue_delay_us,
         )
         console.print(f"exported {artifacts.name} to {repository}")
         if settings.triton_url:

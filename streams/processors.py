@@ -174,6 +174,7 @@ class InteractionProcessor:
         applied = self.state.applied_mask([(r["user_id"], r["event_id"]) for _, r in good])
         pipe.multi()
         seen_ids: set[tuple[str, str]] = set()
+        counted: list[tuple[str, int]] = []
         for (_, r), done in zip(good, applied, strict=True):
             user, item, ts = r["user_id"], r["item_id"], int(r["timestamp_ms"])
             if done or (user, r["event_id"]) in seen_ids:
@@ -185,8 +186,9 @@ class InteractionProcessor:
             )
             self.state.mark_applied(pipe, user, r["event_id"], ts)
             self.state.add_seen(pipe, user, item, ts)
-            self.state.add_popularity(pipe, item, ts)
+            counted.append((item, ts))
             result.applied += 1
+        self.state.add_popularity(pipe, counted)
         for user in {u for u, _ in seen_ids}:
             self.state.put_user(pipe, user, states[user])
         return {u: states[u] for u in users if states[u] is not None}

@@ -164,7 +164,7 @@ def test_a_stage_stub_sigkill_is_healed(live):
 
     def inject(live: Live) -> float:
         triton = psutil.Process(live.service_pid("triton"))
-        stub = next(p for p in triton.children() if "scoring" in " ".join(p.cmdline()))
+        stub = next(p for p in triton.children() if "/executor/" in " ".join(p.cmdline()))
         stub.kill()
         killed = time.monotonic()  # nobody restarts anything: the worker must notice and heal
         wait_until(  # the worker reports the degraded serving path until it healed it

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from serving.client import AsyncTritonRecommender, LocalRecommender, TritonRecommender
+from serving.operators import request_tensors
 from serving.state import RedisState
 
 pytestmark = pytest.mark.integration
@@ -63,6 +64,27 @@ def test_triton_answers_exactly_as_the_in_process_runtime(triton, local, user):
     assert served["removed"] == reference["removed"]
     assert served["model_version"] == reference["model_version"]
     assert len(served["items"]) == 10
+
+
+def test_a_batch_on_triton_answers_exactly_as_the_in_process_runtime(triton, local):
+    """Requests sent together are batched by Triton (stats say so) and each is answered as the
+    in-process runtime answers the same batch: items exact, scores to 1e-5."""
+    users = [str(u) for u in range(100, 124)] + ["cold-a", "cold-b"]
+    requests = [
+        request_tensors(_request(u, k=5 + n % 7, exclude=["50"] if n % 3 else []))
+        for n, u in enumerate(users)
+    ]
+    for _ in range(5):  # Triton may split a burst; keep the run where it batched
+        served = triton.run_batch(requests)
+        if max(int(s["stats_scoring"][3]) for s in served) > 1:
+            break
+    assert max(int(s["stats_scoring"][3]) for s in served) > 1, "Triton never batched"
+    reference = local.run_batch(requests)
+    for got, want in zip(served, reference, strict=True):
+        assert got["items"].tolist() == want["items"].tolist()
+        np.testing.assert_allclose(got["item_scores"], want["item_scores"], rtol=1e-5, atol=1e-6)
+        assert got["path"].tolist() == want["path"].tolist()
+        assert got["removed"].tolist() == want["removed"].tolist()
 
 
 def test_a_consumed_item_never_appears_again(triton, state):
@@ -189,16 +211,16 @@ def test_a_killed_stage_stub_is_seen_by_the_canary_and_healed_within_30_s(own_tr
     client = TritonRecommender(own_triton.endpoint)
     try:
         assert client.canary().ok
-        _kill_stub(own_triton.pid, "scoring")
+        _kill_stub(own_triton.pid, "executor")
         start = time.monotonic()
         assert client.client.is_server_ready()  # Triton's own flag does not notice
         failed = client.canary()
         assert not failed.ok
-        assert "scoring_0_0" in failed.reason
-        assert failed.suspects == ("scoring",)
-        assert client.heal(failed.suspects) == ["scoring"]
+        assert "executor_0_0" in failed.reason
+        assert failed.suspects == ("executor",)
+        assert client.heal(failed.suspects) == ["executor"]
         seconds = _until_ok(client.canary, start)
-        print(f"sync: scoring back after {seconds:.1f} s")
+        print(f"sync: executor back after {seconds:.1f} s")
         assert seconds <= 30
         assert client.recommend(_request("196"))["items"]
     finally:
@@ -209,10 +231,10 @@ def test_a_killed_stage_stub_is_seen_by_the_canary_and_healed_within_30_s(own_tr
         try:
             await aclient.connect()
             assert (await aclient.canary()).ok
-            _kill_stub(own_triton.pid, "user_features")
+            _kill_stub(own_triton.pid, "executor")
             start = time.monotonic()
             failed = await aclient.canary()
-            assert not failed.ok and failed.suspects == ("user_features",)
+            assert not failed.ok and failed.suspects == ("executor",)
             await aclient.heal(failed.suspects)
             result = await aclient.canary()
             assert result.ok, result.reason
@@ -221,5 +243,5 @@ def test_a_killed_stage_stub_is_seen_by_the_canary_and_healed_within_30_s(own_tr
             await aclient.close()
 
     seconds = asyncio.run(async_path())
-    print(f"async: user_features back after {seconds:.1f} s")
+    print(f"async: executor back after {seconds:.1f} s")
     assert seconds <= 30

@@ -8,13 +8,13 @@ import pytest
 
 from models.recommender import filter_candidates, order
 from serving.graph import Graph, Operator, Tensor
+from serving.live import LiveItems
 from serving.operators import (
     GRAPH,
     MAX_K,
     OPERATORS,
     Filtering,
     Ordering,
-    decode,
     limit_per_genre,
     request_tensors,
     response_record,
@@ -44,7 +44,7 @@ def test_a_graph_reading_an_unproduced_tensor_is_rejected():
         outputs = {}
 
     with pytest.raises(ValueError, match="reads 'nowhere'"):
-        Graph({"x": Tensor("TYPE_FP32", (1,))}, [Reads], response=())
+        Graph({"x": Tensor("TYPE_FP32", (1,))}, [Reads], response=(), items=None)
 
 
 def test_filter_rules_remove_and_count_each_reason():
@@ -99,37 +99,48 @@ def test_at_most_n_items_per_primary_genre():
     assert limit_per_genre(np.array([2, 1, 0]), genres, 0).tolist() == [2, 1, 0]
 
 
-def test_ordering_operator_returns_k_items_with_their_scores():
-    op = Ordering(None, {"temperature": 0.0, "max_per_genre": 0})
-    out = op(
-        {
-            "kept": strings(["a", "b", "c"]),
-            "backfill": strings([]),
-            "scores": np.array([0.2, 0.9, 0.5], dtype=np.float32),
-            "item_genres": np.zeros((3, 2), dtype=np.float32),
-            "k": np.array([2], dtype=np.int32),
-            "temperature": np.array([-1.0], dtype=np.float32),  # server default: greedy
-            "seed": np.array([-1], dtype=np.int64),
-        }
+def _table(tmp_path, ids, popular=(), seen=(), unavailable=(), fallback=()):
+    """A real item table over a fake of the Redis state it reads (no server)."""
+    (tmp_path / "item_ids.json").write_text(json.dumps(list(ids)))
+    (tmp_path / "popular.json").write_text(json.dumps(list(fallback)))
+    return CountingItems(tmp_path, FakeState(popular, seen, unavailable))
+
+
+def test_ordering_operator_returns_k_items_with_their_scores(tmp_path):
+    op = Ordering(None, {"temperature": 0.0, "max_per_genre": 0}, _table(tmp_path, "abc"))
+    (out,) = op(
+        [
+            {
+                "kept": np.array([0, 1, 2]),
+                "backfill": np.zeros(0, np.int64),
+                "scores": np.array([0.2, 0.9, 0.5], dtype=np.float32),
+                "item_genres": np.zeros((3, 2), dtype=np.float32),
+                "k": np.array([2], dtype=np.int32),
+                "temperature": np.array([-1.0], dtype=np.float32),  # server default: greedy
+                "seed": np.array([-1], dtype=np.int64),
+            }
+        ]
     )
     assert out["items"].tolist() == [b"b", b"c"]
     np.testing.assert_allclose(out["item_scores"], [0.9, 0.5])
-    assert out["stats_ordering"][:2].tolist() == [3, 2]
+    assert out["stats_ordering"][[0, 1, 3]].tolist() == [3, 2, 1]
     assert out["backfilled"].tolist() == [0]
 
 
-def test_ordering_of_no_candidates_is_empty():
-    op = Ordering(None, {"temperature": 0.0, "max_per_genre": 0})
-    out = op(
-        {
-            "kept": strings([]),
-            "backfill": strings([]),
-            "scores": np.zeros(0, np.float32),
-            "item_genres": np.zeros((0, 2), np.float32),
-            "k": np.array([5], np.int32),
-            "temperature": np.array([0.0], np.float32),
-            "seed": np.array([1], np.int64),
-        }
+def test_ordering_of_no_candidates_is_empty(tmp_path):
+    op = Ordering(None, {"temperature": 0.0, "max_per_genre": 0}, _table(tmp_path, "ab"))
+    (out,) = op(
+        [
+            {
+                "kept": np.zeros(0, np.int64),
+                "backfill": np.zeros(0, np.int64),
+                "scores": np.zeros(0, np.float32),
+                "item_genres": np.zeros((0, 2), np.float32),
+                "k": np.array([5], np.int32),
+                "temperature": np.array([0.0], np.float32),
+                "seed": np.array([1], np.int64),
+            }
+        ]
     )
     assert len(out["items"]) == 0
 
@@ -162,57 +173,72 @@ def test_request_tensors_carry_defaults_for_missing_options():
 
 
 class FakeState:
-    """RedisState's hot-path reads over plain sets; counts the popularity reads."""
+    """The reads of `serving.state.RedisState` that the item table and filtering make, over
+    plain data: popularity by rank (first = most popular), seen items, unavailable items."""
 
     def __init__(self, popular=(), seen=(), unavailable=()):
-        self.ranking, self.seen, self.unavailable = list(popular), set(seen), set(unavailable)
-        self.popular_reads = 0
+        self.popularity = {i: float(len(popular) - n) for n, i in enumerate(popular)}
+        self.seen, self.unavailable = list(seen), set(unavailable)
 
-    def popular(self, n):
-        self.popular_reads += 1
-        return self.ranking[:n]
+    def snapshot(self):
+        return {
+            "popularity": self.popularity,
+            "unavailable": self.unavailable,
+            "catalog": {},
+            "epoch": 0,
+            "last_id": b"0-0",
+            "n": 0,
+        }
 
-    def seen_mask(self, user_id, items):
-        return [i in self.seen for i in items]
+    def changes(self, after):
+        return []
 
-    def unavailable_mask(self, items):
-        return [i in self.unavailable for i in items]
+    def seen_sets(self, users):
+        return [[i.encode() for i in self.seen] for _ in users]
+
+
+class CountingItems(LiveItems):
+    top_reads = 0
+
+    def top(self, n):
+        self.top_reads += 1
+        return super().top(n)
 
 
 CONFIG = {"redis_url": "redis://127.0.0.1:1/0", "feast_project": "t"}
 CONFIG |= {"temperature": 0.0, "max_per_genre": 0}
+CATALOG = [f"i{n}" for n in range(100)]
 
 
-def _serve(tmp_path, state, candidates, k, exclude=(), fallback=(), catalog=()):
+def _serve(tmp_path, candidates, k, exclude=(), catalog=None, **state):
     """Filtering → (item features, scoring: the candidate scores) → ordering → response."""
-    (tmp_path / "popular.json").write_text(json.dumps(list(fallback)))
-    (tmp_path / "item_ids.json").write_text(json.dumps(list(catalog)))
-    filtering = Filtering(tmp_path, CONFIG)
-    filtering.state = state  # no server: the client never connected
+    ids = catalog or dict.fromkeys(
+        [*CATALOG, *state.get("popular", ()), *state.get("fallback", ()), *candidates]
+    )
+    items = _table(tmp_path, ids, **state)
+    filtering = Filtering(tmp_path, CONFIG, items)
+    filtering.state = items.state  # no server: the client never connected
     request = {"request_id": "r", "user_id": "u", "k": k, "exclude": list(exclude)}
     tensors = request_tensors(request, now_ms=1)
-    tensors["candidates"] = strings(candidates)
+    tensors["candidates"] = items.rows(candidates)
     tensors["candidate_scores"] = np.linspace(0.9, 0.1, len(candidates)).astype(np.float32)
-    tensors |= filtering(tensors)
+    (out,) = filtering([tensors])
+    tensors |= out
     tensors["scores"] = tensors["kept_scores"]
     tensors["item_genres"] = np.zeros((len(tensors["kept"]), 2), np.float32)
-    tensors |= Ordering(None, CONFIG)(tensors)
+    tensors |= Ordering(None, CONFIG, items)([tensors])[0]
     outputs = {"path": strings(["personalized"]), **tensors}
     for op in OPERATORS:
-        outputs.setdefault(op.stats_name(), np.zeros(3, np.float32))
-    return response_record(request, outputs, "v", now_ms=1), tensors
+        outputs.setdefault(op.stats_name(), np.zeros(4, np.float32))
+    return response_record(request, outputs, "v", now_ms=1), tensors, items
 
 
 def _ids(response):
     return [i["item_id"] for i in response["items"]]
 
 
-CATALOG = [f"i{n}" for n in range(100)]
-
-
 def test_exclusions_that_remove_every_candidate_are_backfilled_to_k(tmp_path):
-    state = FakeState(popular=CATALOG)
-    response, _ = _serve(tmp_path, state, CATALOG[:20], k=5, exclude=CATALOG[:20])
+    response, _, _ = _serve(tmp_path, CATALOG[:20], k=5, exclude=CATALOG[:20], popular=CATALOG)
     assert response["removed"]["excluded"] == 20
     assert _ids(response) == CATALOG[20:25]
     assert response["backfilled"] == 5
@@ -221,20 +247,22 @@ def test_exclusions_that_remove_every_candidate_are_backfilled_to_k(tmp_path):
 
 
 def test_k_beyond_the_candidates_is_served_ranked_first_then_backfilled(tmp_path):
-    state = FakeState(popular=list(reversed(CATALOG)))
-    response, _ = _serve(tmp_path, state, ["i1", "i2", "i3"], k=6)
+    response, _, _ = _serve(tmp_path, ["i1", "i2", "i3"], k=6, popular=CATALOG[::-1])
     assert _ids(response) == ["i1", "i2", "i3", "i99", "i98", "i97"]
     assert response["backfilled"] == 3
     assert all(i["score"] > 0 for i in response["items"][:3])
 
 
 def test_backfill_skips_seen_unavailable_excluded_and_listed_items(tmp_path):
-    state = FakeState(
-        popular=["c1", "s1", "u1", "x1", "c2", "p1", "s2", "p2", "p1", "p3"],
+    response, _, _ = _serve(
+        tmp_path,
+        ["c1", "c2", "c3"],
+        k=5,
+        exclude=["x1", "c3"],
+        catalog=["c1", "s1", "u1", "x1", "c2", "p1", "s2", "p2", "p3", "c3"],
         seen={"s1", "s2", "c2"},
         unavailable={"u1"},
     )
-    response, _ = _serve(tmp_path, state, ["c1", "c2", "c3"], k=5, exclude=["x1", "c3"])
     assert _ids(response) == ["c1", "p1", "p2", "p3"]
     assert response["removed"] == {"seen": 1, "unavailable": 0, "excluded": 1}
     assert response["backfilled"] == 3
@@ -244,46 +272,48 @@ def test_backfill_skips_seen_unavailable_excluded_and_listed_items(tmp_path):
 
 
 def test_backfill_reads_deeper_windows_when_the_top_is_filtered_out(tmp_path):
-    state = FakeState(popular=CATALOG, seen=CATALOG[:90])
-    response, _ = _serve(tmp_path, state, ["i0"], k=5)
+    response, _, items = _serve(tmp_path, ["i0"], k=5, popular=CATALOG, seen=CATALOG[:90])
     assert _ids(response) == CATALOG[90:95]
-    assert response["backfilled"] == 5 and state.popular_reads > 1
+    assert response["backfilled"] == 5 and items.top_reads > 1
 
 
 def test_without_a_live_ranking_backfill_uses_the_trained_popular_list(tmp_path):
-    state = FakeState(popular=[], unavailable={"f1"})
-    response, _ = _serve(tmp_path, state, ["a"], k=3, fallback=["a", "f1", "f2", "f3", "f4"])
+    response, _, _ = _serve(
+        tmp_path, ["a"], k=3, unavailable={"f1"}, fallback=["a", "f1", "f2", "f3", "f4"]
+    )
     assert _ids(response) == ["a", "f2", "f3"]
     assert response["backfilled"] == 2
 
 
 def test_a_live_ranking_that_runs_out_continues_with_the_trained_list(tmp_path):
-    state = FakeState(popular=["p1", "p2"])
-    response, _ = _serve(tmp_path, state, [], k=4, fallback=["p2", "f1", "f2", "f3"])
+    response, _, _ = _serve(tmp_path, [], k=4, popular=["p1", "p2"], fallback=["p2", "f1", "f2"])
     assert _ids(response) == ["p1", "p2", "f1", "f2"]
     assert response["backfilled"] == 4
 
 
-def test_items_nobody_interacted_with_come_last_from_the_trained_catalog(tmp_path):
-    state = FakeState(popular=["p1"], seen={"c1"})
-    response, _ = _serve(
-        tmp_path, state, ["a"], k=4, fallback=["p1"], catalog=["a", "p1", "c1", "c2", "c3"]
+def test_items_nobody_interacted_with_come_last_in_catalog_order(tmp_path):
+    response, _, _ = _serve(
+        tmp_path,
+        ["a"],
+        k=4,
+        catalog=["a", "c3", "p1", "c1", "c2"],
+        popular=["p1"],
+        seen={"c1"},
+        fallback=["p1"],
     )
-    assert _ids(response) == ["a", "p1", "c2", "c3"]
+    assert _ids(response) == ["a", "p1", "c3", "c2"]
     assert response["backfilled"] == 3
 
 
 def test_no_backfill_when_k_candidates_are_left_and_no_popularity_read(tmp_path):
-    state = FakeState(popular=CATALOG)
-    response, tensors = _serve(tmp_path, state, CATALOG[:10], k=10, exclude=["i50"])
+    response, tensors, items = _serve(tmp_path, CATALOG[:10], k=10, exclude=["i50"])
     assert _ids(response) == CATALOG[:10]
     assert response["backfilled"] == 0 and response["note"] is None
-    assert state.popular_reads == 0 and decode(tensors["backfill"]) == []
+    assert items.top_reads == 0 and len(tensors["backfill"]) == 0
 
 
 def test_backfill_never_pushes_the_list_past_k(tmp_path):
-    state = FakeState(popular=CATALOG)
-    response, _ = _serve(tmp_path, state, CATALOG[:3], k=2)
+    response, _, _ = _serve(tmp_path, CATALOG[:3], k=2, popular=CATALOG)
     assert _ids(response) == CATALOG[:2] and response["backfilled"] == 0
 
 

@@ -1,0 +1,220 @@
+"""The catalog as the serving stages see it, in memory: one row per item (the retrieval index's
+row order, then items added after training), with the item features, the live time-decayed
+popularity and availability. Kept current from Redis's change stream (`serving.state`): one
+read per batch applies what the stream processors changed since the last one, so no request
+decodes per-candidate state.
+
+Popularity is the same float64 sum as the `{p}:popular` sorted set (the deltas are added in the
+same order), so ranking and scores match the state exactly, replay after replay.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from functools import cached_property
+from itertools import repeat
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.features import POPULARITY_HALF_LIFE_MS
+from models.inputs import ITEM_OUTPUTS, item_row
+from models.workflow import Workflow
+
+log = logging.getLogger(__name__)
+# What the table loads from the artifacts (the index and item tower only when retrieval asks).
+FILES = (
+    "workflow.json",
+    "item_ids.json",
+    "items.json",
+    "popular.json",
+    "items.faiss",
+    "item_tower.onnx",
+)
+_K = math.log(2) / POPULARITY_HALF_LIFE_MS
+
+
+class LiveItems:
+    def __init__(self, artifacts: Path, state):
+        self.artifacts = artifacts
+        self.state = state  # serving.state.RedisState
+        self.ids: list[str] = json.loads((artifacts / "item_ids.json").read_text())
+        self.row: dict[str, int] = {i: n for n, i in enumerate(self.ids)}
+        self.raw_ids: list[bytes] = [i.encode() for i in self.ids]  # as they go on the wire
+        self.raw_row: dict[bytes, int] = {i: n for n, i in enumerate(self.raw_ids)}
+        self._profiles: dict[str, dict] = {}  # items changed after training, until `features`
+        # Backfill order after the live ranking: the artifacts' popular list, then row order.
+        popular = json.loads((artifacts / "popular.json").read_text())
+        fallback = {i: n for n, i in enumerate(popular)}
+        self.fallback_rank = np.array(
+            [fallback.get(i, len(fallback) + n) for n, i in enumerate(self.ids)], dtype=np.float64
+        )
+        self.popularity = np.zeros(len(self.ids), dtype=np.float64)
+        self.unavailable = np.zeros(len(self.ids), dtype=bool)
+        self.epoch = 0
+        self._unknown_unavailable: set[str] = set()
+        self._last_id = b"0-0"
+        self._n = 0
+        self._top: np.ndarray | None = None  # rows in backfill order, cached until a change
+        self.reload()
+
+    # --- reading -------------------------------------------------------------------------------
+    def rows(self, ids) -> np.ndarray:
+        """Rows of these item ids (all str or all bytes); unknown ids are dropped."""
+        ids = list(ids)
+        if not ids:
+            return np.zeros(0, dtype=np.int64)
+        index = self.raw_row if isinstance(ids[0], bytes) else self.row
+        rows = np.fromiter(map(index.get, ids, repeat(-1)), dtype=np.int64, count=len(ids))
+        return rows[rows >= 0]
+
+    def popularity_at(self, rows: np.ndarray, now_ms: int) -> np.ndarray:
+        """Time-decayed interaction counts of these rows at `now_ms`."""
+        return self.popularity[rows] * math.exp(-(now_ms - self.epoch) * _K)
+
+    def top(self, n: int) -> np.ndarray:
+        """The first `n` rows in backfill order: by live popularity, then the artifacts'
+        popular list, then row order."""
+        n = min(n, len(self.ids))
+        if self._top is None or len(self._top) < n:
+            key = np.where(self.popularity > 0, -self.popularity, self.fallback_rank)
+            m = min(max(n, 2 * len(self._top) if self._top is not None else n), len(key))
+            pick = np.argpartition(key, m - 1)[:m] if m < len(key) else np.arange(len(key))
+            self._top = pick[np.lexsort((pick, key[pick]))]
+        return self._top[:n]
+
+    @cached_property
+    def workflow(self) -> Workflow:
+        return Workflow.load(self.artifacts / "workflow.json")
+
+    @cached_property
+    def features(self) -> dict[str, np.ndarray]:
+        """The model inputs of every item (loaded by the first stage that asks for them)."""
+        profiles = json.loads((self.artifacts / "items.json").read_text()) | self._profiles
+        rows = [self._features(i, profiles.get(i)) for i in self.ids]
+        return {n: np.stack([r[n] for r in rows]) for n in ITEM_OUTPUTS}
+
+    @cached_property
+    def index(self):
+        """The retrieval index (loaded by the first stage that asks for it)."""
+        import faiss
+
+        from models.index import ItemIndex
+
+        # Batches are small and the stages share the cores: OpenMP's spinning threads only
+        # contend with them (a batch of 32 searches ran 2.6x slower with two threads here).
+        faiss.omp_set_num_threads(1)
+        index = ItemIndex.load(self.artifacts)
+        if index.ids != self.ids[: len(index.ids)]:
+            raise ValueError("items.faiss / item_ids.json do not match")
+        if len(self.ids) > len(index.ids):
+            self._embed(self.ids[len(index.ids) :], index)
+        return index
+
+    # --- keeping current -----------------------------------------------------------------------
+    def sync(self) -> int:
+        """Apply the change stream since the last call (one round trip when nothing is new);
+        reload everything when entries were trimmed before this reader saw them."""
+        applied = 0
+        while True:
+            entries = self.state.changes(self._last_id)
+            for entry_id, fields in entries:
+                n = int(fields[b"n"])
+                if n != self._n + 1:
+                    log.info("change stream trimmed past entry %d: reloading", self._n)
+                    self.reload()
+                    return applied
+                self._apply(fields[b"kind"].decode(), json.loads(fields[b"data"]))
+                self._last_id, self._n = entry_id, n
+                applied += 1
+            if len(entries) < 1000:
+                return applied
+
+    def reload(self) -> None:
+        snap = self.state.snapshot()
+        self.epoch = snap["epoch"]
+        self.popularity[:] = 0.0
+        self._apply("catalog", snap["catalog"])
+        for item, score in snap["popularity"].items():
+            if (r := self.row.get(item)) is not None:
+                self.popularity[r] = score
+        self.unavailable[:] = False
+        self._unknown_unavailable = set()
+        self._apply("available", [[i, False] for i in snap["unavailable"]])
+        self._last_id, self._n = snap["last_id"], snap["n"]
+        self._top = None
+
+    def _apply(self, kind: str, data: Any) -> None:
+        if kind == "popularity":
+            for item, weight in data:
+                if (r := self.row.get(item)) is not None:
+                    self.popularity[r] += weight
+            self._top = None
+        elif kind == "available":
+            for item, available in data:
+                r = self.row.get(item)
+                if r is not None:
+                    self.unavailable[r] = not available
+                elif available:
+                    self._unknown_unavailable.discard(item)
+                else:
+                    self._unknown_unavailable.add(item)
+        elif kind == "catalog":
+            self._add_items(data)
+        elif kind == "reset":
+            self.reload()
+
+    def _add_items(self, profiles: dict[str, dict]) -> None:
+        """New items get a row (and an embedding once the index is loaded); known ones get their
+        features updated."""
+        new = [i for i in profiles if i not in self.row]
+        start = len(self.ids)
+        for n, item in enumerate(new):
+            self.row[item] = start + n
+            self.raw_row[item.encode()] = start + n
+        self.ids.extend(new)
+        self.raw_ids.extend(i.encode() for i in new)
+        if "features" not in self.__dict__:
+            self._profiles |= profiles
+        else:
+            changed = [i for i in profiles if i not in new]
+            for item in changed:
+                out = self._features(item, profiles[item])
+                for name in ITEM_OUTPUTS:
+                    self.features[name][self.row[item]] = out[name]
+            if new:
+                rows = [self._features(i, profiles[i]) for i in new]
+                for name in ITEM_OUTPUTS:
+                    added = np.stack([r[name] for r in rows])
+                    self.features[name] = np.concatenate([self.features[name], added])
+        if not new:
+            return
+        self.fallback_rank = np.concatenate(
+            [self.fallback_rank, len(self.fallback_rank) + np.arange(len(new), dtype=np.float64)]
+        )
+        self.popularity = np.concatenate([self.popularity, np.zeros(len(new))])
+        flags = [i in self._unknown_unavailable for i in new]
+        self.unavailable = np.concatenate([self.unavailable, np.array(flags, dtype=bool)])
+        self._unknown_unavailable -= set(new)
+        self._top = None
+        if "index" in self.__dict__:
+            self._embed(new, self.index)
+
+    def _embed(self, items: list[str], index) -> None:
+        from models.onnx_export import run_onnx
+
+        rows = self.rows(items)
+        inputs = {name: values[rows] for name, values in self.features.items()}
+        index.add(run_onnx(self._item_tower, inputs), items)
+
+    @cached_property
+    def _item_tower(self):
+        from models.onnx_export import onnx_session
+
+        return onnx_session(self.artifacts / "item_tower.onnx")
+
+    def _features(self, item: str, profile: dict | None) -> dict[str, np.ndarray]:
+        return self.workflow.transform_one(item_row(item, profile), ITEM_OUTPUTS)
