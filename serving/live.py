@@ -107,6 +107,9 @@ class LiveItems:
         # Batches are small and the stages share the cores: OpenMP's spinning threads only
         # contend with them (a batch of 32 searches ran 2.6x slower with two threads here).
         faiss.omp_set_num_threads(1)
+        # Exact search of 20+ queries switches to a BLAS product that rounds differently: keep
+        # every query on one code path, so a request's candidates never depend on its batch.
+        faiss.cvar.distance_compute_blas_threshold = 2**30
         index = ItemIndex.load(self.artifacts)
         if index.ids != self.ids[: len(index.ids)]:
             raise ValueError("items.faiss / item_ids.json do not match")

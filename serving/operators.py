@@ -126,8 +126,8 @@ class UserFeatures(Operator):
 
 
 class Retrieval(Operator):
-    """User tower → ANN top-N (one ONNX call, one index search per batch); a cold-start user
-    gets the live most-popular items instead, scored by the same tower."""
+    """User tower → ANN top-N (one index search per batch); a cold-start user gets the live
+    most-popular items instead, scored by the same tower."""
 
     name = "retrieval"
     inputs = {**USER_TENSORS, "path": UserFeatures.outputs["path"]}
@@ -146,8 +146,11 @@ class Retrieval(Operator):
     def compute(self, batch):
         from models.onnx_export import run_onnx
 
-        user = {name: np.concatenate([t[name] for t in batch]) for name in USER_TENSORS}
-        embeddings = run_onnx(self.user_tower, user)
+        # One tower call per request: a batched GEMM rounds differently with the batch's size
+        # (up to 9e-8 here), and a request's answer must not depend on its neighbours.
+        embeddings = np.concatenate(
+            [run_onnx(self.user_tower, {name: t[name] for name in USER_TENSORS}) for t in batch]
+        )
         cold = [decode(t["path"])[0] == COLD_START for t in batch]
         warm = [n for n, c in enumerate(cold) if not c]
         scores, rows = self.items.index.search_rows(embeddings[warm], self.n)
@@ -252,7 +255,7 @@ class ItemFeatures(Operator):
 
 
 class Scoring(Operator):
-    """The DLRM ranker over user × candidate features: one ONNX call for the whole batch."""
+    """The DLRM ranker over user × candidate features."""
 
     name = "scoring"
     inputs = {
@@ -275,31 +278,28 @@ class Scoring(Operator):
         self.ranker = onnx_session(per_user(artifacts / "ranker.onnx", {"hist_items"}))
 
     def compute(self, batch):
+        return [{"scores": self._score(t)} for t in batch]
+
+    def _score(self, t) -> np.ndarray:
+        """One ONNX call per request, for the same reason as in `Retrieval`."""
         from models.inputs import dense_features
         from models.onnx_export import USER_INDEX, run_onnx
 
-        counts = [len(t["item_id"]) for t in batch]
-        if sum(counts) == 0:
-            return [{"scores": np.zeros(0, dtype=np.float32)} for _ in batch]
-        rows = np.repeat(np.arange(len(batch)), counts)
-        feed = {name: np.concatenate([t[name] for t in batch])[rows] for name in USER_OUTPUTS}
-        feed["hist_items"] = np.concatenate([t["hist_items"] for t in batch])
-        feed[USER_INDEX] = rows
-        feed |= {name: np.concatenate([t[name] for t in batch]) for name in ITEM_OUTPUTS}
-        feed["dense"] = np.concatenate(
-            [
-                dense_features(
-                    t["kept_scores"],
-                    t["popularity"],
-                    t["item_genres"],
-                    t["genre_affinity"],
-                    int(t["user_events"][0]),
-                )
-                for t in batch
-            ]
+        n = len(t["item_id"])
+        if n == 0:
+            return np.zeros(0, dtype=np.float32)
+        feed = {name: np.repeat(t[name], n, axis=0) for name in USER_OUTPUTS}
+        feed["hist_items"] = t["hist_items"]
+        feed[USER_INDEX] = np.zeros(n, dtype=np.int64)
+        feed |= {name: t[name] for name in ITEM_OUTPUTS}
+        feed["dense"] = dense_features(
+            t["kept_scores"],
+            t["popularity"],
+            t["item_genres"],
+            t["genre_affinity"],
+            int(t["user_events"][0]),
         )
-        scores = run_onnx(self.ranker, feed).reshape(-1).astype(np.float32)
-        return [{"scores": s} for s in np.split(scores, np.cumsum(counts)[:-1])]
+        return run_onnx(self.ranker, feed).reshape(-1).astype(np.float32)
 
 
 class Ordering(Operator):

@@ -68,7 +68,7 @@ def test_triton_answers_exactly_as_the_in_process_runtime(triton, local, user):
 
 def test_a_batch_on_triton_answers_exactly_as_the_in_process_runtime(triton, local):
     """Requests sent together are batched by Triton (stats say so) and each is answered as the
-    in-process runtime answers the same batch: items exact, scores to 1e-5."""
+    in-process runtime answers it alone: items exact, scores to 1e-5."""
     users = [str(u) for u in range(100, 124)] + ["cold-a", "cold-b"]
     requests = [
         request_tensors(_request(u, k=5 + n % 7, exclude=["50"] if n % 3 else []))
@@ -79,12 +79,24 @@ def test_a_batch_on_triton_answers_exactly_as_the_in_process_runtime(triton, loc
         if max(int(s["stats_scoring"][3]) for s in served) > 1:
             break
     assert max(int(s["stats_scoring"][3]) for s in served) > 1, "Triton never batched"
-    reference = local.run_batch(requests)
+    reference = [local.run(r) for r in requests]  # alone: a batch must not change an answer
     for got, want in zip(served, reference, strict=True):
         assert got["items"].tolist() == want["items"].tolist()
         np.testing.assert_allclose(got["item_scores"], want["item_scores"], rtol=1e-5, atol=1e-6)
         assert got["path"].tolist() == want["path"].tolist()
         assert got["removed"].tolist() == want["removed"].tolist()
+
+
+def test_a_request_gets_the_same_answer_alone_or_in_any_batch(local):
+    requests = [request_tensors(_request(str(u), k=20)) for u in range(200, 240)]
+    alone = [local.run(r) for r in requests]
+    for size in (2, 7, 40):
+        batched = [
+            out for n in range(0, 40, size) for out in local.run_batch(requests[n : n + size])
+        ]
+        for a, b in zip(alone, batched, strict=True):
+            assert a["items"].tolist() == b["items"].tolist()
+            assert a["item_scores"].tobytes() == b["item_scores"].tobytes()  # to the last bit
 
 
 def test_a_consumed_item_never_appears_again(triton, state):

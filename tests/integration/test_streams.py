@@ -195,7 +195,7 @@ def test_malformed_bytes_are_dead_lettered_and_later_events_still_processed(live
 def test_a_new_catalog_item_is_embedded_and_retrievable_without_retraining(
     live, state, artifacts, serving_config
 ):
-    from serving.operators import Retrieval
+    from serving.operators import GRAPH, Retrieval
 
     item = f"new-item-{uuid.uuid4().hex[:6]}"
     update = {
@@ -209,10 +209,12 @@ def test_a_new_catalog_item_is_embedded_and_retrievable_without_retraining(
     }
     produce(live, "item_updates", [update])
     wait_for(lambda: item in state.catalog_additions([item]), what="the catalog addition")
-    retrieval = Retrieval(artifacts, serving_config)  # the stage's own code, in this process
-    assert retrieval.refresh() >= 1
-    own = retrieval.index.vectors([item])
-    scores, found = retrieval.index.search(own, 100)
+    # The stage's own code and item table, in this process, taking in the change stream
+    (retrieval,) = GRAPH.instantiate([Retrieval], artifacts, serving_config)
+    index = retrieval.items.index
+    assert item in index.row
+    own = index.vectors([item])
+    scores, found = index.search(own, 100)
     # Its nearest neighbour is itself, up to ties with other unseen items of the same genres/year.
     best = [i for i, s in zip(found[0], scores[0], strict=True) if s >= scores[0][0] - 1e-6]
     assert item in best
