@@ -1,20 +1,29 @@
-"""Serving benchmark: the four-stage graph in-process vs on tritonserver (gRPC), one data set.
+"""Serving benchmark: the operator graph in-process and on tritonserver (gRPC), one data set.
 
     .venv/bin/python -m bench.serving                       # ML-100K (trains once, cached)
     .venv/bin/python -m bench.serving --data synthetic:50000,1000000,1000000
 
 One run: artifacts (reused from `bench/.work/<data>/` or trained there in a child process) →
-Valkey + feature load → in-process runtime → Triton repository + tritonserver → a fixed, seeded
-request list (known users and ~10 % unknown ones, k=10, temperature 0) → sequential latency of
-both runtimes, Triton with concurrent clients, per-stage timings → a check that Triton answers
-exactly as the in-process runtime → `bench/results/serving-<data>.{json,md}`.
+Valkey + feature load → in-process runtime → a fixed, seeded request list (known users and ~10 %
+unknown ones, k=10, temperature 0), answered once in-process one by one: the reference → then
 
-Servers run on free 127.0.0.1 ports in a temporary directory and are stopped by PID.
+1. the in-process graph at batch 1 and batch B (default 32) over the same groups of requests,
+   interleaved: ms per request and per stage (from the `stats_<op>` outputs);
+2. per Triton layout (stages, fused, executor: one tritonserver after another on the same
+   Valkey), Triton vs in-process at batch 1 and B, interleaved group by group;
+3. on the executor layout, N requests in flight (closed loop, asyncio gRPC): req/s, p50, p99,
+   the highest rate with p99 within the target, CPU-ms per request by process;
+4. every answer of every step checked against the reference (items exact, path and removed
+   counts equal, scores within 1e-5)
+
+→ `bench/results/serving-<label>.{json,md}`. Servers run on free 127.0.0.1 ports in a temporary
+directory and are stopped by PID.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import itertools
 import json
@@ -25,18 +34,20 @@ import resource
 import shutil
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from bench.common import (
     ROOT,
     WORK,
-    GcTimer,
     MemorySampler,
     Phases,
     children,
@@ -49,7 +60,6 @@ from bench.common import (
     ratio,
     rss_mb,
     summarize,
-    tree_rss_mb,
     write_results,
 )
 
@@ -62,6 +72,8 @@ FAST_TRAIN = {
     "eval_max_users": 200,
 }
 META = "bench-meta.json"  # written next to the artifacts by the training child
+SCORE_TOLERANCE = 1e-5
+Tensors = dict[str, np.ndarray]
 
 
 class BenchmarkFailure(RuntimeError):
@@ -71,14 +83,26 @@ class BenchmarkFailure(RuntimeError):
 # --- arguments -------------------------------------------------------------------------------
 
 
+def _ints(p: argparse.ArgumentParser, text: str, flag: str) -> list[int]:
+    try:
+        values = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        p.error(f"{flag} takes comma-separated integers")
+    if not values or min(values) < 1:
+        p.error(f"{flag} values must be >= 1")
+    return values
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from serving.triton_export import LAYOUTS
+
     p = argparse.ArgumentParser(
         prog="python -m bench.serving",
         description=(
-            "Latency and throughput of the streamrec serving graph: in-process runtime vs "
-            "tritonserver over gRPC (sequential and with concurrent clients), per-stage "
-            "timings, and a check that both answer identically. Writes "
-            "bench/results/serving-<data>.json and .md."
+            "The streamrec serving graph in-process (batch 1 vs batch B) and on tritonserver "
+            "(per model layout, vs in-process at the same batch size; throughput with N "
+            "requests in flight, CPU per process), every answer checked against in-process. "
+            "Writes bench/results/serving-<label>.json and .md."
         ),
     )
     p.add_argument(
@@ -100,36 +124,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fast = 1 retrieval epoch, 1 ranker epoch, evaluation on 200 users x 1 point; "
         "auto = default for ml-100k, fast otherwise",
     )
-    p.add_argument("--requests", type=int, default=300, help="sequential requests per runtime")
-    p.add_argument("--warmup", type=int, default=20, help="warm-up requests per runtime/client")
+    p.add_argument("--requests", type=int, default=320, help="distinct requests in the list")
+    p.add_argument("--batch", type=int, default=32, help="the batch size compared with 1")
     p.add_argument(
-        "--order",
-        choices=("interleaved", "blocked"),
-        default="interleaved",
-        help="sequential runs: each request on both runtimes back to back, alternating which "
-        "goes first (default; robust to drifting background load), or all in-process "
-        "requests, then all Triton requests",
-    )
-    p.add_argument(
-        "--concurrency",
-        default="1,4,8",
-        help="comma-separated numbers of concurrent Triton clients (threads)",
-    )
-    p.add_argument(
-        "--concurrent-requests",
+        "--batches",
         type=int,
-        default=300,
-        help="requests per concurrency level (shared by its clients)",
+        default=100,
+        help="in-process step: groups of --batch requests (drawn from the list), each run "
+        "one by one and as one batch",
     )
+    p.add_argument("--layout-batches", type=int, default=25, help="the same, per Triton layout")
+    p.add_argument(
+        "--layouts",
+        default="stages,fused,executor",
+        help=f"Triton model layouts, run one after another ({', '.join(LAYOUTS)})",
+    )
+    p.add_argument(
+        "--throughput-layout",
+        default="executor",
+        help="the layout whose server is also measured with requests in flight",
+    )
+    p.add_argument(
+        "--in-flight", default="1,2,4,8,16,32", help="requests in flight per throughput level"
+    )
+    p.add_argument(
+        "--throughput-seconds", type=float, default=6.0, help="measured seconds per level"
+    )
+    p.add_argument("--p99-target-ms", type=float, default=100.0)
+    p.add_argument("--warmup", type=int, default=20, help="warm-up requests per Triton server")
     p.add_argument("--cold-share", type=float, default=0.1, help="share of unknown users")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0, help="seed of the request list")
+    p.add_argument("--seed", type=int, default=0, help="seed of the request list and groups")
     p.add_argument(
         "--now-ms",
         type=int,
         help="request timestamp (default: one hour after the data's last event)",
     )
-    p.add_argument("--instances", type=int, default=1, help="Triton instances per operator")
+    p.add_argument("--instances", type=int, default=1, help="Triton instances per model")
+    p.add_argument("--max-batch", type=int, default=64, help="Triton max_batch_size")
+    p.add_argument(
+        "--queue-delay-us", type=int, default=200, help="dynamic batcher max queue delay"
+    )
     p.add_argument(
         "--triton-timeout", type=float, default=900.0, help="tritonserver start-up limit (s)"
     )
@@ -139,14 +174,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label", help="result name suffix (default: from --data)")
     p.add_argument("--keep", action="store_true", help="keep the temporary server directory (logs)")
     args = p.parse_args(argv)
-    try:
-        args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
-    except ValueError:
-        p.error("--concurrency takes comma-separated integers, e.g. 1,4,8")
-    if any(c < 1 for c in args.concurrency):
-        p.error("--concurrency values must be >= 1")
-    if args.requests < 1 or args.warmup < 0 or args.concurrent_requests < 1:
-        p.error("--requests and --concurrent-requests must be >= 1, --warmup >= 0")
+    args.in_flight = _ints(p, args.in_flight, "--in-flight")
+    args.layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
+    if not args.layouts or set(args.layouts) - set(LAYOUTS):
+        p.error(f"--layouts takes some of {', '.join(LAYOUTS)}")
+    if args.throughput_layout not in args.layouts:
+        p.error("--throughput-layout must be one of --layouts")
+    if min(args.requests, args.batches, args.layout_batches) < 1:
+        p.error("--requests, --batches and --layout-batches must be >= 1")
+    if not 2 <= args.batch <= args.requests:
+        p.error("--batch must be between 2 and --requests")
+    if args.warmup < 0 or args.throughput_seconds <= 0:
+        p.error("--warmup must be >= 0 and --throughput-seconds > 0")
     if not 0.0 <= args.cold_share <= 1.0:
         p.error("--cold-share must be in [0, 1]")
     return args
@@ -348,24 +387,31 @@ def build_requests(
 
 
 def build_local(artifacts: Path, config: dict[str, Any], phases: Phases):
-    """A LocalRecommender whose operators are built one by one, each timed."""
+    """A LocalRecommender whose item table and operators are built one by one, each timed."""
     from serving.client import LocalRecommender, serving_config
     from serving.graph import LocalRuntime
     from serving.operators import GRAPH
 
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, build: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        built = build()
+        seconds[name] = round(time.perf_counter() - t0, 2)
+        phases.log(f"  built {name} in {seconds[name]:,.2f} s")
+        return built
+
     class TimedLocalRecommender(LocalRecommender):
-        # Mirrors LocalRecommender.__init__ (GRAPH.build), with a timer around each operator.
+        # Mirrors LocalRecommender.__init__ (GRAPH.build), with a timer around each part.
         def __init__(self, artifacts: Path, config: dict[str, Any]):
             full = serving_config(config)
-            self.build_seconds: dict[str, float] = {}
-            ops = []
-            for op in GRAPH.operators:
-                t0 = time.perf_counter()
-                ops.append(op(artifacts, full))
-                self.build_seconds[op.name] = round(time.perf_counter() - t0, 2)
-                phases.log(f"  built {op.name} in {self.build_seconds[op.name]:,.2f} s")
+            items = timed("item table", partial(GRAPH.items, artifacts, full))
+            ops = [timed(op.name, partial(op, artifacts, full, items)) for op in GRAPH.operators]
+            # Otherwise loaded by the first request (on Triton too: see first_request_s).
+            timed("item features (first use)", lambda: items.features)
             self.runtime = LocalRuntime(GRAPH, ops)
             self.version = json.loads((artifacts / "manifest.json").read_text())["version"]
+            self.build_seconds = seconds
 
     return TimedLocalRecommender(artifacts, config)
 
@@ -396,13 +442,17 @@ def triton_load_seconds(log: Path) -> dict[str, float]:
     }
 
 
+def stub_name(cmd: str, pid: int) -> str:
+    """`stub <model>` for a Python-backend stub's command line, else `child <pid>`."""
+    m = re.search(r"/([^/\s]+)/\d+/model\.py", cmd)
+    return f"stub {m.group(1)}" if m else f"child {pid}"
+
+
 def triton_memory(pid: int) -> dict[str, float]:
     """RSS of tritonserver and of each Python-backend stub (by model), MiB."""
     out = {"tritonserver": round(rss_mb(pid), 1)}
     for child in children(pid):
-        cmd = cmdline(child)
-        m = re.search(r"/([^/\s]+)/\d+/model\.py", cmd)
-        name = f"stub {m.group(1)}" if m else f"child {child}"
+        name = stub_name(cmdline(child), child)
         out[name] = round(out.get(name, 0.0) + rss_mb(child), 1)
     out["total"] = round(sum(v for k, v in out.items()), 1)
     return out
@@ -425,205 +475,427 @@ def valkey_memory(url: str, pid: int) -> dict[str, Any]:
 # --- measurement -----------------------------------------------------------------------------
 
 
-def _items(outputs: dict[str, np.ndarray]) -> list[str]:
-    from serving.operators import decode
+def request_groups(n_requests: int, size: int, count: int, seed: int) -> list[np.ndarray]:
+    """`count` groups of `size` distinct request indices, drawn from the list (seeded)."""
+    rng = np.random.default_rng(seed)
+    return [rng.choice(n_requests, size=size, replace=False) for _ in range(count)]
 
-    return decode(outputs["items"])
+
+@dataclass
+class Series:
+    """One runtime at one batch size: ms per request (a request's latency at batch 1, a batch's
+    wall time / its size otherwise), each call's first outputs (for the stage stats), and
+    every answer with its request index."""
+
+    ms: list[float] = field(default_factory=list)
+    calls: list[Tensors] = field(default_factory=list)
+    answers: list[tuple[int, Tensors]] = field(default_factory=list)
+
+    def add(self, indices: Iterable[int], outputs: list[Tensors], ms: float) -> None:
+        self.ms.append(ms)
+        self.calls.append(outputs[0])
+        self.answers.extend(zip((int(i) for i in indices), outputs, strict=True))
+
+    def summary(self) -> dict[str, Any]:
+        """Latency summary of the per-request ms, and req/s = 1000 / mean."""
+        s = summarize(self.ms)
+        return s | {"calls": len(self.calls), "rps": round(1000 / s["mean"], 1)}
 
 
-def measure_sequential(
-    name: str, run, tensors: list[dict], warmup: list[dict], phases: Phases
-) -> dict[str, Any]:
-    for t in warmup:
-        run(t)
-    latencies, outputs = [], []
-    every = max(1, len(tensors) // 5)
-    start = time.perf_counter()
-    for i, t in enumerate(tensors):
-        t0 = time.perf_counter()
-        out = run(t)
-        latencies.append((time.perf_counter() - t0) * 1000)
-        outputs.append(out)
-        if (i + 1) % every == 0 or i + 1 == len(tensors):
-            phases.log(
-                f"  {name}: {i + 1}/{len(tensors)} requests, "
-                f"p50 so far {np.median(latencies):,.2f} ms"
-            )
-    wall = time.perf_counter() - start
-    return {
-        "latency_ms": summarize(latencies),
-        "requests": len(tensors),
-        "wall_s": round(wall, 3),
-        "rps": round(len(tensors) / wall, 2),
-        "_latencies": latencies,
-        "_outputs": outputs,
-    }
+def run_group(rec: Any, size: int, tensors: list[Tensors], idx: np.ndarray, out: Series) -> None:
+    """The requests `idx` on `rec`: one by one (size 1) or as one batch."""
+    if size == 1:
+        for i in idx:
+            t0 = time.perf_counter()
+            answer = rec.run(tensors[i])
+            out.add([i], [answer], (time.perf_counter() - t0) * 1000)
+        return
+    t0 = time.perf_counter()
+    answers = rec.run_batch([tensors[i] for i in idx])
+    out.add(idx, answers, (time.perf_counter() - t0) * 1000 / len(idx))
+
+
+Unit = Callable[[np.ndarray, Series], None]
 
 
 def measure_interleaved(
-    runs: dict[str, Any],
-    tensors: list[dict],
-    warmup: list[dict],
-    phases: Phases,
-    gc_timer: GcTimer | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Each request on every runtime back to back, the order rotating per request, so that
-    all runtimes see the same background load (a 2-core machine shared with others): the
-    ratios between them stay meaningful when the load drifts. req/s = 1000 / mean latency."""
-    names = list(runs)
-    for t in warmup:
-        for name in names:
-            runs[name](t)
-    latencies: dict[str, list[float]] = {n: [] for n in names}
-    outputs: dict[str, list[dict]] = {n: [] for n in names}
-    every = max(1, len(tensors) // 5)
-    for i, t in enumerate(tensors):
-        shift = i % len(names)
+    units: dict[str, Unit], groups: list[np.ndarray], phases: Phases
+) -> dict[str, Series]:
+    """Each group on every unit back to back, the order rotating per group, so that all units
+    see the same background load (a 2-core machine shared with others): the ratios between
+    them stay meaningful when the load drifts."""
+    names = list(units)
+    series = {name: Series() for name in names}
+    every = max(1, len(groups) // 4)
+    for j, idx in enumerate(groups):
+        shift = j % len(names)
         for name in names[shift:] + names[:shift]:
-            if gc_timer:
-                gc_timer.tag = name
-            t0 = time.perf_counter()
-            out = runs[name](t)
-            latencies[name].append((time.perf_counter() - t0) * 1000)
-            outputs[name].append(out)
-        if gc_timer:
-            gc_timer.tag = None
-        if (i + 1) % every == 0 or i + 1 == len(tensors):
-            so_far = ", ".join(f"{n} {np.median(latencies[n]):,.2f} ms" for n in names)
-            phases.log(f"  {i + 1}/{len(tensors)} requests each, p50 so far: {so_far}")
-    return {
-        name: {
-            "latency_ms": summarize(latencies[name]),
-            "requests": len(tensors),
-            "wall_s": round(sum(latencies[name]) / 1000, 3),
-            "rps": round(1000 * len(tensors) / sum(latencies[name]), 2),
-            "_latencies": latencies[name],
-            "_outputs": outputs[name],
-        }
-        for name in names
-    }
+            units[name](idx, series[name])
+        if (j + 1) % every == 0 or j + 1 == len(groups):
+            so_far = ", ".join(f"{n} {np.median(s.ms):,.2f}" for n, s in series.items())
+            phases.log(f"  {j + 1}/{len(groups)} groups, ms/request p50 so far: {so_far}")
+    return series
 
 
-def measure_concurrent(
-    url: str,
-    clients: int,
-    tensors: list[dict],
-    total: int,
-    warmup: int,
-    timeout: float,
-) -> dict[str, Any]:
-    """`clients` threads, one TritonRecommender each, share `total` requests (request i is
-    tensors[i % len(tensors)]); throughput over the wall time from a common start."""
-    from serving.client import TritonRecommender
-
-    recs = [TritonRecommender(url, timeout=timeout) for _ in range(clients)]
-    try:
-        for n, rec in enumerate(recs):
-            for i in range(max(1, warmup // clients)):
-                rec.run(tensors[(n + i) % len(tensors)])
-        counter = itertools.count()
-        latencies: list[list[float]] = [[] for _ in recs]
-        items: dict[int, list[str]] = {}
-        errors: list[BaseException] = []
-        barrier = threading.Barrier(clients + 1)
-
-        def worker(n: int) -> None:
-            barrier.wait()
-            try:
-                while (i := next(counter)) < total:
-                    t0 = time.perf_counter()
-                    out = recs[n].run(tensors[i % len(tensors)])
-                    latencies[n].append((time.perf_counter() - t0) * 1000)
-                    items[i] = _items(out)
-            except BaseException as e:  # reported after the join
-                errors.append(e)
-
-        threads = [threading.Thread(target=worker, args=(n,)) for n in range(clients)]
-        for t in threads:
-            t.start()
-        barrier.wait()
-        start = time.perf_counter()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - start
-        if errors:
-            raise BenchmarkFailure(f"{clients} clients: {type(errors[0]).__name__}: {errors[0]}")
-    finally:
-        for rec in recs:
-            with contextlib.suppress(Exception):
-                rec.close()
-    flat = [x for lat in latencies for x in lat]
-    return {
-        "clients": clients,
-        "requests": total,
-        "wall_s": round(wall, 3),
-        "rps": round(total / wall, 2),
-        "latency_ms": summarize(flat),
-        "_items": items,
-    }
-
-
-def stage_stats(outputs: list[dict[str, np.ndarray]], latencies: list[float]) -> dict[str, Any]:
-    """Per-stage ms (p50, p99) and candidate counts (median in → out) from the stats_* outputs,
-    plus the time outside the stages (end-to-end latency − sum of the stages)."""
+def stage_stats(calls: list[Tensors]) -> dict[str, Any]:
+    """Per-stage ms per request (a call's stage time / its batch size: p50, p99, mean) and
+    candidate counts (median in → out), from the stats_* outputs."""
     from serving.operators import OPERATORS
 
     out: dict[str, Any] = {}
-    total = np.zeros(len(outputs))
+    total = np.zeros(len(calls))
     for op in OPERATORS:
-        stats = np.stack([o[op.stats_name()] for o in outputs]).astype(np.float64)
-        total += stats[:, 2]
-        s = summarize(stats[:, 2])
+        stats = np.stack([c[op.stats_name()] for c in calls]).astype(np.float64)
+        per_request = stats[:, 2] / stats[:, 3]
+        total += per_request
+        s = summarize(per_request.tolist())
         out[op.name] = {
             "p50_ms": s["p50"],
             "p99_ms": s["p99"],
             "mean_ms": s["mean"],
             "in_median": float(np.median(stats[:, 0])),
             "out_median": float(np.median(stats[:, 1])),
-            "out_min": float(stats[:, 1].min()),
         }
-    s = summarize(total)
+    s = summarize(total.tolist())
     out["sum_of_stages"] = {"p50_ms": s["p50"], "p99_ms": s["p99"], "mean_ms": s["mean"]}
-    s = summarize(np.asarray(latencies) - total)
-    out["outside_stages"] = {"p50_ms": s["p50"], "p99_ms": s["p99"], "mean_ms": s["mean"]}
     return out
 
 
-def check_parity(
-    reference: list[dict[str, np.ndarray]],
-    served: list[dict[str, np.ndarray]],
-    requests: list[dict],
-    concurrent: list[dict[str, Any]],
+def formed_batch(answers: list[tuple[int, Tensors]]) -> float:
+    """The median batch size the first operator ran in, over the requests."""
+    from serving.operators import OPERATORS
+
+    name = OPERATORS[0].stats_name()
+    return float(np.median([out[name][3] for _, out in answers]))
+
+
+def process_groups(triton_pid: int, valkey_pid: int) -> dict[str, list[psutil.Process]]:
+    """The processes whose CPU time the throughput step reports, by role."""
+    server = psutil.Process(triton_pid)
+    groups = {"bench (client)": [psutil.Process()], "tritonserver": [server]}
+    for child in server.children(recursive=True):
+        groups.setdefault(stub_name(" ".join(child.cmdline()), child.pid), []).append(child)
+    return groups | {"valkey": [psutil.Process(valkey_pid)]}
+
+
+def cpu_seconds(groups: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    """User + system CPU seconds of each group so far."""
+    out = {}
+    for name, procs in groups.items():
+        out[name] = 0.0
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                out[name] += times.user + times.system
+    return out
+
+
+async def closed_loop(
+    url: str,
+    tensors: list[Tensors],
+    in_flight: int,
+    seconds: float,
+    timeout: float,
+    groups: dict[str, list[psutil.Process]],
 ) -> dict[str, Any]:
-    """Triton's top-k (items, order, path, removed; scores to 1e-5) must equal in-process."""
+    """`in_flight` asyncio workers on one gRPC channel, each sending its next request when the
+    last one is answered (request i is tensors[i % len]); a short warm-up, then `seconds`
+    measured, with the processes' CPU time before and after."""
+    from serving.client import AsyncTritonRecommender
+
+    rec = AsyncTritonRecommender(url)
+    counter = itertools.count()
+    latencies: list[float] = []
+    answers: list[tuple[int, Tensors]] = []
+
+    async def worker(until: float, record: bool) -> None:
+        while time.perf_counter() < until:
+            i = next(counter) % len(tensors)
+            t0 = time.perf_counter()
+            out = await rec.run(tensors[i], timeout)
+            if record:
+                latencies.append((time.perf_counter() - t0) * 1000)
+                answers.append((i, out))
+
+    try:
+        await rec.connect()
+        warm_until = time.perf_counter() + min(2.0, seconds / 4)
+        await asyncio.gather(*(worker(warm_until, False) for _ in range(in_flight)))
+        before = cpu_seconds(groups)
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(start + seconds, True) for _ in range(in_flight)))
+        wall = time.perf_counter() - start
+        after = cpu_seconds(groups)
+    finally:
+        await rec.close()
+    used = {name: after[name] - before[name] for name in groups}
+    cpu_ms = {name: round(s * 1000 / len(latencies), 2) for name, s in used.items()}
+    return {
+        "in_flight": in_flight,
+        "requests": len(latencies),
+        "wall_s": round(wall, 2),
+        "rps": round(len(latencies) / wall, 1),
+        "latency_ms": summarize(latencies),
+        "formed_batch_median": formed_batch(answers),
+        "cpu_ms_per_request": cpu_ms | {"total": round(sum(cpu_ms.values()), 2)},
+        "cores_busy": round(sum(used.values()) / wall, 2),
+        "_answers": answers,
+    }
+
+
+class Parity:
+    """Every answer checked against the in-process batch-1 reference: items and their order
+    exact, path and removed counts equal, scores within SCORE_TOLERANCE."""
+
+    def __init__(self, reference: list[Tensors], requests: list[dict]):
+        self.reference = reference
+        self.requests = requests
+        self.checked: dict[str, int] = {}
+        self.failed: dict[str, int] = {}
+        self.examples: list[str] = []  # the first 2 of each label
+
+    def check(self, label: str, answers: list[tuple[int, Tensors]]) -> None:
+        failed = 0
+        for i, got in answers:
+            problem = difference(self.reference[i], got)
+            if problem:
+                failed += 1
+                if failed <= 2:
+                    self.examples.append(f"{label}, {self.requests[i]['user_id']}: {problem}")
+        self.checked[label] = self.checked.get(label, 0) + len(answers)
+        self.failed[label] = self.failed.get(label, 0) + failed
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "checked": self.checked,
+            "failed": self.failed,
+            "answers_checked": sum(self.checked.values()),
+            "mismatches": sum(self.failed.values()),
+            "examples": self.examples,
+        }
+
+
+def difference(ref: Tensors, got: Tensors) -> str | None:
+    """How `got` differs from `ref`, or None."""
     from serving.operators import decode
 
-    problems: list[str] = []
-    for req, ref, got in zip(requests, reference, served, strict=True):
-        a, b = _items(ref), _items(got)
-        if a != b:
-            problems.append(f"{req['user_id']}: items {b} != in-process {a}")
-        elif decode(ref["path"]) != decode(got["path"]):
-            problems.append(f"{req['user_id']}: path {decode(got['path'])}")
-        elif ref["removed"].tolist() != got["removed"].tolist():
-            problems.append(f"{req['user_id']}: removed {got['removed']} != {ref['removed']}")
-        elif not np.allclose(got["item_scores"], ref["item_scores"], rtol=1e-5, atol=1e-6):
-            diff = float(np.max(np.abs(got["item_scores"] - ref["item_scores"])))
-            problems.append(f"{req['user_id']}: scores differ by up to {diff:.2e}")
-    checked_concurrent = 0
-    for level in concurrent:
-        for i, items in level["_items"].items():
-            checked_concurrent += 1
-            ref = _items(reference[i % len(reference)])
-            if items != ref:
-                user = requests[i % len(requests)]["user_id"]
-                problems.append(f"{level['clients']} clients, {user}: {items} != {ref}")
+    a, b = decode(ref["items"]), decode(got["items"])
+    if a != b:
+        return f"items {b} != in-process {a}"
+    if decode(ref["path"]) != decode(got["path"]):
+        return f"path {decode(got['path'])} != {decode(ref['path'])}"
+    if ref["removed"].tolist() != got["removed"].tolist():
+        return f"removed {got['removed']} != {ref['removed']}"
+    diff = float(np.max(np.abs(got["item_scores"] - ref["item_scores"]), initial=0.0))
+    return f"scores differ by up to {diff:.2e}" if diff > SCORE_TOLERANCE else None
+
+
+# --- steps -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    """What the steps share: the started Valkey, the in-process runtime, the request list."""
+
+    args: argparse.Namespace
+    phases: Phases
+    artifacts: Path
+    config: dict[str, Any]
+    tmp: Path
+    redis: Any  # streamrec.stack.servers.Service
+    local: Any  # serving.client.LocalRecommender
+    tensors: list[Tensors]
+    groups: list[np.ndarray]
+    parity: Parity
+
+    def units(self, runtimes: dict[str, Any]) -> dict[str, Unit]:
+        """Each runtime at batch 1 and batch B, as `<name> <size>`."""
+        return {
+            f"{name} {size}": partial(run_group, rec, size, self.tensors)
+            for size in (1, self.args.batch)
+            for name, rec in runtimes.items()
+        }
+
+
+def in_process_step(b: Bench) -> dict[str, Any]:
+    """The in-process graph at batch 1 and batch B over the same groups, interleaved."""
+    with b.phases.phase(
+        f"in-process batch 1 vs {b.args.batch}",
+        f"({b.args.batches} groups of {b.args.batch} requests)",
+        measure=True,
+    ):
+        groups = b.groups[: b.args.batches]
+        series = measure_interleaved(b.units({"in-process": b.local}), groups, b.phases)
+    out = {}
+    for name, s in series.items():
+        b.parity.check(name, s.answers)
+        out[name.split()[-1]] = {"per_request_ms": s.summary(), "stages": stage_stats(s.calls)}
+    return out
+
+
+def layout_step(b: Bench, layout: str) -> dict[str, Any]:
+    """One tritonserver with `layout`: Triton vs in-process at batch 1 and B, interleaved; the
+    throughput step too on --throughput-layout. The server is stopped afterwards."""
+    from serving.client import TritonRecommender
+    from serving.triton_export import export_repository
+    from streamrec.stack.servers import start_triton, stop_service
+
+    root = b.tmp / "triton" / layout
+    with b.phases.phase(f"{layout}: start tritonserver", f"(limit {b.args.triton_timeout:.0f} s)"):
+        repository = export_repository(
+            b.artifacts,
+            root / "models",
+            b.config,
+            instances=b.args.instances,
+            layout=layout,
+            max_batch=b.args.max_batch,
+            queue_delay_us=b.args.queue_delay_us,
+        )
+        triton = start_triton(root, b.args.triton_timeout, repository=repository)
+    try:
+        out = {
+            "start_s": b.phases.seconds[f"{layout}: start tritonserver"],
+            "model_load_s": triton_load_seconds(Path(triton.log)),
+            "memory_mb": triton_memory(triton.pid),
+        }
+        client = TritonRecommender(triton.endpoint, timeout=b.args.client_timeout)
+        try:
+            out["first_request_s"] = warm_up(b, client)
+            out |= compare(b, layout, client)
+        finally:
+            client.close()
+        if layout == b.args.throughput_layout:
+            out["throughput"] = throughput_step(b, triton.endpoint, triton.pid)
+        out["memory_after_mb"] = triton_memory(triton.pid)
+    finally:
+        b.phases.log(f"stopping tritonserver (pid {triton.pid})")
+        stop_service(triton)
+    return out
+
+
+def warm_up(b: Bench, client: Any) -> float:
+    """Seconds of the first request (it loads the item features), then --warmup requests one
+    by one and two batches."""
+    t0 = time.perf_counter()
+    client.run(b.tensors[0])
+    first = round(time.perf_counter() - t0, 2)
+    for t in b.tensors[: b.args.warmup]:
+        client.run(t)
+    for idx in b.groups[:2]:
+        client.run_batch([b.tensors[i] for i in idx])
+    return first
+
+
+def compare(b: Bench, layout: str, client: Any) -> dict[str, Any]:
+    """Triton vs in-process at batch 1 and B on the same groups, interleaved."""
+    groups = b.groups[: b.args.layout_batches]
+    with b.phases.phase(
+        f"{layout}: Triton vs in-process",
+        f"({len(groups)} groups of {b.args.batch}, batch 1 and {b.args.batch})",
+        measure=True,
+    ):
+        runtimes = {"in-process": b.local, "triton": client}
+        series = measure_interleaved(b.units(runtimes), groups, b.phases)
+    for name, s in series.items():
+        b.parity.check(f"{layout}: {name}", s.answers)
+    out = {}
+    for size in (1, b.args.batch):
+        local = series[f"in-process {size}"].summary()
+        triton = series[f"triton {size}"].summary()
+        out[str(size)] = {
+            "in_process": local,
+            "triton": triton,
+            "ratio_p50": ratio(triton["p50"], local["p50"]),
+            "ratio_p99": ratio(triton["p99"], local["p99"]),
+            "triton_formed_batch_median": formed_batch(series[f"triton {size}"].answers),
+        }
+    return {"batch": out}
+
+
+def throughput_step(b: Bench, url: str, triton_pid: int) -> dict[str, Any]:
+    """Closed loop with each --in-flight level; the highest rate with p99 within the target."""
+    groups = process_groups(triton_pid, b.redis.pid)
+    levels = []
+    for n in b.args.in_flight:
+        with b.phases.phase(
+            f"throughput: {n} in flight", f"({b.args.throughput_seconds:g} s)", measure=True
+        ):
+            level = asyncio.run(
+                closed_loop(
+                    url,
+                    b.tensors,
+                    n,
+                    b.args.throughput_seconds,
+                    b.args.client_timeout,
+                    groups,
+                )
+            )
+        b.parity.check(f"throughput {n} in flight", level.pop("_answers"))
+        lat = level["latency_ms"]
+        b.phases.log(
+            f"  {n} in flight: {level['rps']:,.1f} req/s, p50 {lat['p50']:,.1f} ms, "
+            f"p99 {lat['p99']:,.1f} ms, {level['cpu_ms_per_request']['total']:,.1f} CPU-ms/req"
+        )
+        levels.append(level)
+    within = [lv for lv in levels if lv["latency_ms"]["p99"] <= b.args.p99_target_ms]
+    best = max(within, key=lambda lv: lv["rps"], default=None)
     return {
-        "sequential_checked": len(requests),
-        "concurrent_checked": checked_concurrent,
-        "mismatches": len(problems),
-        "examples": problems[:10],
+        "p99_target_ms": b.args.p99_target_ms,
+        "levels": levels,
+        "best": {"in_flight": best["in_flight"], "rps": best["rps"]} if best else None,
     }
+
+
+def load_features_timed(artifacts: Path, url: str, tmp: Path, phases: Phases) -> dict[str, float]:
+    """Feast materialize + seen/popularity state into Valkey, with its main calls timed."""
+    from models.feature_load import load_features
+
+    load_s: dict[str, float] = {}
+    with phases.phase("load features", "(Feast materialize + seen/popularity state)"):
+        t0 = time.perf_counter()
+        import feast
+
+        import models.feature_load
+        from serving.state import RedisState
+
+        load_s["import feast"] = round(time.perf_counter() - t0, 2)
+        timed = [
+            (models.feature_load, "load_offline", "load_offline (parquet, apply, mat.)"),
+            (feast.FeatureStore, "apply", "  feast apply"),
+            (feast.FeatureStore, "materialize", "  feast materialize (4 views)"),
+            (RedisState, "load", "RedisState.load (seen sets, popularity)"),
+        ]
+        load_s.update({label: 0.0 for _, _, label in timed})
+        with timed_calls(timed, load_s):
+            load_features(artifacts, url, repo_dir=tmp / "feature_repo")
+    for name, sec in load_s.items():
+        phases.log(f"  {name}: {sec:,.1f} s")
+    return load_s
+
+
+def log_parity(parity: dict[str, Any], phases: Phases) -> None:
+    if not parity["mismatches"]:
+        phases.log(f"[green]parity ok[/green]: {parity['answers_checked']:,} answers")
+        return
+    failed = ", ".join(f"{label} {n}" for label, n in parity["failed"].items() if n)
+    phases.log(
+        f"[bold red]parity failed[/bold red]: {parity['mismatches']:,} of "
+        f"{parity['answers_checked']:,} answers differ from the reference ({failed}):\n  "
+        + "\n  ".join(parity["examples"][:12])
+    )
+
+
+def path_counts(reference: list[Tensors], candidates: int) -> dict[str, int]:
+    """Requests per path, and personalized ones whose retrieval found < `candidates` items."""
+    from serving.operators import decode
+
+    paths: dict[str, int] = {}
+    short = 0
+    for out in reference:
+        p = decode(out["path"])[0]
+        paths[p] = paths.get(p, 0) + 1
+        short += p == "personalized" and int(out["stats_retrieval"][1]) < candidates
+    return paths | {"personalized_retrieval_short": short}
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -640,130 +912,204 @@ def top_level_steps(steps: list[dict[str, Any]]) -> list[tuple[str, float]]:
     return [(name, round(sec, 2)) for name, sec in out]
 
 
-def markdown_report(r: dict[str, Any]) -> str:
+def _latency_row(name: str, s: dict[str, Any]) -> list[Any]:
+    return [name, s["calls"], s["p50"], s["p90"], s["p99"], s["mean"], s["rps"]]
+
+
+def header_lines(r: dict[str, Any]) -> list[str]:
     m, a, cfg = r["machine"], r["artifacts"], r["config"]
-    seq, ratios = r["sequential"], r["ratios"]
-    lines = [
+    return [
         f"# Serving benchmark: {r['label']}",
         "",
         f"{r['started']} · {m['cpus_usable']} CPUs ({m.get('cpu_model', '?')}) · "
         f"{m['memory_mb'].get('MemTotal', 0) / 1024:,.0f} GiB · Python {m['python']} · "
         f"load average (1/5/15 min) at start {m['load_average_at_start']}, at end "
-        f"{r.get('load_average_at_end')} · commit "
-        f"{m.get('git_commit', '?')}",
+        f"{r.get('load_average_at_end')} · commit {m.get('git_commit', '?')}",
         "",
         f"Artifacts `{a['version']}`: {a['items']:,} items, {a['users']:,} users, "
         f"{a['interactions']:,} events, index {a['index']['type']} "
         f"(recall vs exact@100 {a['index'].get('recall_vs_exact@100', 0):.3f}). "
-        f"Requests: {cfg['requests']} sequential per runtime after {cfg['warmup']} warm-up "
-        f"({cfg.get('order', 'blocked')}), "
-        f"{r['paths'].get('cold_start', 0)} of them cold-start users, "
-        f"{r['paths'].get('personalized_retrieval_short', 0)} personalized ones for which "
-        f"retrieval found fewer than {cfg['serving']['candidates']} items; k={cfg['k']}, "
-        f"temperature 0, {cfg['serving']['candidates']} candidates; Triton "
-        f"{cfg['instances']} instance(s) per operator, gRPC.",
-        "",
-        "## Sequential latency (one client, ms)",
-        "",
-        markdown_table(
-            ["runtime", "requests", "p50", "p90", "p99", "mean", "req/s"],
-            [
-                [
-                    name,
-                    seq[key]["requests"],
-                    seq[key]["latency_ms"]["p50"],
-                    seq[key]["latency_ms"]["p90"],
-                    seq[key]["latency_ms"]["p99"],
-                    seq[key]["latency_ms"]["mean"],
-                    seq[key]["rps"],
-                ]
-                for name, key in (("in-process", "in_process"), ("Triton gRPC", "triton"))
-            ]
-            + [
-                [
-                    "ratio Triton / in-process",
-                    None,
-                    ratios["p50"],
-                    ratios["p90"],
-                    ratios["p99"],
-                    ratios["mean"],
-                    ratios["rps"],
-                ]
-            ],
-        ),
-        "",
-        (
-            "Interleaved: each request ran on both runtimes back to back (alternating which "
-            "first); req/s = 1000 / mean latency."
-            if cfg.get("order") == "interleaved"
-            else "Blocked: all in-process requests, then all Triton requests; req/s over wall time."
-        ),
-        "",
-        "## Triton with concurrent clients (threads, one gRPC client each)",
-        "",
-        markdown_table(
-            ["clients", "requests", "req/s", "p50 ms", "p99 ms", "req/s vs 1 client"],
-            [
-                [
-                    c["clients"],
-                    c["requests"],
-                    c["rps"],
-                    c["latency_ms"]["p50"],
-                    c["latency_ms"]["p99"],
-                    c.get("rps_vs_first"),
-                ]
-                for c in r["concurrency"]
-            ],
-        ),
-        "",
-        "## Per-stage time (ms, from the stats_* outputs, sequential runs)",
+        f"{cfg['requests']} distinct requests, {r['paths'].get('cold_start', 0)} of them "
+        f"cold-start users, {r['paths'].get('personalized_retrieval_short', 0)} personalized "
+        f"ones for which retrieval found fewer than {cfg['serving']['candidates']} items; "
+        f"k={cfg['k']}, temperature 0, {cfg['serving']['candidates']} candidates. Triton: "
+        f"{cfg['instances']} instance(s) per model, max_batch_size {cfg['max_batch']}, "
+        f"dynamic batching with {cfg['queue_delay_us']} µs queue delay, gRPC.",
         "",
     ]
-    local, triton = r["stages"]["in_process"], r["stages"]["triton"]
-    rows = []
-    for name in local:
-        counts = (
-            f"{local[name]['in_median']:,.0f} → {local[name]['out_median']:,.0f} "
-            f"(min {local[name].get('out_min', 0):,.0f})"
-            if "in_median" in local[name]
-            else ""
-        )
-        rows.append(
+
+
+def in_process_lines(r: dict[str, Any]) -> list[str]:
+    b = str(r["config"]["batch"])
+    one, big = r["in_process"]["1"], r["in_process"][b]
+    s1, sb = one["per_request_ms"], big["per_request_ms"]
+    stages = [
+        [
+            name,
+            one["stages"][name]["p50_ms"],
+            one["stages"][name]["p99_ms"],
+            big["stages"][name]["p50_ms"],
+            big["stages"][name]["p99_ms"],
+            ratio(big["stages"][name]["p50_ms"], one["stages"][name]["p50_ms"]),
+            f"{one['stages'][name]['in_median']:,.0f} → {one['stages'][name]['out_median']:,.0f}"
+            if "in_median" in one["stages"][name]
+            else "",
+        ]
+        for name in one["stages"]
+    ]
+    return [
+        f"## In-process graph: batch 1 vs batch {b} (ms per request)",
+        "",
+        markdown_table(
+            ["batch", "calls", "p50", "p90", "p99", "mean", "req/s"],
             [
-                name,
-                local[name]["p50_ms"],
-                local[name]["p99_ms"],
-                triton[name]["p50_ms"],
-                triton[name]["p99_ms"],
-                counts,
-            ]
-        )
-    lines += [
+                _latency_row("1", s1),
+                _latency_row(b, sb),
+                [f"ratio {b} / 1", None]
+                + [ratio(sb[k], s1[k]) for k in ("p50", "p90", "p99", "mean", "rps")],
+            ],
+        ),
+        "",
+        f"The same {sb['calls']} groups of {b} requests ran one by one and as one batch, "
+        f"interleaved. Batch 1: each request's latency; batch {b}: the batch's wall time / {b} "
+        "(one sample per batch); req/s = 1000 / mean.",
+        "",
+        "Per stage (ms per request = the stage's time in a call / its batch size, from the "
+        "stats_* outputs):",
+        "",
         markdown_table(
             [
                 "stage",
+                "batch 1 p50",
+                "batch 1 p99",
+                f"batch {b} p50",
+                f"batch {b} p99",
+                "p50 ratio",
+                "candidates in → out (median)",
+            ],
+            stages,
+        ),
+        "",
+    ]
+
+
+def layout_lines(r: dict[str, Any]) -> list[str]:
+    cfg = r["config"]
+    rows = []
+    for size in ("1", str(cfg["batch"])):
+        for layout, lay in r["layouts"].items():
+            c = lay["batch"][size]
+            rows.append(
+                [
+                    layout,
+                    int(size),
+                    c["in_process"]["p50"],
+                    c["triton"]["p50"],
+                    c["ratio_p50"],
+                    c["in_process"]["p99"],
+                    c["triton"]["p99"],
+                    c["ratio_p99"],
+                    c["triton_formed_batch_median"],
+                    "✔" if r["fastest_layout"][size] == layout else "",
+                ]
+            )
+    return [
+        "## Triton vs in-process at the same batch size, per layout (ms per request)",
+        "",
+        markdown_table(
+            [
+                "layout",
+                "batch",
                 "in-process p50",
-                "in-process p99",
                 "Triton p50",
+                "ratio p50",
+                "in-process p99",
                 "Triton p99",
-                "candidates in → out: median (min out)",
+                "ratio p99",
+                "batch Triton formed",
+                "fastest",
             ],
             rows,
         ),
         "",
-        "`outside_stages` = end-to-end latency − sum of the stages (Triton: gRPC, ensemble "
-        "scheduling and tensor transfer between the Python-backend stubs).",
-        "",
-        "## Start-up and phases (s)",
+        f"One tritonserver per layout, one after another on the same Valkey; per layout "
+        f"{cfg['layout_batches']} groups of {cfg['batch']} requests ran on both runtimes, one by "
+        f"one and as a batch, interleaved (ratio = Triton / in-process). Triton batch "
+        f"{cfg['batch']}: the requests sent at once (async_infer), batched by Triton's dynamic "
+        "batcher; `batch Triton formed` = the median batch the first operator ran in. "
+        "Fastest = lowest Triton p50 at that batch size. Layouts: executor = one model runs all "
+        "six operators; fused = candidates | ranking; stages = one model per operator.",
         "",
     ]
-    build = r["startup"]["in_process_build_s"]
-    load = r["startup"]["triton_model_load_s"]
-    lines += [
+
+
+def throughput_lines(r: dict[str, Any]) -> list[str]:
+    t, cfg = r["throughput"], r["config"]
+    roles = list(t["levels"][0]["cpu_ms_per_request"])
+    rows = [
+        [
+            lv["in_flight"],
+            lv["requests"],
+            lv["rps"],
+            lv["latency_ms"]["p50"],
+            lv["latency_ms"]["p99"],
+            lv["formed_batch_median"],
+            *(lv["cpu_ms_per_request"][role] for role in roles),
+            lv["cores_busy"],
+        ]
+        for lv in t["levels"]
+    ]
+    best = t["best"]
+    verdict = (
+        f"Highest rate with p99 ≤ {t['p99_target_ms']:g} ms: **{best['rps']:,.1f} req/s** "
+        f"({best['in_flight']} in flight)."
+        if best
+        else f"No level kept p99 ≤ {t['p99_target_ms']:g} ms."
+    )
+    return [
+        f"## Throughput on Triton ({t['layout']} layout, requests in flight)",
+        "",
         markdown_table(
-            ["operator", "in-process build", "Triton model load"],
-            [[name, build.get(name), load.get(name)] for name in build],
+            ["in flight", "requests", "req/s", "p50 ms", "p99 ms", "batch formed"]
+            + [f"CPU-ms/req {role}" for role in roles]
+            + ["cores busy"],
+            rows,
         ),
+        "",
+        verdict,
+        "",
+        f"Closed loop: N asyncio workers on one gRPC channel, each sending the next request "
+        f"when its last one is answered, {cfg['throughput_seconds']:g} s per level after a "
+        "short warm-up. CPU-ms per request: user + system CPU time of each process (psutil) "
+        "over the level / requests answered; cores busy = all of it / wall time.",
+        "",
+    ]
+
+
+def startup_lines(r: dict[str, Any]) -> list[str]:
+    layouts = r["layouts"]
+    lines = [
+        "## Start-up and phases (s)",
+        "",
+        markdown_table(
+            ["in-process build", "seconds"], list(r["startup"]["in_process_build_s"].items())
+        ),
+        "",
+        markdown_table(
+            ["layout", "server start", "first request", "model loads"],
+            [
+                [
+                    name,
+                    lay["start_s"],
+                    lay["first_request_s"],
+                    ", ".join(f"{m} {s:g}" for m, s in lay["model_load_s"].items()),
+                ]
+                for name, lay in layouts.items()
+            ],
+        ),
+        "",
+        "First request: it loads the item features table (in-process: `item features (first "
+        "use)`).",
         "",
         markdown_table(
             ["phase", "seconds", "peak RSS bench MiB", "peak RSS all processes MiB"],
@@ -786,7 +1132,7 @@ def markdown_report(r: dict[str, Any]) -> str:
             markdown_table(["call", "seconds"], list(r["load_features_s"].items())),
             "",
         ]
-    training = a.get("training") or {}
+    training = r["artifacts"].get("training") or {}
     steps = top_level_steps(training.get("steps") or [])
     if steps:
         lines += [
@@ -794,65 +1140,81 @@ def markdown_report(r: dict[str, Any]) -> str:
             f"{training['load_data_s']} s, train {training['train_s']} s, peak RSS "
             f"{training.get('peak_rss_mb', 0):,.0f} MiB.",
             "",
-            markdown_table(
-                ["training step", "seconds"],
-                [[name[:90], seconds] for name, seconds in steps],
-            ),
+            markdown_table(["training step", "seconds"], [[name[:90], sec] for name, sec in steps]),
             "",
         ]
-    mem = r["memory"]
-    mem_rows = [["bench process (in-process runtime loaded)", mem["bench_rss_mb"]]]
-    mem_rows += [[f"triton: {k}", v] for k, v in mem["triton"].items()]
-    mem_rows += [
+    return lines
+
+
+def memory_lines(r: dict[str, Any]) -> list[str]:
+    mem, a = r["memory"], r["artifacts"]
+    rows = [
+        ["bench process, in-process runtime built", mem["bench_rss_mb"]],
+        ["bench process, at the end", mem["bench_rss_after_mb"]],
+    ]
+    for layout, lay in r["layouts"].items():
+        rows += [[f"triton {layout}: {k}", v] for k, v in lay["memory_after_mb"].items()]
+    rows += [
         ["valkey RSS", mem["valkey"]["rss_mb"]],
         ["valkey used_memory", mem["valkey"]["used_memory_mb"]],
     ]
-    gc_info = r.get("gc") or {}
-    gc_lines = []
-    if gc_info:
-        loaded = gc_info["in_process_runtime_loaded"]
-        during = gc_info["during"].get("in_process_sequential", {})
-        gc_lines = [
-            f"Bench process with the in-process runtime loaded: "
-            f"{loaded['tracked_objects']:,} GC-tracked objects; one full collection takes "
-            f"{loaded['full_collect_ms']:,} ms. During the in-process sequential run: "
-            + ", ".join(
-                f"{during[g]['count']} gen{g[-1]} collections ({during[g]['total_ms']:,} ms)"
-                for g in ("gen0", "gen1", "gen2")
-                if g in during
-            )
-            + f", longest pause {during.get('max_pause_ms', 0)} ms.",
-            "",
-        ]
-    lines += [
-        "## Memory (RSS MiB, after start-up)",
+    gc_state = r["gc"]["in_process_runtime_loaded"]
+    return [
+        "## Memory (RSS MiB)",
         "",
-        markdown_table(["process", "MiB"], mem_rows),
+        markdown_table(["process", "MiB"], rows),
+        "",
+        "Triton: each layout's processes after its measurements (the item features table is "
+        "loaded by the first request); right after start-up in the JSON (`memory_mb`).",
         "",
         f"Valkey keys: {mem['valkey']['keys']:,}. Artifact files (MiB): "
         + ", ".join(f"{k} {v:,}" for k, v in a["file_sizes_mb"].items())
-        + ".",
+        + f". Bench process with the in-process runtime loaded: "
+        f"{gc_state['tracked_objects']:,} GC-tracked objects; one full collection takes "
+        f"{gc_state['full_collect_ms']:,} ms.",
         "",
-        *gc_lines,
+    ]
+
+
+def parity_lines(r: dict[str, Any]) -> list[str]:
+    p = r["parity"]
+    lines = [
         "## Correctness",
         "",
-        f"Triton's top-k equals the in-process runtime's on {r['parity']['sequential_checked']} "
-        f"sequential requests (items, order, path, removed counts, scores to 1e-5) and on "
-        f"{r['parity']['concurrent_checked']} concurrent ones (items): "
-        f"{r['parity']['mismatches']} mismatches.",
+        f"{p['answers_checked']:,} answers checked against the in-process batch-1 reference "
+        "(items and order exact, path, removed counts, scores within 1e-5): "
+        f"**{p['mismatches']:,} mismatches**.",
+        "",
+        markdown_table(
+            ["answers", "checked", "differ"],
+            [[label, n, p["failed"][label]] for label, n in p["checked"].items()],
+        ),
     ]
-    return "\n".join(lines)
+    if p["examples"]:
+        lines += ["", "First differences:", "", *(f"- {e}" for e in p["examples"][:12])]
+    return lines
+
+
+def markdown_report(r: dict[str, Any]) -> str:
+    sections = (
+        header_lines,
+        in_process_lines,
+        layout_lines,
+        throughput_lines,
+        startup_lines,
+        memory_lines,
+        parity_lines,
+    )
+    return "\n".join(line for section in sections for line in section(r))
 
 
 # --- main ------------------------------------------------------------------------------------
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from models.feature_load import load_features
-    from serving.client import TritonRecommender, serving_config
-    from serving.operators import decode, request_tensors
-    from serving.triton_export import export_repository
-    from streamrec.stack.servers import start_redis, start_triton, stop_service
+    from serving.client import serving_config
+    from serving.operators import request_tensors
+    from streamrec.stack.servers import start_redis, stop_service
 
     label = args.label or data_label(args.data)
     started = datetime.now().astimezone().isoformat(timespec="seconds")
@@ -872,41 +1234,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         now_ms, now_source = (
             (args.now_ms, "--now-ms") if args.now_ms else default_now_ms(artifacts, meta)
         )
-
         if os.environ.pop("STREAMREC_REDIS_URL", None):
             # The operators prefer it over the exported redis_url (serving/operators.py).
             phases.log("[yellow]ignoring STREAMREC_REDIS_URL: the benchmark has its own[/yellow]")
         tmp = Path(tempfile.mkdtemp(prefix=f"streamrec-bench-{label}-"))
-        services = []
-        clients = []
+        redis = None
         ok = False
         try:
             with phases.phase("start valkey"):
                 redis = start_redis(tmp / "redis", 30)
-                services.append(redis)
             phases.log(f"  valkey {redis.endpoint} (pid {redis.pid})")
-            load_s: dict[str, float] = {}
-            with phases.phase("load features", "(Feast materialize + seen/popularity state)"):
-                t0 = time.perf_counter()
-                import feast
-
-                import models.feature_load
-                from serving.state import RedisState
-
-                load_s["import feast"] = round(time.perf_counter() - t0, 2)
-                timed = [
-                    (models.feature_load, "load_offline", "load_offline (parquet, apply, mat.)"),
-                    (feast.FeatureStore, "apply", "  feast apply"),
-                    (feast.FeatureStore, "materialize", "  feast materialize (4 views)"),
-                    (RedisState, "load", "RedisState.load (seen sets, popularity)"),
-                ]
-                load_s.update({label: 0.0 for _, _, label in timed})
-                with timed_calls(timed, load_s):
-                    load_features(artifacts, redis.endpoint, repo_dir=tmp / "feature_repo")
-            for name, sec in load_s.items():
-                phases.log(f"  {name}: {sec:,.1f} s")
+            load_s = load_features_timed(artifacts, redis.endpoint, tmp, phases)
             config = serving_config({"redis_url": redis.endpoint})
-
             with phases.phase("build in-process runtime"):
                 local = build_local(artifacts, config, phases)
             bench_rss = round(rss_mb(os.getpid()), 1)
@@ -915,140 +1254,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"  bench process: {bench_rss:,.0f} MiB, {gc_state['tracked_objects']:,} "
                 f"GC-tracked objects, a full collection takes {gc_state['full_collect_ms']} ms"
             )
-
-            with phases.phase("export triton repository"):
-                repository = export_repository(
-                    artifacts, tmp / "triton" / "models", config, instances=args.instances
-                )
-            with phases.phase("start tritonserver", f"(limit {args.triton_timeout:.0f} s)"):
-                triton = start_triton(tmp / "triton", args.triton_timeout, repository=repository)
-                services.append(triton)
-            phases.log(f"  tritonserver {triton.endpoint} (pid {triton.pid})")
-            model_load_s = triton_load_seconds(Path(triton.log))
-            memory = {
-                "bench_rss_mb": bench_rss,
-                "triton": triton_memory(triton.pid),
-                "valkey": valkey_memory(redis.endpoint, redis.pid),
-            }
-            phases.log(
-                f"  RSS: bench {bench_rss:,.0f} MiB, triton (all) "
-                f"{memory['triton']['total']:,.0f} MiB, valkey "
-                f"{memory['valkey']['rss_mb']:,.0f} MiB"
+            groups = request_groups(
+                args.requests, args.batch, max(args.batches, args.layout_batches), args.seed
             )
-
-            with phases.phase("build requests"):
+            with phases.phase("reference answers", f"({args.requests} requests, in-process)"):
                 requests = build_requests(
                     artifacts, args.requests, args.cold_share, args.k, now_ms, args.seed, "r"
                 )
-                warm = build_requests(
-                    artifacts, args.warmup, args.cold_share, args.k, now_ms, args.seed + 1, "w"
-                )
                 tensors = [request_tensors(r) for r in requests]
-                warm_tensors = [request_tensors(r) for r in warm]
-            n_cold = sum(r["user_id"].startswith("bench-unknown-") for r in requests)
-            phases.log(f"  {len(requests)} requests ({n_cold} unknown users), now_ms {now_ms}")
-
-            gc_during = {}
-            triton_client = TritonRecommender(triton.endpoint, timeout=args.client_timeout)
-            clients.append(triton_client)
-            if args.order == "interleaved":
-                with (
-                    phases.phase(
-                        "sequential, interleaved",
-                        f"({args.requests} requests on each runtime, alternating)",
-                        measure=True,
-                    ),
-                    GcTimer() as gct,
-                ):
-                    both = measure_interleaved(
-                        {"in-process": local.run, "triton": triton_client.run},
-                        tensors,
-                        warm_tensors,
-                        phases,
-                        gct,
-                    )
-                seq_local, seq_triton = both["in-process"], both["triton"]
-                gc_during["in_process_sequential"] = gct.summary("in-process")
-                gc_during["triton_sequential_client"] = gct.summary("triton")
-            else:
-                with (
-                    phases.phase(
-                        "in-process sequential", f"({args.requests} requests)", measure=True
-                    ),
-                    GcTimer() as gct,
-                ):
-                    seq_local = measure_sequential(
-                        "in-process", local.run, tensors, warm_tensors, phases
-                    )
-                gc_during["in_process_sequential"] = gct.summary()
-                with (
-                    phases.phase("triton sequential", f"({args.requests} requests)", measure=True),
-                    GcTimer() as gct,
-                ):
-                    seq_triton = measure_sequential(
-                        "triton", triton_client.run, tensors, warm_tensors, phases
-                    )
-                gc_during["triton_sequential_client"] = gct.summary()
-            concurrency = []
-            for c in args.concurrency:
-                with phases.phase(
-                    f"triton {c} clients", f"({args.concurrent_requests} requests)", measure=True
-                ):
-                    level = measure_concurrent(
-                        triton.endpoint,
-                        c,
-                        tensors,
-                        args.concurrent_requests,
-                        args.warmup,
-                        args.client_timeout,
-                    )
-                lat = level["latency_ms"]
-                phases.log(
-                    f"  {c} clients: {level['rps']:,.1f} req/s, "
-                    f"p50 {lat['p50']:,.2f} ms, p99 {lat['p99']:,.2f} ms"
-                )
-                concurrency.append(level)
-            for level in concurrency:
-                level["rps_vs_first"] = ratio(level["rps"], concurrency[0]["rps"])
-
-            parity = check_parity(
-                seq_local["_outputs"], seq_triton["_outputs"], requests, concurrency
+                reference = [local.run(t) for t in tensors]
+                for idx in groups[:2]:  # warm-up at batch size B
+                    local.run_batch([tensors[i] for i in idx])
+            b = Bench(
+                args=args,
+                phases=phases,
+                artifacts=artifacts,
+                config=config,
+                tmp=tmp,
+                redis=redis,
+                local=local,
+                tensors=tensors,
+                groups=groups,
+                parity=Parity(reference, requests),
             )
-            if parity["mismatches"]:
-                raise BenchmarkFailure(
-                    f"Triton disagrees with the in-process runtime on {parity['mismatches']} "
-                    "requests:\n  " + "\n  ".join(parity["examples"])
-                )
-            phases.log(
-                f"[green]parity ok[/green]: {parity['sequential_checked']} sequential + "
-                f"{parity['concurrent_checked']} concurrent answers identical"
-            )
-            paths: dict[str, int] = {}
-            short = 0  # personalized requests whose retrieval found fewer than `candidates`
-            for out in seq_local["_outputs"]:
-                p = decode(out["path"])[0]
-                paths[p] = paths.get(p, 0) + 1
-                found = int(out["stats_retrieval"][1])
-                short += p == "personalized" and found < int(config["candidates"])
-            paths["personalized_retrieval_short"] = short
-            memory["triton_after"] = triton_memory(triton.pid)
-            memory["bench_rss_after_mb"] = round(rss_mb(os.getpid()), 1)
-            memory["tree_rss_after_mb"] = round(tree_rss_mb(os.getpid()), 1)
+            in_process = in_process_step(b)
+            layouts = {layout: layout_step(b, layout) for layout in args.layouts}
+            parity = b.parity.summary()
+            log_parity(parity, phases)
+            memory = {
+                "bench_rss_mb": bench_rss,
+                "bench_rss_after_mb": round(rss_mb(os.getpid()), 1),
+                "valkey": valkey_memory(redis.endpoint, redis.pid),
+            }
             ok = True
         finally:
-            for client in clients:
-                with contextlib.suppress(Exception):
-                    client.close()
-            for service in reversed(services):
-                phases.log(f"stopping {service.name} (pid {service.pid})")
-                stop_service(service)
+            if redis is not None:
+                phases.log(f"stopping valkey (pid {redis.pid})")
+                stop_service(redis)
             if ok and not args.keep:
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 phases.log(f"server directory kept: {tmp}")
 
-    lat_l, lat_t = seq_local["latency_ms"], seq_triton["latency_ms"]
     memory["phases"] = phases.memory
+    batch = str(args.batch)
     result = {
         "benchmark": "serving",
         "label": label,
@@ -1057,10 +1306,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": {
             "data": args.data,
             "requests": args.requests,
+            "batch": args.batch,
+            "batches": args.batches,
+            "layout_batches": args.layout_batches,
+            "layouts": args.layouts,
+            "in_flight": args.in_flight,
+            "throughput_seconds": args.throughput_seconds,
+            "p99_target_ms": args.p99_target_ms,
             "warmup": args.warmup,
-            "order": args.order,
-            "concurrency": args.concurrency,
-            "concurrent_requests": args.concurrent_requests,
             "cold_share": args.cold_share,
             "k": args.k,
             "temperature": 0.0,
@@ -1068,22 +1321,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "now_ms": now_ms,
             "now_ms_source": now_source,
             "instances": args.instances,
+            "max_batch": args.max_batch,
+            "queue_delay_us": args.queue_delay_us,
             "client_timeout_s": args.client_timeout,
             "serving": {k: v for k, v in config.items() if k != "redis_url"},
         },
         "artifacts": meta,
-        "paths": paths,
-        "sequential": {"in_process": seq_local, "triton": seq_triton},
-        "ratios": {key: ratio(lat_t[key], lat_l[key]) for key in ("p50", "p90", "p99", "mean")}
-        | {"rps": ratio(seq_triton["rps"], seq_local["rps"])},
-        "concurrency": concurrency,
-        "stages": {
-            "in_process": stage_stats(seq_local["_outputs"], seq_local["_latencies"]),
-            "triton": stage_stats(seq_triton["_outputs"], seq_triton["_latencies"]),
+        "paths": path_counts(reference, int(config["candidates"])),
+        "in_process": in_process,
+        "layouts": layouts,
+        "fastest_layout": {
+            size: min(layouts, key=lambda n: layouts[n]["batch"][size]["triton"]["p50"])
+            for size in ("1", batch)
         },
-        "startup": {"in_process_build_s": local.build_seconds, "triton_model_load_s": model_load_s},
+        "throughput": {
+            "layout": args.throughput_layout,
+            **layouts[args.throughput_layout].pop("throughput"),
+        },
+        "startup": {"in_process_build_s": local.build_seconds},
         "load_features_s": load_s,
-        "gc": {"in_process_runtime_loaded": gc_state, "during": gc_during},
+        "gc": {"in_process_runtime_loaded": gc_state},
         "phases": phases.seconds,
         "memory": memory,
         "parity": parity,
@@ -1111,6 +1368,9 @@ def main(argv: list[str] | None = None) -> int:
         f"wrote {json_path.relative_to(ROOT)} and {md_path.relative_to(ROOT)} "
         f"({result['wall_s']:,.0f} s in all)"
     )
+    if result["parity"]["mismatches"]:
+        console.print("[bold red]benchmark failed:[/bold red] answers differ (see Correctness)")
+        return 1
     return 0
 
 
