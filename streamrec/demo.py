@@ -161,6 +161,9 @@ def _before_after(settings, artifacts, bootstrap, redis_url, console, now: int) 
 
         for user in DEMO_USERS:
             before = ask(user)
+            if not before["items"]:
+                console.print(f"user {user}: {before['status']}: {before['error']}")
+                continue
             clicked = before["items"][0]["item_id"]
             acked = state.acked()
             sent = time.perf_counter()

@@ -159,7 +159,8 @@ def load_snapshot(
     bootstrap: str | None,
     repo_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Load the artifacts' snapshot into Feast + Redis and record the topics' offsets with it.
+    """Load the artifacts' snapshot into Feast + Redis, replacing the project's state there, and
+    record the topics' offsets with it.
 
     The offsets are read before the load: an event produced during the load is applied by the
     workers too, so it must be replayed by a rebuild. Without a reachable broker (`bootstrap`
@@ -176,6 +177,9 @@ def load_snapshot(
             offsets = record_offsets(settings, bootstrap)
         except Exception as e:  # librdkafka: broker unreachable, timeouts
             error = f"the offsets could not be read from Kafka ({bootstrap}): {e}"
+    # The state becomes the snapshot's: what an earlier load or its stream left (applied event
+    # ids, user states, seen sets) would make the same events count as duplicates.
+    clear_state(redis_url, settings.feast_project)
     repo = load_features(
         artifact_dir, redis_url, repo_dir or settings.feature_repo(), settings.feast_project
     )

@@ -14,6 +14,7 @@ class Topic:
     schema: str  # schemas/<schema>.avsc
     key_field: str | None  # record field used as the Kafka key (partitioning, ordering)
     doc: str
+    config: tuple[tuple[str, str], ...] = ()  # topic configs set when it is created
 
 
 TOPICS: dict[str, Topic] = {
@@ -21,7 +22,17 @@ TOPICS: dict[str, Topic] = {
     for t in (
         Topic("interactions", "interaction", "user_id", "user-item events"),
         Topic("item_updates", "item_update", "item_id", "catalog availability and attributes"),
-        Topic("requests", "recommendation_request", "user_id", "recommendation requests"),
+        Topic(
+            "requests",
+            "recommendation_request",
+            "user_id",
+            "recommendation requests",
+            # A request's default deadline counts from its Kafka timestamp. The broker's clock,
+            # not the producer's: a fresh idempotent producer holds its first record 0.5-1 s
+            # while it gets its producer id (librdkafka), time the request never spent waiting
+            # for an answer.
+            config=(("message.timestamp.type", "LogAppendTime"),),
+        ),
         Topic("recommendations", "recommendation_response", "user_id", "responses to requests"),
         Topic("dead_letter", "dead_letter", None, "events a processor rejected, with the reason"),
     )
@@ -67,9 +78,14 @@ def create_topics(settings: Settings, bootstrap: str, timeout: float = 30.0) -> 
     existing = set(admin.list_topics(timeout=timeout).topics)
     result = {n: "exists" for n in names if n in existing}
     new = [
-        NewTopic(n, settings.partitions, settings.replication_factor)
-        for n in names
-        if n not in existing
+        NewTopic(
+            topic_name(settings, role),
+            settings.partitions,
+            settings.replication_factor,
+            config=dict(TOPICS[role].config),
+        )
+        for role in TOPICS
+        if topic_name(settings, role) not in existing
     ]
     if new:
         for name, fut in admin.create_topics(new, operation_timeout=timeout).items():

@@ -39,9 +39,8 @@ def _settings(base_settings, kafka, redis_url, triton_url, artifacts, **extra):
 @pytest.fixture(scope="module")
 def live(base_settings, kafka, redis_url, triton_url, artifacts, serving_config):
     """Fresh topics and one worker for the module, publishing in Kafka transactions."""
-    # A generous default deadline: `produce` opens a new idempotent producer each time, whose
-    # first record reaches the embedded broker up to 1 s after it was stamped, and the worker
-    # joins its group after it says it is ready. Deadlines are tested with explicit ones.
+    # A generous default deadline: these tests assert answers, and a loaded machine must not
+    # turn them into `expired` ones. Deadlines are tested with explicit ones.
     settings = _settings(
         base_settings,
         kafka,
