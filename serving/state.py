@@ -141,11 +141,8 @@ class RedisState:
             return []
         return [s or 0.0 for s in self.client.zmscore(self.key("popular"), list(items))]
 
-    def catalog_additions(self, items: Iterable[str] | None = None) -> dict[str, dict]:
-        """Profiles of items added or changed after training (all of them when `items` is None)."""
-        if items is None:
-            raw = self.client.hgetall(self.key("catalog"))
-            return {k.decode(): json.loads(v) for k, v in raw.items()}
+    def catalog_additions(self, items: Iterable[str]) -> dict[str, dict]:
+        """Profiles of these items if they were added or changed after training."""
         items = list(items)
         if not items:
             return {}

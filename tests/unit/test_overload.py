@@ -8,6 +8,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from records import request
 
 from schemas.serde import make_serde
 from serving.operators import error_record
@@ -19,20 +20,6 @@ from streams.topics import TOPICS
 
 def serde(role: str):
     return make_serde(role, TOPICS[role].schema)
-
-
-def request(user: str = "196", **extra) -> dict:
-    return {
-        "request_id": f"r-{user}-{time.monotonic_ns()}",
-        "user_id": user,
-        "k": 5,
-        "exclude": [],
-        "context": {},
-        "temperature": 0.0,
-        "seed": None,
-        "deadline_ms": None,
-        "timestamp_ms": 893_300_000_000,  # the logical request time: long ago, as in replays
-    } | extra
 
 
 def now_ms() -> int:
@@ -83,7 +70,7 @@ def answer(p: RequestProcessor, batch: list[RawEvent]) -> list[dict]:
 def test_a_request_past_its_deadline_is_answered_expired_without_serving():
     triton = StubTriton()
     expired_before = metrics.EXPIRED._value.get()
-    [late] = answer(processor(triton), events([request(deadline_ms=now_ms() - 250)]))
+    [late] = answer(processor(triton), events([request("196", deadline_ms=now_ms() - 250)]))
     assert late["status"] == "expired" and late["items"] == []
     missed = int(late["error"].split("missed by ")[1].split(" ms")[0])
     assert 250 <= missed < 5000 and "before serving" in late["error"]
@@ -94,11 +81,11 @@ def test_a_request_past_its_deadline_is_answered_expired_without_serving():
 def test_without_its_own_deadline_a_request_is_due_the_default_after_it_was_produced():
     triton = StubTriton()
     p = processor(triton, default_deadline_ms=1000)
-    fresh = request()  # its logical timestamp_ms is years ago: it does not count
+    fresh = request("196")  # its logical timestamp_ms is years ago: it does not count
     assert p.deadline_ms(fresh, produced_ms=5_000) == 6_000
-    assert p.deadline_ms(request(deadline_ms=7_000), produced_ms=5_000) == 7_000
+    assert p.deadline_ms(request("196", deadline_ms=7_000), produced_ms=5_000) == 7_000
     [ok] = answer(p, events([fresh]))
-    [late] = answer(p, events([request()], produced_ms=now_ms() - 1500))
+    [late] = answer(p, events([request("196")], produced_ms=now_ms() - 1500))
     assert ok["status"] == "ok"
     assert late["status"] == "expired" and "before serving" in late["error"]
     assert len(triton.timeouts) == 1
@@ -106,7 +93,9 @@ def test_without_its_own_deadline_a_request_is_due_the_default_after_it_was_prod
 
 
 def test_an_invalid_request_is_an_error_even_when_late():
-    [bad] = answer(processor(StubTriton()), events([request(k=0, deadline_ms=now_ms() - 10)]))
+    [bad] = answer(
+        processor(StubTriton()), events([request("196", k=0, deadline_ms=now_ms() - 10)])
+    )
     assert bad["status"] == "error" and "invalid request" in bad["error"]
 
 
