@@ -130,7 +130,11 @@ class LiveItems:
                     log.info("change stream trimmed past entry %d: reloading", self._n)
                     self.reload()
                     return applied
-                self._apply(fields[b"kind"].decode(), json.loads(fields[b"data"]))
+                kind = fields[b"kind"].decode()
+                if kind == "reset":  # a new load: the snapshot covers every entry after it too
+                    self.reload()
+                    return applied + 1
+                self._apply(kind, json.loads(fields[b"data"]))
                 self._last_id, self._n = entry_id, n
                 applied += 1
             if len(entries) < 1000:
@@ -167,8 +171,6 @@ class LiveItems:
                     self._unknown_unavailable.add(item)
         elif kind == "catalog":
             self._add_items(data)
-        elif kind == "reset":
-            self.reload()
 
     def _add_items(self, profiles: dict[str, dict]) -> None:
         """New items get a row (and an embedding once the index is loaded); known ones get their

@@ -57,7 +57,7 @@ def run_demo(settings: Settings, console: Console, keep: bool = False, retrain: 
             load_snapshot(settings, artifacts, redis_url, bootstrap)  # + the topics' offsets
         config = serving_config({"redis_url": redis_url, "feast_project": settings.feast_project})
         export_repository(artifacts, stack.root / "triton" / "models", config)
-        with console.status("starting tritonserver (six stage models + ensemble)"):
+        with console.status("starting tritonserver (the executor model + ensemble)"):
             stack.down(("triton",))
             stack.up(("triton",))
         with console.status("starting a stream worker"):
