@@ -272,23 +272,26 @@ class EventConsumer:
 
 
 class EmptyFetchBackoff:
-    """Waits a little, growing to `max_s`, before the next fetch from a broker whose last answer
-    was empty and came back at once: a broker that ignores fetch max wait (the embedded one)
-    would otherwise be asked again and again by an idle consumer, a core's worth of round trips.
-    Data resets the wait; an empty answer that the broker held (Apache Kafka) costs no wait."""
+    """Waits a little before the next fetch from a broker whose last answer was empty and came
+    back at once: a broker that ignores fetch max wait (the embedded one) would otherwise be
+    asked again and again by an idle consumer, a core's worth of round trips. The wait grows
+    with the time the node has had nothing (an eighth of it, from `first_s` up to `max_s`), so
+    a consumer between two requests of a steady stream waits little and an idle one waits
+    `max_s`. Data resets it; an empty answer that the broker held (Apache Kafka) costs no wait."""
 
     def __init__(self, max_s: float, first_s: float = 0.0005):
         self.max_s, self.first_s = max_s, first_s
-        self._delay: dict[int, float] = {}  # by broker node
+        self._idle_since: dict[int, float] = {}  # by broker node
 
-    def after(self, node_id: int, has_data: bool, held_s: float, max_wait_s: float) -> float:
+    def after(
+        self, node_id: int, has_data: bool, held_s: float, max_wait_s: float, now: float
+    ) -> float:
         """How long to wait before the next fetch from this node."""
         if has_data or held_s >= max_wait_s / 2:
-            self._delay.pop(node_id, None)
+            self._idle_since.pop(node_id, None)
             return 0.0
-        delay = min(self._delay.get(node_id, self.first_s / 2) * 2, self.max_s)
-        self._delay[node_id] = delay
-        return delay
+        idle_s = now - self._idle_since.setdefault(node_id, now)
+        return min(max(idle_s / 8, self.first_s), self.max_s)
 
 
 def space_out_empty_fetches(max_s: float) -> None:
@@ -305,7 +308,9 @@ def space_out_empty_fetches(max_s: float) -> None:
         started = time.monotonic()
         has_data = await original(self, assignment, node_id, request)
         held_s = time.monotonic() - started
-        delay = backoff.after(node_id, has_data, held_s, self._fetch_max_wait_ms / 1000)
+        delay = backoff.after(
+            node_id, has_data, held_s, self._fetch_max_wait_ms / 1000, time.monotonic()
+        )
         if delay and assignment.active:
             # The node counts as in flight until this returns: no fetch to it meanwhile.
             # Cancelled (a rebalance, a close): return as aiokafka's own fetch does.

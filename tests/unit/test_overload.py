@@ -149,13 +149,18 @@ def test_offsets_are_acked_in_order_once_every_earlier_request_is_answered():
 
 
 def test_empty_fetches_answered_at_once_are_spaced_out_and_data_resets_the_wait():
-    backoff = EmptyFetchBackoff(max_s=0.005, first_s=0.0005)
-    waits = [backoff.after(1, False, held_s=0.0002, max_wait_s=0.5) for _ in range(6)]
-    assert waits == [0.0005, 0.001, 0.002, 0.004, 0.005, 0.005]
-    assert backoff.after(1, True, held_s=0.0002, max_wait_s=0.5) == 0.0
-    assert backoff.after(1, False, held_s=0.0002, max_wait_s=0.5) == 0.0005
+    backoff = EmptyFetchBackoff(max_s=0.008, first_s=0.0005)
+
+    def empty(node: int, at: float, held_s: float = 0.0002) -> float:
+        return backoff.after(node, False, held_s=held_s, max_wait_s=0.5, now=at)
+
+    # An eighth of the time without data, from 0.5 ms up to 8 ms.
+    waits = [empty(1, at) for at in (10.0, 10.002, 10.016, 10.040, 10.064, 11.0)]
+    assert waits == pytest.approx([0.0005, 0.0005, 0.002, 0.005, 0.008, 0.008])
+    assert backoff.after(1, True, held_s=0.0002, max_wait_s=0.5, now=11.001) == 0.0
+    assert empty(1, 11.5) == 0.0005  # data reset the idle time
     # A broker that held the empty fetch (Apache Kafka) already waited: no back-off.
-    assert backoff.after(2, False, held_s=0.5, max_wait_s=0.5) == 0.0
+    assert empty(2, 12.0, held_s=0.5) == 0.0
 
 
 def test_requests_are_batched_without_a_timer_while_idle():
