@@ -38,19 +38,6 @@ class Catalog:
             ids, {i: n for n, i in enumerate(ids)}, inputs, {i: dict(profiles[i]) for i in ids}
         )
 
-    def add(self, workflow: Workflow, item_id: str, profile: Mapping[str, Any]) -> None:
-        out = workflow.transform_one(item_row(item_id, profile), ITEM_OUTPUTS)
-        if item_id in self.row:
-            n = self.row[item_id]
-            for name in ITEM_OUTPUTS:
-                self.inputs[name][n] = out[name]
-        else:
-            self.row[item_id] = len(self.ids)
-            self.ids.append(item_id)
-            for name in ITEM_OUTPUTS:
-                self.inputs[name] = np.concatenate([self.inputs[name], out[name][None]])
-        self.profiles[item_id] = dict(profile)
-
     def take(self, item_ids: Sequence[str]) -> dict[str, np.ndarray]:
         rows = np.fromiter((self.row[i] for i in item_ids), dtype=np.int64, count=len(item_ids))
         return {name: values[rows] for name, values in self.inputs.items()}

@@ -282,23 +282,22 @@ class Scoring(Operator):
 
     def _score(self, t) -> np.ndarray:
         """One ONNX call per request, for the same reason as in `Retrieval`."""
-        from models.inputs import dense_features
         from models.onnx_export import USER_INDEX, run_onnx
+        from models.recommender import ranker_feed
 
         n = len(t["item_id"])
         if n == 0:
             return np.zeros(0, dtype=np.float32)
-        feed = {name: np.repeat(t[name], n, axis=0) for name in USER_OUTPUTS}
-        feed["hist_items"] = t["hist_items"]
-        feed[USER_INDEX] = np.zeros(n, dtype=np.int64)
-        feed |= {name: t[name] for name in ITEM_OUTPUTS}
-        feed["dense"] = dense_features(
+        feed = ranker_feed(
+            {name: t[name] for name in USER_OUTPUTS},
+            {name: t[name] for name in ITEM_OUTPUTS},
             t["kept_scores"],
             t["popularity"],
-            t["item_genres"],
             t["genre_affinity"],
             int(t["user_events"][0]),
         )
+        feed["hist_items"] = t["hist_items"]  # one row: the rewritten model pools it once
+        feed[USER_INDEX] = np.zeros(n, dtype=np.int64)
         return run_onnx(self.ranker, feed).reshape(-1).astype(np.float32)
 
 
