@@ -47,7 +47,11 @@ class Load:
     requests_per_s: int = 10
     users: int = 40
     items: int = 60
-    sent: list[dict] = field(default_factory=list)  # interactions the broker accepted
+    sent: list[dict] = field(default_factory=list)  # interactions the broker acknowledged
+    # Sends reported failed: the broker may hold them all the same (a fatal producer error
+    # fails what was in flight), and then they must take effect like any other.
+    unconfirmed: list[dict] = field(default_factory=list)
+    unconfirmed_requests: dict[str, float] = field(default_factory=dict)
     failed_sends: int = 0
     probes: int = 0  # recovery probes sent (one a second after the fault cleared)
     requests: dict[str, float] = field(default_factory=dict)  # request id → sent at (monotonic)
@@ -92,6 +96,7 @@ class Load:
                 if err is None:
                     self.sent.append(event)
                 else:
+                    self.unconfirmed.append(event)
                     self._failed(err)
 
         self._send("interactions", event, delivered)
@@ -103,6 +108,7 @@ class Load:
             if err is None:
                 self.requests[request["request_id"]] = sent_at
             else:
+                self.unconfirmed_requests[request["request_id"]] = sent_at
                 self._failed(err)
 
         self._send("requests", request, delivered)
@@ -232,14 +238,23 @@ class Load:
 
     _draining = False
 
+    kept: set[str] = frozenset()  # ids of the interactions the topic holds once settled
+    lost_requests: int = 0  # acknowledged requests the topic does not hold
+
     def settle(self, timeout: float = 90.0) -> None:
-        """Stop producing; wait until every accepted event is applied and every request
-        answered; then count the answers from the topic itself, read once more from the start."""
+        """Stop producing and read what the topics hold: the events the system must apply
+        and the requests it must answer. Wait until it has; then count the answers from the
+        topic itself, read once more from the start."""
         self._stop.set()
         self._draining = True
         self._threads[0].join(timeout=130)
+        self.kept = self.in_log("interactions", "event_id")
+        kept_requests = self.in_log("requests", "request_id")
+        self.lost_requests = sum(rid not in kept_requests for rid in self.requests)
+        issued = self.requests | self.unconfirmed_requests
+        self.requests = {rid: t for rid, t in issued.items() if rid in kept_requests}
         state = self.live.state()
-        expected = self.expected()
+        expected = self.accepted()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             answered = set(self.responses) >= set(self.requests)
@@ -260,9 +275,11 @@ class Load:
                 continue
             self.responses[rid].append((raw, response, seen_at.get(rid, time.monotonic())))
 
-    def expected(self) -> Counter:
+    def accepted(self) -> Counter:
+        """Per user, the events the topic holds, acknowledged or not: each applied once."""
         with self._lock:
-            return Counter(e["user_id"] for e in self.sent)
+            events = self.sent + self.unconfirmed
+        return Counter(e["user_id"] for e in events if e["event_id"] in self.kept)
 
     @staticmethod
     def applied(state, users: list[str]) -> dict[str, int]:

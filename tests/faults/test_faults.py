@@ -72,19 +72,16 @@ def measure(live: Live, load: Load) -> dict:
     from models.feature_repo import OnlineReader
 
     state = live.state()
-    kept = load.in_log("interactions", "event_id")
-    kept_requests = load.in_log("requests", "request_id")
-    gone = [e for e in load.sent if e["event_id"] not in kept]
-    broker_lost = len(gone) + sum(rid not in kept_requests for rid in load.requests)
-    load.requests = {rid: t for rid, t in load.requests.items() if rid in kept_requests}
-    at_least = Counter(e["user_id"] for e in load.sent if e["event_id"] in kept)
-    at_most = load.expected()
+    accepted = [e for e in load.sent + load.unconfirmed if e["event_id"] in load.kept]
+    gone = [e for e in load.sent if e["event_id"] not in load.kept]
+    at_least = load.accepted()
+    at_most = at_least + Counter(e["user_id"] for e in gone)
     users = sorted(at_most)
     actual = Load.applied(state, users)
     reader = OnlineReader(live.stack.endpoint("redis"), project=live.settings.feast_project)
     feast = [row["event_count"] if row else 0 for row in reader.users(users, "user_activity")]
     assert feast == [actual[u] for u in users], "Feast rows differ from the users' state"
-    _check_popularity(state, load, gone)
+    _check_popularity(state, accepted, gone)
     answers = {rid: load.responses.get(rid, []) for rid in load.requests}
     for rid, got in answers.items():
         assert len({raw for raw, _, _ in got}) <= 1, f"duplicate answers to {rid} differ"
@@ -92,13 +89,17 @@ def measure(live: Live, load: Load) -> dict:
         got[0][1]["error"][:80] for got in answers.values() if got and got[0][1]["status"] != "ok"
     )
     print(f"error answers: {dict(reasons.most_common(5))}")  # shown when a scenario fails
+    unconfirmed_kept = sum(e["event_id"] in load.kept for e in load.unconfirmed) + sum(
+        rid in load.requests for rid in load.unconfirmed_requests
+    )
     return {
         "events": sum(at_most.values()),
         "applied": sum(min(actual[u], n) for u, n in at_most.items()),
         "lost": sum(max(0, n - actual[u]) for u, n in at_least.items()),
         "doubled": sum(max(0, actual[u] - n) for u, n in at_most.items()),
-        "not_accepted": load.failed_sends,
-        "broker_lost": broker_lost,
+        "not_accepted": load.failed_sends - unconfirmed_kept,
+        "unconfirmed_kept": unconfirmed_kept,
+        "broker_lost": len(gone) + load.lost_requests,
         "requests": len(answers),
         "answered": sum(1 for got in answers.values() if got),
         "duplicated": sum(max(0, len(got) - 1) for got in answers.values()),
@@ -106,7 +107,7 @@ def measure(live: Live, load: Load) -> dict:
     }
 
 
-def _check_popularity(state, load: Load, gone: list[dict]) -> None:
+def _check_popularity(state, accepted: list[dict], gone: list[dict]) -> None:
     """Each item's popularity is the sum of its accepted events' weights, each counted once
     (events the broker lost may or may not be in it)."""
 
@@ -118,11 +119,11 @@ def _check_popularity(state, load: Load, gone: list[dict]) -> None:
             )
         return out
 
-    most, maybe = weights(load.sent), weights(gone)
-    items = sorted(most)
+    least, maybe = weights(accepted), weights(gone)
+    items = sorted(least.keys() | maybe.keys())
     for item, got in zip(items, state.popularity_scores(items), strict=True):
-        least = most[item] - maybe.get(item, 0.0)
-        assert least * (1 - 1e-9) <= got <= most[item] * (1 + 1e-9), f"popularity of {item}"
+        low, high = least.get(item, 0.0), least.get(item, 0.0) + maybe.get(item, 0.0)
+        assert low * (1 - 1e-9) <= got <= high * (1 + 1e-9), f"popularity of {item}"
 
 
 def test_valkey_sigkill_and_restart_on_its_data(live):
