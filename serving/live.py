@@ -39,6 +39,11 @@ _K = math.log(2) / POPULARITY_HALF_LIFE_MS
 
 class LiveItems:
     def __init__(self, artifacts: Path, state):
+        from threadpoolctl import threadpool_limits
+
+        # The stages compute on small batches: numpy's OpenBLAS threads would only spin in
+        # sched_yield between calls (half of a Triton stub's CPU at 150 req/s went there).
+        threadpool_limits(1)
         self.artifacts = artifacts
         self.state = state  # serving.state.RedisState
         self.ids: list[str] = json.loads((artifacts / "item_ids.json").read_text())
