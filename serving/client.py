@@ -137,7 +137,7 @@ class TritonRecommender:
         return results
 
     def recommend(self, request: dict) -> dict:
-        return response_record(request, self.run(request_tensors(request)), self.version)
+        return response_record(request, self.run(request_tensors(request)))
 
     def canary(self, timeout: float = 2.0) -> CanaryResult:
         """One real inference of CANARY_REQUEST through the ensemble within `timeout` s.
@@ -240,7 +240,7 @@ class LocalRecommender:
         return self.runtime.run_batch(batch)
 
     def recommend(self, request: dict) -> dict:
-        return response_record(request, self.run(request_tensors(request)), self.version)
+        return response_record(request, self.run(request_tensors(request)))
 
 
 def serving_config(overrides: dict[str, Any]) -> dict[str, Any]:

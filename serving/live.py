@@ -27,6 +27,7 @@ from models.workflow import Workflow
 log = logging.getLogger(__name__)
 # What the table loads from the artifacts (the index and item tower only when retrieval asks).
 FILES = (
+    "manifest.json",
     "workflow.json",
     "item_ids.json",
     "items.json",
@@ -45,6 +46,7 @@ class LiveItems:
         # sched_yield between calls (half of a Triton stub's CPU at 150 req/s went there).
         threadpool_limits(1)
         self.artifacts = artifacts
+        self.version: str = json.loads((artifacts / "manifest.json").read_text())["version"]
         self.state = state  # serving.state.RedisState
         self.ids: list[str] = json.loads((artifacts / "item_ids.json").read_text())
         self.row: dict[str, int] = {i: n for n, i in enumerate(self.ids)}

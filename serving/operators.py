@@ -319,11 +319,13 @@ class Ordering(Operator):
         "items": Tensor(STRING, ANY),
         "item_scores": Tensor(FP32, ANY),
         "backfilled": Tensor(INT32, ONE),
+        "model_version": Tensor(STRING, ONE),  # the artifact version that served the request
     }
     count_in, count_out = "scores", "items"
 
     def compute(self, batch):
-        return [self._one(**t) for t in batch]
+        version = np.array([self.items.version], dtype=np.object_)
+        return [self._one(**t) | {"model_version": version} for t in batch]
 
     def _one(self, kept, backfill, scores, item_genres, k, temperature, seed):
         from models.recommender import order
@@ -370,7 +372,7 @@ OPERATORS: list[type[Operator]] = [
 GRAPH = Graph(
     REQUEST,
     OPERATORS,
-    response=("items", "item_scores", "backfilled", "path", "removed"),
+    response=("items", "item_scores", "backfilled", "path", "removed", "model_version"),
     items=_live_items,
 )
 
@@ -392,7 +394,7 @@ def request_tensors(request: dict, now_ms: int | None = None) -> dict[str, np.nd
 
 
 def response_record(
-    request: dict, outputs: dict[str, np.ndarray], model_version: str, now_ms: int | None = None
+    request: dict, outputs: dict[str, np.ndarray], now_ms: int | None = None
 ) -> dict:
     """Graph outputs as a recommendation-response record (schemas/recommendation_response)."""
     items = decode(outputs["items"])
@@ -419,7 +421,7 @@ def response_record(
         "items": [{"item_id": i, "score": float(s)} for i, s in zip(items, scores, strict=True)],
         "removed": {"seen": seen, "unavailable": unavailable, "excluded": excluded},
         "path": decode(outputs["path"])[0],
-        "model_version": model_version,
+        "model_version": decode(outputs["model_version"])[0],
         "stages": stages,
         "backfilled": backfilled,
         "note": _note(len(items), request.get("k"), backfilled),

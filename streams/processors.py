@@ -336,6 +336,8 @@ class RequestProcessor:
         self.serde = serde
         self.response_serde = response_serde
         self.triton = triton  # AsyncTritonRecommender (connected)
+        # Named by error answers: the version that served the last answer (models get promoted).
+        self.version: str = triton.version
         self.cache = cache
         self.limit = asyncio.Semaphore(concurrency)
         self.retries = retries
@@ -457,7 +459,7 @@ class RequestProcessor:
         """The response to one decoded request (an error response when it cannot be served,
         an expired one when its deadline passes first)."""
         if error := validate_request(request, self.max_k):
-            return error_record(request, f"invalid request: {error}", self.triton.version)
+            return error_record(request, f"invalid request: {error}", self.version)
         if (late_ms := time.time() * 1000 - deadline_ms) >= 0:
             return self._expired(request, f"deadline missed by {late_ms:.0f} ms before serving")
         async with self.limit:
@@ -465,7 +467,7 @@ class RequestProcessor:
 
     def _expired(self, request: dict, error: str) -> dict:
         metrics.EXPIRED.inc()
-        return expired_record(request, error, self.triton.version)
+        return expired_record(request, error, self.version)
 
     async def _serve(self, request: dict, deadline_ms: int) -> dict:
         from tritonclient.utils import InferenceServerException
@@ -479,10 +481,12 @@ class RequestProcessor:
             try:
                 call = self.triton.run(tensors, timeout=left)
                 outputs = await asyncio.wait_for(call, left)  # in case the client ignores it
-                return response_record(request, outputs, self.triton.version)
+                response = response_record(request, outputs)
+                self.version = response["model_version"]
+                return response
             except (InferenceServerException, ConnectionError, OSError) as e:
                 if not _transient(e) or attempt == self.retries:
-                    return error_record(request, f"serving failed: {e}", self.triton.version)
+                    return error_record(request, f"serving failed: {e}", self.version)
                 failure = f" (after {attempt + 1} failed tries, the last: {e})"
                 await asyncio.sleep(min(0.05 * 2**attempt, 0.5, max(0.0, left)))
             except TimeoutError:

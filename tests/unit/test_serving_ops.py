@@ -101,6 +101,7 @@ def test_at_most_n_items_per_primary_genre():
 
 def _table(tmp_path, ids, popular=(), seen=(), unavailable=(), fallback=()):
     """A real item table over a fake of the Redis state it reads (no server)."""
+    (tmp_path / "manifest.json").write_text(json.dumps({"version": "v1"}))
     (tmp_path / "item_ids.json").write_text(json.dumps(list(ids)))
     (tmp_path / "popular.json").write_text(json.dumps(list(fallback)))
     return CountingItems(tmp_path, FakeState(popular, seen, unavailable))
@@ -230,7 +231,7 @@ def _serve(tmp_path, candidates, k, exclude=(), catalog=None, **state):
     outputs = {"path": strings(["personalized"]), **tensors}
     for op in OPERATORS:
         outputs.setdefault(op.stats_name(), np.zeros(4, np.float32))
-    return response_record(request, outputs, "v", now_ms=1), tensors, items
+    return response_record(request, outputs, now_ms=1), tensors, items
 
 
 def _ids(response):
@@ -244,6 +245,7 @@ def test_exclusions_that_remove_every_candidate_are_backfilled_to_k(tmp_path):
     assert response["backfilled"] == 5
     assert [i["score"] for i in response["items"]] == [0.0] * 5
     assert response["status"] == "ok" and "5 of 5 items backfilled" in response["note"]
+    assert response["model_version"] == "v1"  # the version of the tables that served it
 
 
 def test_k_beyond_the_candidates_is_served_ranked_first_then_backfilled(tmp_path):
