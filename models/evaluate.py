@@ -43,6 +43,7 @@ class Point:
     relevant: set[str]
     warm: bool
     position: int  # row of the hold-out frame this point comes just before
+    history: list[str]  # the user's items so far, oldest first (train and hold-out)
 
 
 def replay_points(
@@ -56,8 +57,11 @@ def replay_points(
     rng = np.random.default_rng(cfg.seed)
     users = dict(prepared.state.users)
     seen: dict[str, set[str]] = defaultdict(set)
-    for u, i in zip(train["user_id"], train["item_id"], strict=True):
+    history: dict[str, list[str]] = defaultdict(list)
+    ordered = train.sort_values("timestamp", kind="stable")
+    for u, i in zip(ordered["user_id"], ordered["item_id"], strict=True):
         seen[u].add(i)
+        history[u].append(i)
     warm = set(train["user_id"])
 
     catalog = rec.catalog
@@ -84,10 +88,12 @@ def replay_points(
             relevant = [x for x in dict.fromkeys(future) if x not in seen[u]][: cfg.horizon]
             if relevant:
                 decayed = pop * np.exp(-np.maximum(t - pop_ms, 0) * k)
+                state, past = users.get(u), list(history[u])
                 points.append(
-                    Point(u, t, users.get(u), set(seen[u]), decayed, set(relevant), u in warm, n)
+                    Point(u, t, state, set(seen[u]), decayed, set(relevant), u in warm, n, past)
                 )
         position[u] += 1
+        history[u].append(i)
         users[u] = update_user(users.get(u), i, prepared.vectors.get(i, _no(prepared)), t)
         seen[u].add(i)
         if i in catalog.row:

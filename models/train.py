@@ -1,7 +1,8 @@
 """`streamrec train`: data → workflow → two-tower → index → DLRM → evaluation → artifacts.
 
 Artifacts go to `<artifact_dir>/<version>/`, with `manifest.json` describing them; the
-`current` link points at the newest complete version.
+`current` link points at the newest complete version. `weights/` keeps the Keras weights that
+continuous training (`models.continual`) starts from.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ from models.inputs import DENSE_FEATURES, ITEM_OUTPUTS, USER_OUTPUTS, dense_feat
 from models.recommender import Catalog, Recommender
 
 MANIFEST_VERSION = 1
+WEIGHTS = {
+    "user_tower": "user_tower.weights.h5",
+    "item_tower": "item_tower.weights.h5",
+    "ranker": "ranker.weights.h5",
+}
 
 
 @dataclass
@@ -61,8 +67,7 @@ def train(dataset: Dataset, artifact_root: Path, cfg: TrainConfig, step: Step = 
     import keras
 
     from models.onnx_export import export_onnx, onnx_session, parity
-    from models.ranking import build_dlrm, fit_ranker
-    from models.retrieval import build_two_tower
+    from models.ranking import fit_ranker
 
     keras.utils.set_random_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -90,11 +95,9 @@ def train(dataset: Dataset, artifact_root: Path, cfg: TrainConfig, step: Step = 
     workflow.save(out / "workflow.json")
     x = workflow.transform(train_ex.frame)
     spec = workflow.output_spec()
-    cards = {name: c for name, (_, _, c) in spec.items() if c}
-    n_genres, hist_len = spec["item_genres"][1], spec["hist_items"][1]
+    tower, ranker = build_models(spec, cfg)
 
     step(f"training the two-tower model on {len(train_ex.frame):,} pairs")
-    tower = build_two_tower(cards, n_genres, hist_len, dim=cfg.dim, seed=cfg.seed)
     counts = split.train["item_id"].value_counts()
     log_q = np.log(counts.reindex(train_ex.frame["item_id"]).to_numpy() / counts.sum())
     tower_loss = tower.fit(
@@ -118,8 +121,7 @@ def train(dataset: Dataset, artifact_root: Path, cfg: TrainConfig, step: Step = 
         f"training the DLRM ranker ({cfg.negatives} negatives per positive from the unseen "
         "retrieval candidates)"
     )
-    ranker = build_dlrm(cards, len(DENSE_FEATURES), hist_len, seed=cfg.seed, wide=cfg.ranker_wide)
-    rx, ry, _ = _ranker_set(
+    rx, ry, _ = ranker_set(
         split.train,
         prepared.state.users_before,
         prepared,
@@ -145,7 +147,7 @@ def train(dataset: Dataset, artifact_root: Path, cfg: TrainConfig, step: Step = 
     from models.features import replay
 
     test_state = replay(split.test, prepared.vectors, prepared.state.users, prepared.state.items)
-    tx, ty, in_candidates = _ranker_set(
+    tx, ty, in_candidates = ranker_set(
         split.test,
         test_state.users_before,
         prepared,
@@ -171,6 +173,7 @@ def train(dataset: Dataset, artifact_root: Path, cfg: TrainConfig, step: Step = 
     ):
         export_onnx(model, out / f"{name}.onnx")
         onnx_parity[name] = parity(model, out / f"{name}.onnx", sample)
+    save_weights(out, tower, ranker)
     (out / "items.json").write_text(json.dumps(prepared.item_profiles))
     _write_state(out, dataset, split.train, prepared)
 
@@ -255,6 +258,36 @@ def train(dataset: Dataset, artifact_root: Path, cfg: TrainConfig, step: Step = 
     return out
 
 
+def build_models(spec: dict, cfg: TrainConfig):
+    """The untrained two-tower model and ranker for a fitted workflow's output spec."""
+    from models.ranking import build_dlrm
+    from models.retrieval import build_two_tower
+
+    cards = {name: c for name, (_, _, c) in spec.items() if c}
+    n_genres, hist_len = spec["item_genres"][1], spec["hist_items"][1]
+    tower = build_two_tower(cards, n_genres, hist_len, dim=cfg.dim, seed=cfg.seed)
+    ranker = build_dlrm(cards, len(DENSE_FEATURES), hist_len, seed=cfg.seed, wide=cfg.ranker_wide)
+    return tower, ranker
+
+
+def save_weights(out: Path, tower, ranker) -> None:
+    folder = out / "weights"
+    folder.mkdir(exist_ok=True)
+    models = {"user_tower": tower.user_tower, "item_tower": tower.item_tower, "ranker": ranker}
+    for name, model in models.items():
+        model.save_weights(folder / WEIGHTS[name])
+
+
+def load_models(artifacts: Path, workflow):
+    """A version's two-tower model and ranker with their trained weights."""
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    tower, ranker = build_models(workflow.output_spec(), TrainConfig(**manifest["config"]))
+    models = {"user_tower": tower.user_tower, "item_tower": tower.item_tower, "ranker": ranker}
+    for name, model in models.items():
+        model.load_weights(artifacts / "weights" / WEIGHTS[name])
+    return tower, ranker
+
+
 def _ranker_metrics(ranker, x, y, in_candidates) -> dict[str, float]:
     """Hold-out AUC/logloss of the ranker, on all rows and on the rows whose positive retrieval
     put among the candidates (what the ranker actually orders), with the retrieval score's own
@@ -270,7 +303,7 @@ def _ranker_metrics(ranker, x, y, in_candidates) -> dict[str, float]:
     return out
 
 
-def _ranker_set(
+def ranker_set(
     interactions,
     before,
     prepared,

@@ -392,9 +392,19 @@ def evaluate_cmd(
     output: Annotated[
         str | None,
         typer.Option(
-            help="Write the results as JSON here (default: beside the artifacts, evaluation.json)."
+            help="Write the results as JSON here (default: beside the artifacts, "
+            "evaluation.json or prequential.json)."
         ),
     ] = None,
+    prequential: Annotated[
+        bool,
+        typer.Option(
+            "--prequential",
+            help="Replay the hold-out in time order (recommend, then learn) and compare the "
+            "pipeline with time-decayed popularity, EASE with fold-in and SASRec, with per-user "
+            "standard errors and paired differences (trains the baselines: a few minutes).",
+        ),
+    ] = False,
 ) -> None:
     """Recall@10/50, NDCG@10 and coverage on the temporal hold-out for most-popular,
     retrieval alone and the four-stage pipeline, warm and cold-at-cut users apart."""
@@ -411,6 +421,15 @@ def evaluate_cmd(
     except FileNotFoundError as e:
         fail(str(e))
     dataset = _load_data(data)
+    if prequential:
+        from models import prequential as pq
+
+        result = pq.prequential(artifacts, dataset, pq.PrequentialConfig(), console.print)
+        path = Path(output) if output else artifacts / "prequential.json"
+        path.write_text(json.dumps(result, indent=2))
+        console.print(pq.markdown_table(result), soft_wrap=True)
+        console.print(f"written to {path}")
+        return
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("evaluating", total=None)
         result = evaluate_artifacts(
