@@ -14,15 +14,16 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from models.data import Dataset, temporal_split
+from models.evaluate import EvalConfig, Point, full_pipeline, replay_points, summarize
 from models.examples import PopularityClock, SeenBefore, build_examples, prepare
-from models.features import replay
+from models.features import Replay, replay
 from models.index import ItemIndex
 from models.inputs import ITEM_OUTPUTS, USER_OUTPUTS
 from models.recommender import Catalog, Recommender
@@ -33,8 +34,16 @@ ONNX_MODELS = ("user_tower", "item_tower", "ranker")
 
 @dataclass
 class ContinualConfig:
+    """Chosen on the last 10 % of the training period (a model trained on the 90 % before it,
+    eight cycles of 1,000 events). Retrieval fine-tuned on the new events alone lost 0.021
+    NDCG@10 against the frozen model; replaying older events with them and a smaller rate,
+    0.003 (within noise). No setting tried gained."""
+
     retrieval_epochs: int = 2
-    retrieval_learning_rate: float = 1e-3
+    retrieval_learning_rate: float = 3e-4
+    # Older events replayed per new one in each retrieval pass: in-batch negatives drawn from a
+    # window alone pull the towers towards that window's items and away from everything else.
+    replay: int = 4
     ranker_epochs: int = 1
     ranker_learning_rate: float = 1e-3
     seed: int = 0
@@ -63,6 +72,18 @@ class Learner:
         self.rng = np.random.default_rng(cfg.seed)
         self.cycles: list[dict] = []
         self._recommender: Recommender | None = None
+        self.pairs = (
+            self._pairs(split.train, self.prepared.state.users_before) if cfg.replay else {}
+        )
+
+    def _pairs(self, events: pd.DataFrame, users_before) -> dict[str, np.ndarray]:
+        """The towers' inputs for `events` (all of the log's, for replay)."""
+        ts_ms = self.log["timestamp"].to_numpy().astype(np.int64) * 1000
+        clock = PopularityClock(self.log["item_id"].to_numpy(), ts_ms)
+        x = self.workflow.transform(
+            build_examples(events, users_before, self.prepared, clock).frame
+        )
+        return {k: x[k] for k in (*USER_OUTPUTS, *ITEM_OUTPUTS)}
 
     def learn(self, events: pd.DataFrame) -> dict:
         """Fine-tune on `events` (time order, after everything learned so far)."""
@@ -80,11 +101,21 @@ class Learner:
         examples = build_examples(events, state.users_before, self.prepared, clock)
         x = self.workflow.transform(examples.frame)
 
+        new = {k: x[k] for k in (*USER_OUTPUTS, *ITEM_OUTPUTS)}
+        rows = np.zeros(0, dtype=np.int64)  # replayed rows of the log (pairs align with it)
+        if self.pairs:
+            old = len(self.pairs["item_id"])
+            rows = self.rng.choice(old, size=min(old, self.cfg.replay * len(events)), replace=False)
+            self.pairs = {k: np.concatenate([v, new[k]]) for k, v in self.pairs.items()}
+        fit = {
+            k: np.concatenate([v, self.pairs[k][rows]]) if self.pairs else v for k, v in new.items()
+        }
+        items = np.concatenate([events["item_id"].to_numpy(), self.log["item_id"].to_numpy()[rows]])
         counts = self.log["item_id"].value_counts()
-        log_q = np.log(counts.reindex(events["item_id"]).to_numpy() / counts.sum())
+        log_q = np.log(counts.reindex(items).to_numpy() / counts.sum())
         tower_loss = self.tower.fit(
-            {k: x[k] for k in USER_OUTPUTS},
-            {k: x[k] for k in ITEM_OUTPUTS},
+            {k: fit[k] for k in USER_OUTPUTS},
+            {k: fit[k] for k in ITEM_OUTPUTS},
             log_q,
             epochs=self.cfg.retrieval_epochs,
             batch_size=self.train_cfg.retrieval_batch,
@@ -125,6 +156,39 @@ class Learner:
         }
         self.cycles.append(cycle)
         return cycle
+
+    def points(self, events: pd.DataFrame, cfg: EvalConfig) -> list[Point]:
+        """Evaluation points in `events` (not learned yet), with the features as of each."""
+        now = Replay([], np.zeros(0, dtype=np.float32), self.users, self.items)
+        prepared = replace(self.prepared, state=now)
+        return replay_points(self.recommender(), prepared, self.log, events, cfg)
+
+    def compare(self, points: list[Point], serving: Recommender) -> dict:
+        """NDCG@10 of the current models against `serving` on the same points: means over users,
+        and the paired per-user difference (current − serving) with its standard error."""
+        candidates = self.train_cfg.candidates
+        lists = {
+            name: [full_pipeline(rec, self.prepared, candidates)(p, 10) for p in points]
+            for name, rec in (("candidate", self.recommender()), ("serving", serving))
+        }
+        rows = summarize(points, lists)
+        ours, theirs = rows["candidate"]["all"], rows["serving"]["all"]
+        return {
+            "points": ours["points"],
+            "users": ours["users"],
+            "candidate_ndcg@10": ours["ndcg@10"],
+            "serving_ndcg@10": theirs["ndcg@10"],
+            "diff": theirs["ndcg@10 diff"],
+            "diff_se": theirs["ndcg@10 diff se"],
+        }
+
+    def restore(self, artifacts: Path) -> None:
+        """Back to a version's models (after a rejected candidate); the state and log stay."""
+        from models.train import load_models
+
+        self.tower, self.ranker = load_models(artifacts, self.workflow)
+        self.index = ItemIndex.load(artifacts)
+        self._recommender = None
 
     def recommender(self) -> Recommender:
         """The current models as the stage functions use them (ONNX, as served)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +22,8 @@ from models.metrics import coverage, ndcg_at_k, recall_at_k
 from models.recommender import Recommender, filter_candidates, order
 
 METRICS = ("recall@10", "recall@50", "ndcg@10", "coverage@10")
+# Averaged per user first, then over users (with standard errors): `summarize`.
+PER_USER_METRICS = {"ndcg@10": ndcg_at_k, "recall@10": recall_at_k}
 
 
 @dataclass
@@ -243,3 +245,53 @@ def markdown_table(evaluation: dict) -> str:
             values = " | ".join(f"{metrics[m]:.4f}" for m in METRICS)
             lines.append(f"| {name} | {seg} | {evaluation['points'][seg]} | {values} |")
     return "\n".join(lines)
+
+
+def user_mean(points: Sequence[Point], lists: Sequence[list[str]], metric: str) -> float:
+    return float(np.mean(list(_per_user(points, lists, metric).values())))
+
+
+def _per_user(points: Sequence[Point], lists: Sequence[list[str]], metric: str) -> dict[str, float]:
+    """Each user's mean of `metric` over their points."""
+    values: dict[str, list[float]] = defaultdict(list)
+    for p, recommended in zip(points, lists, strict=True):
+        values[p.user].append(PER_USER_METRICS[metric](recommended, p.relevant, 10))
+    return {u: float(np.mean(v)) for u, v in values.items()}
+
+
+def _mean_se(values: Sequence[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=np.float64)
+    se = float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("nan")
+    return float(a.mean()), se
+
+
+def summarize(points: Sequence[Point], lists: dict[str, list[list[str]]]) -> dict:
+    """Per recommender and segment: users, points, each metric's mean ± SE over users, and the
+    paired per-user difference in NDCG@10 against the first recommender (mean ± SE)."""
+    reference = next(iter(lists))
+    warm = {p.user for p in points if p.warm}
+    segment_users = {
+        "all": {p.user for p in points},
+        "warm": warm,
+        "cold-at-cut": {p.user for p in points} - warm,
+    }
+    per_user = {
+        name: {m: _per_user(points, recs, m) for m in PER_USER_METRICS}
+        for name, recs in lists.items()
+    }
+    results: dict[str, dict] = {}
+    for name in lists:
+        results[name] = {}
+        for segment, users in segment_users.items():
+            users = sorted(users)
+            row: dict = {"users": len(users), "points": sum(p.user in users for p in points)}
+            for metric in PER_USER_METRICS:
+                row[metric], row[f"{metric} se"] = _mean_se(
+                    [per_user[name][metric][u] for u in users]
+                )
+            ours, theirs = per_user[reference]["ndcg@10"], per_user[name]["ndcg@10"]
+            row["ndcg@10 diff"], row["ndcg@10 diff se"] = _mean_se(
+                [ours[u] - theirs[u] for u in users]
+            )
+            results[name][segment] = row
+    return results

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -35,14 +34,20 @@ import pandas as pd
 from models.continual import ContinualConfig, Learner
 from models.data import Dataset, temporal_split
 from models.ease import EASE
-from models.evaluate import EvalConfig, Point, full_pipeline, most_popular, replay_points
+from models.evaluate import (
+    EvalConfig,
+    Point,
+    full_pipeline,
+    most_popular,
+    replay_points,
+    summarize,
+    user_mean,
+)
 from models.examples import prepare
-from models.metrics import ndcg_at_k, recall_at_k
 from models.recommender import Recommender
 from models.sasrec import SASRec, SASRecConfig
 
 TOP = 10
-METRICS = {"ndcg@10": ndcg_at_k, "recall@10": recall_at_k}
 SEGMENTS = ("all", "warm", "cold-at-cut")
 Step = Callable[[str], None]
 
@@ -162,7 +167,7 @@ def _choose_ease(
     for lam in lambdas:
         scores = EASE.fit(train, items, lam).scores([p.history for p in points])
         lists = _from_scores(scores, items, points)
-        by_lambda[f"{lam:g}"] = round(_user_mean(points, lists, "ndcg@10"), 4)
+        by_lambda[f"{lam:g}"] = round(user_mean(points, lists, "ndcg@10"), 4)
     best = max(by_lambda, key=lambda k: by_lambda[k])
     return float(best), by_lambda
 
@@ -174,55 +179,6 @@ def _from_scores(scores: np.ndarray, items: list[str], points: Sequence[Point]) 
         order = np.argsort(-row, kind="stable")[: TOP + len(p.seen)]
         lists.append([items[j] for j in order if items[j] not in p.seen][:TOP])
     return lists
-
-
-def _user_mean(points: Sequence[Point], lists: Sequence[list[str]], metric: str) -> float:
-    return float(np.mean(list(_per_user(points, lists, metric).values())))
-
-
-def _per_user(points: Sequence[Point], lists: Sequence[list[str]], metric: str) -> dict[str, float]:
-    """Each user's mean of `metric` over their points."""
-    values: dict[str, list[float]] = defaultdict(list)
-    for p, recommended in zip(points, lists, strict=True):
-        values[p.user].append(METRICS[metric](recommended, p.relevant, TOP))
-    return {u: float(np.mean(v)) for u, v in values.items()}
-
-
-def _mean_se(values: Sequence[float]) -> tuple[float, float]:
-    a = np.asarray(values, dtype=np.float64)
-    se = float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("nan")
-    return float(a.mean()), se
-
-
-def summarize(points: Sequence[Point], lists: dict[str, list[list[str]]]) -> dict:
-    """Per recommender and segment: users, points, each metric's mean ± SE over users, and the
-    paired per-user difference in NDCG@10 against the first recommender (mean ± SE)."""
-    reference = next(iter(lists))
-    warm = {p.user for p in points if p.warm}
-    segment_users = {
-        "all": {p.user for p in points},
-        "warm": warm,
-        "cold-at-cut": {p.user for p in points} - warm,
-    }
-    per_user = {
-        name: {m: _per_user(points, recs, m) for m in METRICS} for name, recs in lists.items()
-    }
-    results: dict[str, dict] = {}
-    for name in lists:
-        results[name] = {}
-        for segment, users in segment_users.items():
-            users = sorted(users)
-            row: dict = {"users": len(users), "points": sum(p.user in users for p in points)}
-            for metric in METRICS:
-                row[metric], row[f"{metric} se"] = _mean_se(
-                    [per_user[name][metric][u] for u in users]
-                )
-            ours, theirs = per_user[reference]["ndcg@10"], per_user[name]["ndcg@10"]
-            row["ndcg@10 diff"], row["ndcg@10 diff se"] = _mean_se(
-                [ours[u] - theirs[u] for u in users]
-            )
-            results[name][segment] = row
-    return results
 
 
 def markdown_table(result: dict) -> str:

@@ -8,7 +8,6 @@ continuous training (`models.continual`) starts from.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from models.examples import (
 from models.index import ItemIndex
 from models.inputs import DENSE_FEATURES, ITEM_OUTPUTS, USER_OUTPUTS, dense_features, make_workflow
 from models.recommender import Catalog, Recommender
+from models.versions import point_current
 
 MANIFEST_VERSION = 1
 WEIGHTS = {
@@ -254,7 +254,7 @@ def train(dataset: Dataset, artifact_root: Path, cfg: TrainConfig, step: Step = 
         "platform": {"python": platform.python_version(), "machine": platform.machine()},
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=_json))
-    _point_current(artifact_root, out)
+    point_current(artifact_root, out)
     return out
 
 
@@ -389,21 +389,6 @@ def _write_state(out: Path, dataset: Dataset, train: pd.DataFrame, prepared) -> 
     pd.DataFrame([{"item_id": i, **p} for i, p in prepared.item_profiles.items()]).to_parquet(
         state / "item_profile.parquet"
     )
-
-
-def _point_current(root: Path, version_dir: Path) -> None:
-    link = root / "current"
-    tmp = root / f".current-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(version_dir.name)
-    tmp.replace(link)
-
-
-def current_artifacts(root: Path) -> Path:
-    link = root / "current"
-    if not (link / "manifest.json").exists():
-        raise FileNotFoundError(f"no trained artifacts under {root}: run `streamrec train` first")
-    return link.resolve()
 
 
 def _json(o):

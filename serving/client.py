@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from serving.graph import LocalRuntime
-from serving.operators import DEFAULTS, GRAPH, request_tensors, response_record
+from serving.operators import DEFAULTS, GRAPH, decode, request_tensors, response_record
 from serving.triton_export import ENSEMBLE, LAYOUTS
 
 _NP_TO_TRITON = {np.object_: "BYTES", np.int64: "INT64", np.int32: "INT32", np.float32: "FP32"}
@@ -166,6 +166,25 @@ class TritonRecommender:
                 config = self.client.get_model_config(name, as_json=True)["config"]
                 self.client.load_model(name, config=_reload_config(config), client_timeout=timeout)
         return list(stages)
+
+    def models(self) -> list[str]:
+        """The models the ensemble chains."""
+        config = self.client.get_model_config(ENSEMBLE, as_json=True)["config"]
+        return [step["model_name"] for step in config["ensemble_scheduling"]["step"]]
+
+    def serve_version(self, number: int, timeout: float = 120.0) -> None:
+        """Serve version `number` of every model of the ensemble. Triton loads it beside the one
+        serving and switches over once it is ready (no request fails meanwhile); with several
+        models in the ensemble, each switches on its own."""
+        for name in self.models():
+            config = self.client.get_model_config(name, as_json=True)["config"]
+            config["version_policy"] = {"specific": {"versions": [number]}}
+            self.client.load_model(name, config=json.dumps(config), client_timeout=timeout)
+
+    def served_version(self) -> str:
+        """The artifact version that answers requests now (a canary request says)."""
+        outputs = self.run(request_tensors(CANARY_REQUEST))
+        return decode(outputs["model_version"])[0]
 
     def close(self) -> None:
         self.client.close()

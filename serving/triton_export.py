@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,7 @@ def model_config(
         + _tensors("input", inputs, ragged=True)
         + _tensors("output", outputs)
         + f"instance_group [ {{ kind: KIND_CPU count: {settings['instances']} }} ]\n"
+        + _version_policy(1)
         + f'parameters {{ key: "config" value {{ string_value: {quoted} }} }}\n'
     )
 
@@ -162,8 +164,6 @@ def export_repository(
 ) -> Path:
     """(Re)write the graph's models into `repository` in `layout`; models of other layouts
     there are removed, anything else is left alone."""
-    from serving.live import FILES
-
     groups = LAYOUTS[layout]
     settings = {"instances": instances, "max_batch": max_batch, "queue_delay_us": queue_delay_us}
     version = json.loads((artifacts / "manifest.json").read_text())["version"]
@@ -171,15 +171,7 @@ def export_repository(
     for name in {n for groups in LAYOUTS.values() for n in groups}:
         shutil.rmtree(repository / name, ignore_errors=True)
     for name, names in groups.items():
-        folder = repository / name / "1"
-        for rel in SHIPPED:
-            (folder / "code" / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, folder / "code" / rel)
-        (folder / "artifacts").mkdir(parents=True)
-        ops = [op for op in graph.operators if op.name in names]
-        for file in sorted({*FILES, *(f for op in ops for f in op.files)}):
-            _link_or_copy(artifacts / file, folder / "artifacts" / file)
-        (folder / "model.py").write_text(MODEL_PY.format(names=names))
+        _write_version(artifacts, repository / name / "1", names, graph)
         (repository / name / "config.pbtxt").write_text(
             model_config(name, graph, names, config, settings)
         )
@@ -188,6 +180,66 @@ def export_repository(
     (ensemble / "1").mkdir(parents=True)
     (ensemble / "config.pbtxt").write_text(ensemble_config(graph, groups, version, max_batch))
     return repository
+
+
+def _write_version(artifacts: Path, folder: Path, names: list[str], graph: Graph) -> None:
+    """One numbered version of a model: its code and the artifacts its operators read."""
+    from serving.live import FILES
+
+    for rel in SHIPPED:
+        (folder / "code" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, folder / "code" / rel)
+    (folder / "artifacts").mkdir(parents=True)
+    ops = [op for op in graph.operators if op.name in names]
+    for file in sorted({*FILES, *(f for op in ops for f in op.files)}):
+        _link_or_copy(artifacts / file, folder / "artifacts" / file)
+    (folder / "model.py").write_text(MODEL_PY.format(names=names))
+
+
+def _version_policy(number: int) -> str:
+    return f"version_policy: {{ specific: {{ versions: [ {number} ] }} }}\n"
+
+
+def pin_version(repository: Path, number: int) -> None:
+    """Make `number` the version each model of the repository serves when (re)loaded."""
+    for name in exported_layout(repository):
+        path = repository / name / "config.pbtxt"
+        text = re.sub(r"version_policy: .*\n", _version_policy(number), path.read_text())
+        path.write_text(text)
+
+
+def exported_layout(repository: Path) -> dict[str, list[str]]:
+    """The layout whose models the repository holds."""
+    for groups in LAYOUTS.values():
+        if all((repository / name / "config.pbtxt").exists() for name in groups):
+            return groups
+    raise FileNotFoundError(f"no exported streamrec models in {repository}")
+
+
+def versions(repository: Path) -> dict[int, str]:
+    """Triton version number → artifact version, for the versions exported into `repository`
+    (the first model of its layout holds the same versions as the others)."""
+    model = repository / next(iter(exported_layout(repository)))
+    out = {}
+    for folder in model.iterdir():
+        manifest = folder / "artifacts" / "manifest.json"
+        if folder.name.isdigit() and manifest.exists():
+            out[int(folder.name)] = json.loads(manifest.read_text())["version"]
+    return dict(sorted(out.items()))
+
+
+def add_version(artifacts: Path, repository: Path, graph: Graph = GRAPH) -> int:
+    """Export `artifacts` as the next numbered version of every model of the repository's
+    layout (nothing is loaded); the number, or the existing one for an exported version."""
+    existing = versions(repository)
+    version = json.loads((artifacts / "manifest.json").read_text())["version"]
+    for number, name in existing.items():
+        if name == version:
+            return number
+    number = max(existing, default=0) + 1
+    for name, names in exported_layout(repository).items():
+        _write_version(artifacts, repository / name / str(number), names, graph)
+    return number
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

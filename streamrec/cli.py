@@ -413,7 +413,7 @@ def evaluate_cmd(
     from rich.progress import Progress
 
     from models.evaluate import evaluate_artifacts, markdown_table
-    from models.train import current_artifacts
+    from models.versions import current_artifacts
 
     settings = get_settings()
     try:
@@ -448,7 +448,7 @@ app.add_typer(serve_app, name="serve")
 
 
 def _artifacts():
-    from models.train import current_artifacts
+    from models.versions import current_artifacts
 
     try:
         return current_artifacts(get_settings().artifact_dir)
@@ -577,6 +577,132 @@ def serve_status() -> None:
             h["log"],
         )
     console.print(table if rows else "no stream workers running")
+
+
+def _serving() -> tuple:
+    """The Triton client and the model repository the versions are exported into."""
+    from serving.client import TritonRecommender
+
+    stack = _stack()
+    try:
+        return TritonRecommender(stack.endpoint("triton")), stack.root / "triton" / "models"
+    except StackNotRunning as e:
+        fail(str(e))
+        raise
+
+
+@serve_app.command("trainer")
+def serve_trainer(
+    data: DataOption = "ml-100k",
+    every_events: Annotated[
+        int, typer.Option(help="Run a cycle after this many new interactions.")
+    ] = 5000,
+    every_minutes: Annotated[
+        float, typer.Option(help="... or after this many minutes (with 200+ new interactions).")
+    ] = 60.0,
+    gate_share: Annotated[
+        float,
+        typer.Option(
+            help="Newest share of a cycle's events the gate tests on (trained next time)."
+        ),
+    ] = 0.25,
+    margin: Annotated[
+        float, typer.Option(help="NDCG@10 a candidate must gain over the serving version.")
+    ] = 0.0,
+    max_cycles: Annotated[int, typer.Option(help="Stop after this many cycles (0: never).")] = 0,
+) -> None:
+    """Train continuously on the interactions topic (own consumer group): every cycle fine-tunes
+    the serving version on the new events, tests the candidate against it on the newest ones,
+    and promotes it into Triton only if it is better. Decisions go to
+    <artifact_dir>/decisions.jsonl (`streamrec models list`)."""
+    import logging
+
+    from streams.kafka import EventConsumer
+    from streams.trainer import Trainer, TrainerConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    settings = get_settings()
+    triton, repository = _serving()
+    cfg = TrainerConfig(
+        every_events=every_events,
+        every_s=every_minutes * 60,
+        gate_share=gate_share,
+        margin=margin,
+    )
+    with console.status("loading the serving version's models and state"):
+        trainer = Trainer(_load_data(data), settings.artifact_dir, repository, triton, cfg)
+    consumer = EventConsumer(
+        settings, _bootstrap(), ["interactions"], group=f"{settings.worker_group}-trainer"
+    )
+    console.print(f"training from {trainer.serving.name}; Ctrl-C stops")
+    try:
+        trainer.run(consumer, stop=lambda: False, max_cycles=max_cycles or None)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
+
+
+models_app = typer.Typer(help="The artifact versions: list them, promote one, roll back.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Every version under the artifact directory, the one Triton serves, and the decisions
+    taken about each (with their NDCG@10 figures)."""
+    from models.versions import decisions, list_versions
+
+    settings = get_settings()
+    try:
+        served = _serving()[0].served_version()
+    except Exception:  # noqa: BLE001 - Triton down: still list what is on disk
+        served = None
+    last = {}
+    for d in decisions(settings.artifact_dir):
+        last[d.get("candidate") or d.get("version")] = d
+    table = Table("version", "created", "parent", "status", "last decision")
+    for v in list_versions(settings.artifact_dir):
+        d = last.get(v["version"], {})
+        figures = f" (NDCG@10 {d['diff']:+.4f} ± {d['diff_se']:.4f})" if "diff" in d else ""
+        table.add_row(
+            v["version"],
+            v["created"],
+            v["parent"] or "-",
+            "[green]serving[/]" if v["version"] == served else "",
+            f"{d.get('action', '')}{figures} {d.get('time', '')}".strip(),
+        )
+    console.print(table)
+    if served is None:
+        console.print("[yellow]Triton is not reachable: the serving version is unknown[/]")
+
+
+@models_app.command("promote")
+def models_promote(
+    version: Annotated[str, typer.Argument(help="A version under the artifact directory.")],
+) -> None:
+    """Serve VERSION now (Triton switches with no failed request) and log the decision."""
+    from serving.rollout import promote
+
+    root = get_settings().artifact_dir
+    if not (root / version / "manifest.json").exists():
+        fail(f"no version {version!r} under {root} (see `streamrec models list`)")
+    triton, repository = _serving()
+    d = promote(root / version, root, repository, triton, {"reason": "by hand"})
+    console.print(f"serving {d['version']} (was {d['previous']}; switched in {d['switch_s']} s)")
+
+
+@models_app.command("rollback")
+def models_rollback() -> None:
+    """Serve again the version the last promotion or rollback replaced."""
+    from serving.rollout import rollback
+
+    triton, repository = _serving()
+    try:
+        d = rollback(get_settings().artifact_dir, repository, triton)
+    except LookupError as e:
+        fail(str(e))
+    console.print(f"serving {d['version']} (was {d['previous']}; switched in {d['switch_s']} s)")
 
 
 @app.command("recommend")

@@ -79,7 +79,8 @@ def run_demo(settings: Settings, console: Console, keep: bool = False, retrain: 
 
 
 def _artifacts(settings: Settings, dataset, console: Console, retrain: bool) -> Path:
-    from models.train import TrainConfig, current_artifacts, train
+    from models.train import TrainConfig, train
+    from models.versions import current_artifacts
 
     if not retrain:
         try:

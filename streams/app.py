@@ -77,7 +77,7 @@ class Runtime:
     def check(self) -> None:
         """Fail with a readable reason when something the worker needs is missing (cheap: runs
         before the worker joins its consumer group)."""
-        from models.train import current_artifacts
+        from models.versions import current_artifacts
 
         current_artifacts(self.settings.artifact_dir)  # FileNotFoundError says what to run
         repo = self.settings.feature_repo()
@@ -112,7 +112,7 @@ class Runtime:
             return self._processors[name]
 
     def _build(self, name: str) -> InteractionProcessor | ItemUpdateProcessor:
-        from models.train import current_artifacts
+        from models.versions import current_artifacts
 
         s = self.settings
         if name == "item_updates":

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from models.ease import EASE
-from models.evaluate import Point
-from models.prequential import _from_scores, markdown_table, summarize
+from models.evaluate import Point, summarize
+from models.prequential import _from_scores, markdown_table
 
 
 def _pairs(rows: list[tuple[str, str]]) -> pd.DataFrame:
