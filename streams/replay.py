@@ -146,7 +146,7 @@ def _inject_bad(steps: list[Step], seed: int) -> dict[str, int]:
 
 
 def _cold_point(ts_ms: int) -> Point:
-    return Point("replay-unknown-user", ts_ms, None, set(), None, set(), False, -1)
+    return Point("replay-unknown-user", ts_ms, None, set(), None, set(), False, -1, [])
 
 
 def _score(recommend, points: list[Point], k: int) -> dict[str, float]:
