@@ -60,6 +60,7 @@ class Learner:
         self.base = artifacts
         self.cfg = cfg
         self.manifest = json.loads((artifacts / "manifest.json").read_text())
+        self.parent = self.manifest["version"]  # the version the current models come from
         self.train_cfg = TrainConfig(**self.manifest["config"])
         split = temporal_split(dataset.interactions, self.train_cfg.split_quantile)
         self.prepared = prepare(dataset, split.train)
@@ -188,6 +189,7 @@ class Learner:
 
         self.tower, self.ranker = load_models(artifacts, self.workflow)
         self.index = ItemIndex.load(artifacts)
+        self.parent = artifacts.name
         self._recommender = None
 
     def recommender(self) -> Recommender:
@@ -220,10 +222,11 @@ class Learner:
         manifest = self.manifest | {
             "version": version,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "parent": self.manifest["version"],
+            "parent": self.parent,
             "continual": {"config": asdict(self.cfg), "cycles": self.cycles},
         }
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        self.parent = version
         return out
 
     def _export(self, folder: Path, names) -> dict[str, Path]:

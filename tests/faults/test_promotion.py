@@ -96,7 +96,8 @@ def test_the_trainer_promotes_a_better_candidate_and_rejects_a_worse_one(live, m
         assert rejected["action"] == "rejected", rejected
         assert rejected["diff"] < cfg.margin
         assert triton.served_version() == candidate  # nothing switched
-        assert (root / rejected["candidate"] / "manifest.json").exists()  # kept for inspection
+        lineage = json.loads((root / rejected["candidate"] / "manifest.json").read_text())
+        assert lineage["parent"] == candidate  # kept for inspection, trained from the promoted one
 
         switching = time.monotonic()
         undone = rollback(root, repository, triton)

@@ -12,6 +12,7 @@ from serving.live import FILES
 from serving.operators import GRAPH
 from serving.triton_export import (
     ENSEMBLE,
+    LAYOUTS,
     add_version,
     exported_layout,
     pin_version,
@@ -32,7 +33,7 @@ def _version(root: Path, name: str, created: str, parent: str | None = None) -> 
 @pytest.fixture()
 def repository(tmp_path) -> Path:
     """An exported executor-layout repository holding version 1 (config only: no Triton)."""
-    from serving.triton_export import LAYOUTS, _version_policy
+    from serving.triton_export import _version_policy
 
     repo = tmp_path / "models"
     for name in LAYOUTS["executor"]:
@@ -45,16 +46,7 @@ def repository(tmp_path) -> Path:
 def test_new_versions_are_numbered_after_the_last_and_reused_when_exported(tmp_path, repository):
     a = _version(tmp_path / "artifacts", "a", "1")
     b = _version(tmp_path / "artifacts", "b", "2")
-    assert exported_layout(repository) == {
-        "executor": [
-            "user_features",
-            "retrieval",
-            "filtering",
-            "item_features",
-            "scoring",
-            "ordering",
-        ]
-    }
+    assert exported_layout(repository) == LAYOUTS["executor"]
     assert (add_version(a, repository), add_version(b, repository)) == (1, 2)
     assert add_version(a, repository) == 1  # already there: nothing written
     assert versions(repository) == {1: "a", 2: "b"}
