@@ -18,6 +18,7 @@ import pandas as pd
 
 from models.examples import Prepared
 from models.features import POPULARITY_HALF_LIFE_MS, update_user
+from models.inputs import idle_hours
 from models.metrics import coverage, ndcg_at_k, recall_at_k
 from models.recommender import Recommender, filter_candidates, order
 
@@ -151,8 +152,9 @@ def full_pipeline(rec: Recommender, prepared: Prepared, candidates: int) -> Reco
         popularity = p.popularity[[rec.catalog.row[i] for i in kept]]
         affinity = p.state.genre_affinity if p.state else []
         events = p.state.event_count if p.state else 0
+        idle = idle_hours(p.state.last_event_ms if p.state else 0, p.ts_ms)
         scores = rec.score(
-            user, affinity, events, kept, np.array([by_id[i] for i in kept]), popularity
+            user, affinity, events, kept, np.array([by_id[i] for i in kept]), popularity, idle
         )
         return [kept[j] for j in order(scores, k)]
 

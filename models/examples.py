@@ -18,7 +18,7 @@ from models.features import (
     replay,
 )
 from models.index import ItemIndex
-from models.inputs import item_row, user_row
+from models.inputs import idle_hours, item_row, user_row
 
 
 class PopularityClock:
@@ -60,6 +60,7 @@ class Examples:
     frame: pd.DataFrame  # workflow input columns, one row per interaction
     affinity: np.ndarray  # (n, G) user genre affinity before the interaction
     user_events: np.ndarray  # (n,) user event count before the interaction
+    idle_hours: np.ndarray  # (n,) hours since the user's previous interaction (0: none)
     popularity: np.ndarray  # (n,) item popularity just before the interaction
     timestamps_ms: np.ndarray
 
@@ -107,6 +108,10 @@ def build_examples(
         frame=pd.DataFrame(rows),
         affinity=affinity,
         user_events=np.array([s.event_count for s in before], dtype=np.int64),
+        idle_hours=np.array(
+            [idle_hours(s.last_event_ms, t) for s, t in zip(before, ts_ms, strict=True)],
+            dtype=np.float32,
+        ),
         popularity=clock.at(items, ts_ms),
         timestamps_ms=ts_ms,
     )

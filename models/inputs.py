@@ -23,7 +23,9 @@ DENSE_FEATURES = (
     "genre_affinity",
     "log_user_events",
     "has_history",
+    "log_idle_hours",
 )
+HOUR_MS = 3_600_000
 
 AGE_BOUNDARIES = [18, 25, 35, 45, 50, 56]
 YEAR_BOUNDARIES = [1940, 1960, 1970, 1980, 1990, 1994, 1996, 1998]
@@ -81,6 +83,7 @@ def dense_features(
     item_genres: np.ndarray,
     genre_affinity: Sequence[float] | np.ndarray,
     user_events: int | np.ndarray,
+    idle_hours: float | np.ndarray,
 ) -> np.ndarray:
     """The ranker's dense inputs (n, len(DENSE_FEATURES)); the model standardizes them.
 
@@ -93,6 +96,7 @@ def dense_features(
     if affinity.size == 0:
         affinity = np.zeros(genres.shape[1], dtype=np.float32)
     events = np.broadcast_to(np.asarray(user_events, dtype=np.float32), (len(genres),))
+    idle = np.broadcast_to(np.asarray(idle_hours, dtype=np.float32), (len(genres),))
     match = (genres * affinity).sum(axis=1) if affinity.ndim == 2 else genres @ affinity
     return np.stack(
         [
@@ -101,9 +105,16 @@ def dense_features(
             match.astype(np.float32),
             np.log1p(events),
             (events > 0).astype(np.float32),
+            np.log1p(idle),
         ],
         axis=1,
     )
+
+
+def idle_hours(last_event_ms: int, now_ms: int) -> float:
+    """Hours since the user's last event (0 without one): a user back after weeks is not in
+    the taste of their history."""
+    return max(now_ms - last_event_ms, 0) / HOUR_MS if last_event_ms > 0 else 0.0
 
 
 def _none_if_null(value: Any) -> Any:

@@ -97,13 +97,20 @@ class Recommender:
         candidates: Sequence[str],
         retrieval_scores: np.ndarray,
         popularity: np.ndarray,
+        idle_hours: float,
     ) -> np.ndarray:
         """Ranker probabilities of the candidates for one user."""
         if not candidates:
             return np.zeros(0, dtype=np.float32)
         items = self.catalog.take(candidates)
         feed = ranker_feed(
-            user_inputs, items, retrieval_scores, popularity, genre_affinity, user_events
+            user_inputs,
+            items,
+            retrieval_scores,
+            popularity,
+            genre_affinity,
+            user_events,
+            idle_hours,
         )
         return run_onnx(self.ranker, feed).reshape(-1)
 
@@ -121,13 +128,14 @@ def ranker_feed(
     popularity: np.ndarray,
     genre_affinity: Sequence[float] | np.ndarray,
     user_events: int,
+    idle_hours: float,
 ) -> dict[str, np.ndarray]:
     """The ranker's inputs for one user (batch 1) against n candidate items."""
     n = len(items["item_id"])
     feed = {name: np.repeat(v, n, axis=0) for name, v in user.items()}
     feed.update(items)
     feed["dense"] = dense_features(
-        retrieval_scores, popularity, items["item_genres"], genre_affinity, user_events
+        retrieval_scores, popularity, items["item_genres"], genre_affinity, user_events, idle_hours
     )
     return feed
 

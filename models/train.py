@@ -356,7 +356,9 @@ def ranker_set(
     ]
     x["dense"] = np.concatenate(
         [
-            dense_features(s, e.popularity, xx["item_genres"], e.affinity, e.user_events)
+            dense_features(
+                s, e.popularity, xx["item_genres"], e.affinity, e.user_events, e.idle_hours
+            )
             for s, e, xx in zip(scores, (pos_ex, neg_ex), (pos_x, neg_x), strict=True)
         ]
     )

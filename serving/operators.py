@@ -92,11 +92,12 @@ class UserFeatures(Operator):
     """The users' Feast features (profile + stream activity) through the fitted workflow."""
 
     name = "user_features"
-    inputs = {"user_id": REQUEST["user_id"]}
+    inputs = {"user_id": REQUEST["user_id"], "now_ms": REQUEST["now_ms"]}
     outputs = {
         **USER_TENSORS,
         "genre_affinity": Tensor(FP32, ANY),
         "user_events": Tensor(INT64, ONE),
+        "idle_hours": Tensor(FP32, ONE),
         "path": Tensor(STRING, ONE),
     }
     files = ("workflow.json",)
@@ -111,9 +112,13 @@ class UserFeatures(Operator):
         users = [decode(t["user_id"])[0] for t in batch]
         profiles = self.reader.users(users, "user_profile")
         activities = self.reader.users(users, "user_activity")
-        return [self._one(p, a or {}) for p, a in zip(profiles, activities, strict=True)]
+        return [
+            self._one(p, a or {}, int(t["now_ms"][0]))
+            for p, a, t in zip(profiles, activities, batch, strict=True)
+        ]
 
-    def _one(self, profile: dict | None, activity: dict) -> dict[str, np.ndarray]:
+    def _one(self, profile: dict | None, activity: dict, now_ms: int) -> dict[str, np.ndarray]:
+        from models.inputs import idle_hours
         from models.recommender import user_inputs
 
         recent = activity.get("recent_items") or []
@@ -121,6 +126,8 @@ class UserFeatures(Operator):
         affinity = activity.get("genre_affinity") or [0.0] * self.n_genres
         out["genre_affinity"] = np.asarray(affinity, dtype=np.float32)
         out["user_events"] = np.array([activity.get("event_count") or 0], dtype=np.int64)
+        idle = idle_hours(int(activity.get("last_event_ms") or 0), now_ms)
+        out["idle_hours"] = np.array([idle], dtype=np.float32)
         out["path"] = strings([PERSONALIZED if (profile or recent) else COLD_START])
         return out
 
@@ -262,6 +269,7 @@ class Scoring(Operator):
         **USER_TENSORS,
         "genre_affinity": UserFeatures.outputs["genre_affinity"],
         "user_events": UserFeatures.outputs["user_events"],
+        "idle_hours": UserFeatures.outputs["idle_hours"],
         **ITEM_TENSORS,
         "popularity": ItemFeatures.outputs["popularity"],
         "kept_scores": Filtering.outputs["kept_scores"],
@@ -295,6 +303,7 @@ class Scoring(Operator):
             t["popularity"],
             t["genre_affinity"],
             int(t["user_events"][0]),
+            float(t["idle_hours"][0]),
         )
         feed["hist_items"] = t["hist_items"]  # one row: the rewritten model pools it once
         feed[USER_INDEX] = np.zeros(n, dtype=np.int64)
