@@ -8,8 +8,8 @@ from the events replayed so far:
 - the four-stage pipeline, frozen at the training cut: its stream features (recent items,
   activity, live popularity);
 - the same pipeline trained continuously (`models.continual`): besides its features, every
-  `cadence` events its towers and ranker are fine-tuned on those events, warm-started, and the
-  catalog re-embedded; a point is served by the newest model trained on events before it;
+  `cadence` events its models are fine-tuned on those events, warm-started; a point is served
+  by the newest model trained on events before it;
 - time-decayed popularity: every event;
 - EASE: the user's history, folded in (the item-item weights stay those of the training period);
 - SASRec, a standard sequential model trained on the same period: the user's item sequence.

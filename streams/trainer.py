@@ -6,8 +6,9 @@ events, or `every_s` seconds with at least `min_events` new ones, it runs a cycl
 train:
 
 1. the newest `gate_share` of the new events is the gate's window: nothing has trained on it;
-2. the older ones fine-tune the towers and the ranker (warm-started) and re-embed the catalog:
-   the candidate, saved as a new artifact version;
+2. the older ones fine-tune the serving version's models, warm-started (`ContinualConfig`:
+   the ranker; the towers and a re-embedded catalog when asked): the candidate, saved as a new
+   artifact version;
 3. candidate and serving version recommend at points of the gate window (features as of each
    point) and are compared by NDCG@10 of the users' next items. The candidate is promoted, and
    Triton switches to it with no failed request, only if it is better by more than `margin`;
