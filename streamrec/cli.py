@@ -652,10 +652,11 @@ def models_list() -> None:
     """Every version under the artifact directory, the one Triton serves, and the decisions
     taken about each (with their NDCG@10 figures)."""
     from models.versions import decisions, list_versions
+    from serving.client import TritonRecommender
 
     settings = get_settings()
     try:
-        served = _serving()[0].served_version()
+        served = TritonRecommender(_stack().endpoint("triton")).served_version()
     except Exception:  # noqa: BLE001 - Triton down: still list what is on disk
         served = None
     last = {}
