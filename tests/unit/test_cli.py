@@ -38,3 +38,29 @@ def test_unknown_topic_is_a_readable_error(tmp_path, monkeypatch):
         get_settings.cache_clear()
     assert result.exit_code == 1
     assert "unknown topic 'nope'" in result.output
+
+
+def _isolated(tmp_path, monkeypatch, *args: str):
+    """Run the CLI with a run and artifact directory of its own and no external services."""
+    monkeypatch.setenv("STREAMREC_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("STREAMREC_ARTIFACT_DIR", str(tmp_path / "artifacts"))
+    monkeypatch.delenv("STREAMREC_TRITON_URL", raising=False)
+    from streamrec.config import get_settings
+
+    get_settings.cache_clear()
+    try:
+        return runner.invoke(app, list(args))
+    finally:
+        get_settings.cache_clear()
+
+
+def test_models_commands_are_listed_and_explain_what_is_missing(tmp_path, monkeypatch):
+    assert "models" in runner.invoke(app, ["--help"]).output
+    listed = _isolated(tmp_path, monkeypatch, "models", "list")
+    assert listed.exit_code == 0 and "serving version is unknown" in listed.output
+    promote = _isolated(tmp_path, monkeypatch, "models", "promote", "v9")
+    assert promote.exit_code == 1 and "no version 'v9'" in promote.output
+    rollback = _isolated(tmp_path, monkeypatch, "models", "rollback")
+    assert rollback.exit_code == 1 and "streamrec stack up" in rollback.output
+    for result in (listed, promote, rollback):
+        assert "Traceback" not in result.output
