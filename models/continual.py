@@ -88,9 +88,6 @@ class Learner:
 
     def learn(self, events: pd.DataFrame) -> dict:
         """Fine-tune on `events` (time order, after everything learned so far)."""
-        from models.ranking import fit_ranker
-        from models.train import ranker_set
-
         started = time.time()
         events = events[["user_id", "item_id", "timestamp"]].reset_index(drop=True)
         offset = len(self.log)
@@ -102,49 +99,9 @@ class Learner:
         examples = build_examples(events, state.users_before, self.prepared, clock)
         x = self.workflow.transform(examples.frame)
 
-        new = {k: x[k] for k in (*USER_OUTPUTS, *ITEM_OUTPUTS)}
-        rows = np.zeros(0, dtype=np.int64)  # replayed rows of the log (pairs align with it)
-        if self.pairs:
-            old = len(self.pairs["item_id"])
-            rows = self.rng.choice(old, size=min(old, self.cfg.replay * len(events)), replace=False)
-            self.pairs = {k: np.concatenate([v, new[k]]) for k, v in self.pairs.items()}
-        fit = {
-            k: np.concatenate([v, self.pairs[k][rows]]) if self.pairs else v for k, v in new.items()
-        }
-        items = np.concatenate([events["item_id"].to_numpy(), self.log["item_id"].to_numpy()[rows]])
-        counts = self.log["item_id"].value_counts()
-        log_q = np.log(counts.reindex(items).to_numpy() / counts.sum())
-        tower_loss = self.tower.fit(
-            {k: fit[k] for k in USER_OUTPUTS},
-            {k: fit[k] for k in ITEM_OUTPUTS},
-            log_q,
-            epochs=self.cfg.retrieval_epochs,
-            batch_size=self.train_cfg.retrieval_batch,
-            learning_rate=self.cfg.retrieval_learning_rate,
-        )
-        self.index = ItemIndex.build(self.tower.embed_items(self.catalog.inputs), self.catalog.ids)
-        rx, ry, _ = ranker_set(
-            events,
-            state.users_before,
-            self.prepared,
-            clock,
-            self.workflow,
-            self.tower,
-            self.index,
-            self.train_cfg,
-            self.rng,
-            seen,
-            offset=offset,
-            positives=(examples, x),
-        )
-        ranker_loss = fit_ranker(
-            self.ranker,
-            rx,
-            ry,
-            epochs=self.cfg.ranker_epochs,
-            learning_rate=self.cfg.ranker_learning_rate,
-            seed=self.cfg.seed + len(self.cycles),
-            deep_lr_scale=self.train_cfg.ranker_deep_lr_scale,
+        tower_loss = self._fine_tune_towers(events, x)
+        ranker_loss = self._fine_tune_ranker(
+            events, state.users_before, clock, seen, offset, examples, x
         )
         self.users, self.items = state.users, state.items
         self._recommender = None
@@ -157,6 +114,59 @@ class Learner:
         }
         self.cycles.append(cycle)
         return cycle
+
+    def _fine_tune_towers(self, events: pd.DataFrame, x: dict) -> list[float]:
+        """Retrieval on the new pairs (and replayed older ones); then the catalog re-embedded."""
+        new = {k: x[k] for k in (*USER_OUTPUTS, *ITEM_OUTPUTS)}
+        rows = np.zeros(0, dtype=np.int64)  # replayed rows of the log (pairs align with it)
+        if self.pairs:
+            old = len(self.pairs["item_id"])
+            rows = self.rng.choice(old, size=min(old, self.cfg.replay * len(events)), replace=False)
+            self.pairs = {k: np.concatenate([v, new[k]]) for k, v in self.pairs.items()}
+        fit = {
+            k: np.concatenate([v, self.pairs[k][rows]]) if self.pairs else v for k, v in new.items()
+        }
+        items = np.concatenate([events["item_id"].to_numpy(), self.log["item_id"].to_numpy()[rows]])
+        counts = self.log["item_id"].value_counts()
+        loss = self.tower.fit(
+            {k: fit[k] for k in USER_OUTPUTS},
+            {k: fit[k] for k in ITEM_OUTPUTS},
+            np.log(counts.reindex(items).to_numpy() / counts.sum()),
+            epochs=self.cfg.retrieval_epochs,
+            batch_size=self.train_cfg.retrieval_batch,
+            learning_rate=self.cfg.retrieval_learning_rate,
+        )
+        self.index = ItemIndex.build(self.tower.embed_items(self.catalog.inputs), self.catalog.ids)
+        return loss
+
+    def _fine_tune_ranker(self, events, users_before, clock, seen, offset, examples, x) -> list:
+        """The ranker on the new positives and hard negatives from the current retrieval."""
+        from models.ranking import fit_ranker
+        from models.train import ranker_set
+
+        rx, ry, _ = ranker_set(
+            events,
+            users_before,
+            self.prepared,
+            clock,
+            self.workflow,
+            self.tower,
+            self.index,
+            self.train_cfg,
+            self.rng,
+            seen,
+            offset=offset,
+            positives=(examples, x),
+        )
+        return fit_ranker(
+            self.ranker,
+            rx,
+            ry,
+            epochs=self.cfg.ranker_epochs,
+            learning_rate=self.cfg.ranker_learning_rate,
+            seed=self.cfg.seed + len(self.cycles),
+            deep_lr_scale=self.train_cfg.ranker_deep_lr_scale,
+        )
 
     def points(self, events: pd.DataFrame, cfg: EvalConfig) -> list[Point]:
         """Evaluation points in `events` (not learned yet), with the features as of each."""

@@ -327,7 +327,7 @@ class RequestProcessor:
         triton,
         cache: ResponseCache | None = None,
         concurrency: int = 32,
-        retries: int = 8,  # transient failures, within the deadline: ~3 s of back-off
+        retries: int = 8,  # transient failures, within the deadline: ~2 s of back-off
         default_deadline_ms: int = 1000,
         max_k: int = MAX_K,
     ):
@@ -488,7 +488,9 @@ class RequestProcessor:
                 if not _transient(e) or attempt == self.retries:
                     return error_record(request, f"serving failed: {e}", self.version)
                 failure = f" (after {attempt + 1} failed tries, the last: {e})"
-                await asyncio.sleep(min(0.05 * 2**attempt, 0.5, max(0.0, left)))
+                # The first retry at once: a model being swapped in fails a request in
+                # flight, and the new one answers right away.
+                await asyncio.sleep(min(0.025 * 2**attempt if attempt else 0.0, 0.5, left))
             except TimeoutError:
                 break
         late_ms = max(time.time() * 1000 - deadline_ms, 0)
