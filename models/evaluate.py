@@ -153,8 +153,9 @@ def full_pipeline(rec: Recommender, prepared: Prepared, candidates: int) -> Reco
         affinity = p.state.genre_affinity if p.state else []
         events = p.state.event_count if p.state else 0
         idle = idle_hours(p.state.last_event_ms if p.state else 0, p.ts_ms)
+        retrieval_scores = np.array([by_id[i] for i in kept])
         scores = rec.score(
-            user, affinity, events, kept, np.array([by_id[i] for i in kept]), popularity, idle
+            user, affinity, events, kept, retrieval_scores, popularity, idle, _recent(p)
         )
         return [kept[j] for j in order(scores, k)]
 

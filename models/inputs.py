@@ -24,8 +24,10 @@ DENSE_FEATURES = (
     "log_user_events",
     "has_history",
     "log_idle_hours",
+    "recent_similarity",
 )
 HOUR_MS = 3_600_000
+RECENT_ITEMS = 3  # the last items the candidate is compared with (`recent_vector`)
 
 AGE_BOUNDARIES = [18, 25, 35, 45, 50, 56]
 YEAR_BOUNDARIES = [1940, 1960, 1970, 1980, 1990, 1994, 1996, 1998]
@@ -84,10 +86,12 @@ def dense_features(
     genre_affinity: Sequence[float] | np.ndarray,
     user_events: int | np.ndarray,
     idle_hours: float | np.ndarray,
+    recent_similarity: np.ndarray,
 ) -> np.ndarray:
     """The ranker's dense inputs (n, len(DENSE_FEATURES)); the model standardizes them.
 
     `retrieval_score`: the two-tower similarity of user and item (the retrieval stage's score).
+    `recent_similarity`: the candidate's embedding against the user's `recent_vector`.
 
     `item_genres` (n, G) multi-hot; `genre_affinity` (G,) for one user or (n, G) per row.
     """
@@ -106,6 +110,7 @@ def dense_features(
             np.log1p(events),
             (events > 0).astype(np.float32),
             np.log1p(idle),
+            np.asarray(recent_similarity, dtype=np.float32),
         ],
         axis=1,
     )
@@ -115,6 +120,14 @@ def idle_hours(last_event_ms: int, now_ms: int) -> float:
     """Hours since the user's last event (0 without one): a user back after weeks is not in
     the taste of their history."""
     return max(now_ms - last_event_ms, 0) / HOUR_MS if last_event_ms > 0 else 0.0
+
+
+def recent_vector(item_vectors: np.ndarray) -> np.ndarray:
+    """The mean embedding of the user's last `RECENT_ITEMS` items (most recent first; zeros
+    without history): what the user is into right now, against the whole history's pooling in
+    the user tower. A candidate's `recent_similarity` is its embedding times this."""
+    v = np.asarray(item_vectors, dtype=np.float32)[:RECENT_ITEMS]
+    return v.mean(axis=0) if len(v) else np.zeros(v.shape[-1], dtype=np.float32)
 
 
 def _none_if_null(value: Any) -> Any:

@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 
 from models.index import ItemIndex
-from models.inputs import ITEM_OUTPUTS, USER_OUTPUTS, dense_features, item_row, user_row
+from models.inputs import (
+    ITEM_OUTPUTS,
+    USER_OUTPUTS,
+    dense_features,
+    item_row,
+    recent_vector,
+    user_row,
+)
 from models.onnx_export import onnx_session, run_onnx
 from models.workflow import Workflow
 
@@ -98,11 +105,13 @@ class Recommender:
         retrieval_scores: np.ndarray,
         popularity: np.ndarray,
         idle_hours: float,
+        recent_items: Sequence[str],
     ) -> np.ndarray:
         """Ranker probabilities of the candidates for one user."""
         if not candidates:
             return np.zeros(0, dtype=np.float32)
         items = self.catalog.take(candidates)
+        recent = recent_vector(self.index.vectors([i for i in recent_items if i in self.index.row]))
         feed = ranker_feed(
             user_inputs,
             items,
@@ -111,6 +120,7 @@ class Recommender:
             genre_affinity,
             user_events,
             idle_hours,
+            self.index.vectors(list(candidates)) @ recent,
         )
         return run_onnx(self.ranker, feed).reshape(-1)
 
@@ -129,13 +139,20 @@ def ranker_feed(
     genre_affinity: Sequence[float] | np.ndarray,
     user_events: int,
     idle_hours: float,
+    recent_similarity: np.ndarray,
 ) -> dict[str, np.ndarray]:
     """The ranker's inputs for one user (batch 1) against n candidate items."""
     n = len(items["item_id"])
     feed = {name: np.repeat(v, n, axis=0) for name, v in user.items()}
     feed.update(items)
     feed["dense"] = dense_features(
-        retrieval_scores, popularity, items["item_genres"], genre_affinity, user_events, idle_hours
+        retrieval_scores,
+        popularity,
+        items["item_genres"],
+        genre_affinity,
+        user_events,
+        idle_hours,
+        recent_similarity,
     )
     return feed
 

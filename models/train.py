@@ -27,7 +27,14 @@ from models.examples import (
     prepare,
 )
 from models.index import ItemIndex
-from models.inputs import DENSE_FEATURES, ITEM_OUTPUTS, USER_OUTPUTS, dense_features, make_workflow
+from models.inputs import (
+    DENSE_FEATURES,
+    ITEM_OUTPUTS,
+    USER_OUTPUTS,
+    dense_features,
+    make_workflow,
+    recent_vector,
+)
 from models.recommender import Catalog, Recommender
 from models.versions import point_current
 
@@ -350,16 +357,23 @@ def ranker_set(
     neg_x = workflow.transform(neg_ex.frame)
     x = {k: np.concatenate([pos_x[k], neg_x[k]]) for k in pos_x}
     pos_items = interactions["item_id"].to_numpy()
+    recent = np.stack([_recent_vector(s.recent_items, item_emb) for s in before])
     scores = [
         _similarity(user_emb, pos_items, item_emb),
         _similarity(user_emb[rep], neg_items.reshape(-1), item_emb),
     ]
+    recent_scores = [
+        _similarity(recent, pos_items, item_emb),
+        _similarity(recent[rep], neg_items.reshape(-1), item_emb),
+    ]
     x["dense"] = np.concatenate(
         [
             dense_features(
-                s, e.popularity, xx["item_genres"], e.affinity, e.user_events, e.idle_hours
+                s, e.popularity, xx["item_genres"], e.affinity, e.user_events, e.idle_hours, r
             )
-            for s, e, xx in zip(scores, (pos_ex, neg_ex), (pos_x, neg_x), strict=True)
+            for s, r, e, xx in zip(
+                scores, recent_scores, (pos_ex, neg_ex), (pos_x, neg_x), strict=True
+            )
         ]
     )
     y = np.r_[np.ones(len(pos_ex.frame)), np.zeros(len(neg_ex.frame))].astype(np.float32)
@@ -369,6 +383,11 @@ def ranker_set(
 def _similarity(user_emb: np.ndarray, items: np.ndarray, item_emb: dict) -> np.ndarray:
     zero = np.zeros(user_emb.shape[1], dtype=np.float32)
     return np.einsum("nd,nd->n", user_emb, np.stack([item_emb.get(i, zero) for i in items]))
+
+
+def _recent_vector(recent_items: list[str], item_emb: dict) -> np.ndarray:
+    known = [item_emb[i] for i in recent_items if i in item_emb]
+    return recent_vector(np.array(known).reshape(len(known), len(next(iter(item_emb.values())))))
 
 
 def _write_state(out: Path, dataset: Dataset, train: pd.DataFrame, prepared) -> None:

@@ -124,6 +124,11 @@ class LiveItems:
             self._embed(self.ids[len(index.ids) :], index)
         return index
 
+    @cached_property
+    def vectors(self) -> np.ndarray:
+        """Every row's item embedding, as in the index (a copy, for gathers by row)."""
+        return self.index.index.reconstruct_n(0, len(self.ids))
+
     # --- keeping current -----------------------------------------------------------------------
     def sync(self) -> int:
         """Apply the change stream since the last call (one round trip when nothing is new);
@@ -220,7 +225,10 @@ class LiveItems:
 
         rows = self.rows(items)
         inputs = {name: values[rows] for name, values in self.features.items()}
-        index.add(run_onnx(self._item_tower, inputs), items)
+        embeddings = run_onnx(self._item_tower, inputs)
+        index.add(embeddings, items)
+        if "vectors" in self.__dict__:
+            self.vectors = np.concatenate([self.vectors, embeddings.astype(np.float32)])
 
     @cached_property
     def _item_tower(self):

@@ -98,6 +98,7 @@ class UserFeatures(Operator):
         "genre_affinity": Tensor(FP32, ANY),
         "user_events": Tensor(INT64, ONE),
         "idle_hours": Tensor(FP32, ONE),
+        "recent": Tensor(INT64, ANY, items=True),  # the last RECENT_ITEMS known items
         "path": Tensor(STRING, ONE),
     }
     files = ("workflow.json",)
@@ -118,7 +119,7 @@ class UserFeatures(Operator):
         ]
 
     def _one(self, profile: dict | None, activity: dict, now_ms: int) -> dict[str, np.ndarray]:
-        from models.inputs import idle_hours
+        from models.inputs import RECENT_ITEMS, idle_hours
         from models.recommender import user_inputs
 
         recent = activity.get("recent_items") or []
@@ -128,6 +129,7 @@ class UserFeatures(Operator):
         out["user_events"] = np.array([activity.get("event_count") or 0], dtype=np.int64)
         idle = idle_hours(int(activity.get("last_event_ms") or 0), now_ms)
         out["idle_hours"] = np.array([idle], dtype=np.float32)
+        out["recent"] = self.items.rows(recent)[:RECENT_ITEMS]
         out["path"] = strings([PERSONALIZED if (profile or recent) else COLD_START])
         return out
 
@@ -164,7 +166,7 @@ class Retrieval(Operator):
         found = dict(zip(warm, zip(scores, rows, strict=True), strict=True))
         if any(cold):
             popular = self.items.top(self.n)
-            vectors = self.items.index.index.reconstruct_batch(popular)
+            vectors = self.items.vectors[popular]
         out = []
         for n, is_cold in enumerate(cold):
             if is_cold:
@@ -244,20 +246,43 @@ class Filtering(Operator):
 
 
 class ItemFeatures(Operator):
-    """The candidates' item features and live time-decayed popularity, from memory."""
+    """The candidates' item features, live time-decayed popularity and similarity to the user's
+    last items, from memory."""
 
     name = "item_features"
-    inputs = {"kept": Filtering.outputs["kept"], "now_ms": REQUEST["now_ms"]}
-    outputs = {**ITEM_TENSORS, "popularity": Tensor(FP32, ANY)}
+    inputs = {
+        "kept": Filtering.outputs["kept"],
+        "recent": UserFeatures.outputs["recent"],
+        "now_ms": REQUEST["now_ms"],
+    }
+    outputs = {
+        **ITEM_TENSORS,
+        "popularity": Tensor(FP32, ANY),
+        "recent_similarity": Tensor(FP32, ANY),
+    }
     count_in, count_out = "kept", "item_id"
 
+    def __init__(self, artifacts: Path, config: dict[str, Any], items):
+        super().__init__(artifacts, config, items)
+        self.items.vectors  # noqa: B018 - load them now, not on the first request
+
     def compute(self, batch):
+        from models.inputs import recent_vector
+
         out = []
         for t in batch:
             rows = t["kept"]
             features = {name: values[rows] for name, values in self.items.features.items()}
             popularity = self.items.popularity_at(rows, int(t["now_ms"][0]))
-            out.append(features | {"popularity": popularity.astype(np.float32)})
+            recent = recent_vector(self.items.vectors[t["recent"]])
+            similarity = self.items.vectors[rows] @ recent
+            out.append(
+                features
+                | {
+                    "popularity": popularity.astype(np.float32),
+                    "recent_similarity": similarity.astype(np.float32),
+                }
+            )
         return out
 
 
@@ -272,6 +297,7 @@ class Scoring(Operator):
         "idle_hours": UserFeatures.outputs["idle_hours"],
         **ITEM_TENSORS,
         "popularity": ItemFeatures.outputs["popularity"],
+        "recent_similarity": ItemFeatures.outputs["recent_similarity"],
         "kept_scores": Filtering.outputs["kept_scores"],
     }
     outputs = {"scores": Tensor(FP32, ANY)}
@@ -304,6 +330,7 @@ class Scoring(Operator):
             t["genre_affinity"],
             int(t["user_events"][0]),
             float(t["idle_hours"][0]),
+            t["recent_similarity"],
         )
         feed["hist_items"] = t["hist_items"]  # one row: the rewritten model pools it once
         feed[USER_INDEX] = np.zeros(n, dtype=np.int64)

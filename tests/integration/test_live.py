@@ -51,7 +51,7 @@ def test_popularity_mirrors_the_sorted_set_bit_for_bit(artifacts, state):
 
 def test_availability_and_catalog_additions_reach_the_table(artifacts, state):
     items = LiveItems(artifacts, state)
-    items.index  # noqa: B018 - loaded: a new item must be embedded into it
+    items.vectors  # noqa: B018 - loaded: a new item must be embedded into index and vectors
     n = len(items.ids)
     pipe = state.client.pipeline(transaction=True)
     state.set_available(pipe, "5", False)
@@ -61,6 +61,7 @@ def test_availability_and_catalog_additions_reach_the_table(artifacts, state):
     items.sync()
     assert items.unavailable[items.rows(["5"])].tolist() == [True]
     assert items.ids[n:] == ["new-film"] and len(items.index.ids) == n + 1
+    assert np.array_equal(items.vectors[n], items.index.index.reconstruct(n))
     assert items.features["item_year"].shape[0] == n + 1
     # an unknown item made unavailable is remembered for when it joins the catalog
     pipe = state.client.pipeline(transaction=True)

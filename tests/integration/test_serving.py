@@ -99,6 +99,34 @@ def test_a_request_gets_the_same_answer_alone_or_in_any_batch(local):
             assert a["item_scores"].tobytes() == b["item_scores"].tobytes()  # to the last bit
 
 
+@pytest.mark.parametrize("user", ["1", "655", "900"])
+def test_the_served_ranking_is_the_offline_pipeline_on_the_same_state(
+    artifacts, local, serving_config, state, user
+):
+    """One feature code path: the graph serves what `models.evaluate` computes offline from
+    the same user state, seen set and popularity (history, idle time, recent similarity...)."""
+    from types import SimpleNamespace
+
+    from models.evaluate import Point, full_pipeline
+    from models.features import UserActivity
+    from models.recommender import Recommender
+    from serving.live import LiveItems
+    from serving.operators import _reader
+
+    rec = Recommender.load(artifacts)
+    live = LiveItems(artifacts, state)
+    popularity = live.popularity_at(live.rows(rec.catalog.ids), NOW_MS)
+    reader = _reader(serving_config)
+    (profile,) = reader.users([user], "user_profile")
+    (features,) = reader.users([user], "user_activity")
+    activity = UserActivity(**{k: features[k] for k in vars(UserActivity())})
+    seen = {i.decode() for i in state.seen_sets([user])[0]}
+    point = Point(user, NOW_MS, activity, seen, popularity, set(), True, 0, [])
+    prepared = SimpleNamespace(user_profiles={user: profile})
+    offline = full_pipeline(rec, prepared, serving_config["candidates"])(point, 10)
+    assert activity.recent_items and _items(local.recommend(_request(user))) == offline
+
+
 def test_a_consumed_item_never_appears_again(triton, state):
     before = triton.recommend(_request("42"))
     top = _items(before)[0]
