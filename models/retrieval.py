@@ -90,6 +90,51 @@ def _seeded(seed: int):
     return nxt
 
 
+@keras.saving.register_keras_serializable(package="streamrec")
+class RecentSequence(layers.Layer):
+    """The user's recent items read in order: the most recent item attends over the history
+    (each item embedding plus a learned embedding of its position, most recent first); the
+    output is the attended, projected history. Zeros without history.
+
+    Where mean pooling weighs every recent item alike, this weighs them by their position and
+    by how they go with what the user watched last. One attention row, not a full block: only
+    the most recent position's output is used, so the other rows would be computed for nothing.
+    """
+
+    def __init__(self, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+
+    def build(self, emb_shape, idx_shape=None):
+        length, d = int(emb_shape[1]), int(emb_shape[2])
+        self.position = self.add_weight(
+            shape=(length, d),
+            initializer=keras.initializers.RandomNormal(stddev=0.05, seed=self.seed),
+            name="position",
+        )
+        self.query, self.key, self.value = (
+            self.add_weight(
+                shape=(d, d),
+                initializer=keras.initializers.GlorotUniform(seed=self.seed + n),
+                name=name,
+            )
+            for n, name in enumerate(("query", "key", "value"), start=1)
+        )
+
+    def call(self, emb, idx):
+        mask = ops.cast(ops.not_equal(idx, PAD_INDEX), emb.dtype)  # (n, L)
+        h = (emb + self.position[None]) * ops.expand_dims(mask, -1)
+        q = ops.matmul(h[:, 0], self.query)  # the most recent item asks
+        logits = ops.sum(ops.matmul(h, self.key) * ops.expand_dims(q, 1), axis=-1)
+        logits = logits / float(np.sqrt(int(emb.shape[-1]))) + (1.0 - mask) * -1e9
+        attended = ops.sum(ops.expand_dims(ops.softmax(logits, axis=-1), -1) * h, axis=1)
+        out = ops.matmul(attended, self.value)
+        return out * ops.minimum(ops.sum(mask, axis=1, keepdims=True), 1.0)
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}
+
+
 # --------------------------------------------------------------------------------------------
 # model
 # --------------------------------------------------------------------------------------------
@@ -249,8 +294,12 @@ def build_two_tower(
     temperature: float = 0.05,
     attr_dim: int | None = None,
     hidden: int | None = None,
+    sequence: bool = False,
 ) -> TwoTower:
-    """Build the user and item towers (sharing the item-id embedding table)."""
+    """Build the user and item towers (sharing the item-id embedding table).
+
+    ``sequence``: the user tower also reads the history in order (:class:`RecentSequence`).
+    """
     check_cardinalities(cardinalities, (*USER_FEATURES, "item_id", "item_year"))
     if n_genres < 1 or hist_len < 1 or dim < 1:
         raise ValueError("n_genres, hist_len and dim must be >= 1")
@@ -285,8 +334,11 @@ def build_two_tower(
         for n in USER_FEATURES
     ]
     hist = safe_index(u_in["hist_items"], item_card)
-    pooled, count = masked_mean(item_emb(hist), hist)
+    hist_emb = item_emb(hist)
+    pooled, count = masked_mean(hist_emb, hist)
     hist_frac = count / float(hist_len)
+    if sequence:
+        parts.append(RecentSequence(seed=nxt(), name="recent_sequence")(hist_emb, hist))
     x = layers.Concatenate(name="user_concat")([*parts, pooled, hist_frac])
     x = dense(hidden, "user_hidden", "relu")(x)
     x = dense(dim, "user_out")(x)

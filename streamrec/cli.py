@@ -309,6 +309,14 @@ def train_cmd(
     retrieval_epochs: Annotated[int, typer.Option(help="Two-tower epochs.")] = 8,
     ranker_epochs: Annotated[int, typer.Option(help="DLRM epochs.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of everything random.")] = 0,
+    sequence: Annotated[
+        bool,
+        typer.Option(
+            help="The user tower also reads the recent items in order (attention from the last "
+            "item, position embeddings). Off by default: on ML-100K's validation slice it helped "
+            "retrieval alone, not the four-stage pipeline."
+        ),
+    ] = False,
     features: Annotated[
         bool, typer.Option(help="Load the feature state into Feast/Redis after training.")
     ] = True,
@@ -323,7 +331,9 @@ def train_cmd(
 
     settings = get_settings()
     dataset = _load_data(data)
-    cfg = TrainConfig(retrieval_epochs=retrieval_epochs, ranker_epochs=ranker_epochs, seed=seed)
+    cfg = TrainConfig(
+        retrieval_epochs=retrieval_epochs, ranker_epochs=ranker_epochs, seed=seed, sequence=sequence
+    )
     started = time.monotonic()
     with console.status("training") as status:
 

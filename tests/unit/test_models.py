@@ -114,6 +114,25 @@ def test_empty_user_and_out_of_vocab_are_finite(tower):
     np.testing.assert_allclose(it[0], it[1], atol=1e-6)
 
 
+def test_the_sequence_tower_reads_the_order_and_exports(tmp_path):
+    """With `sequence` the user vector depends on the order of the history (mean pooling does
+    not), stays finite for an empty one, and the ONNX export agrees with Keras."""
+    rng = np.random.default_rng(4)
+    users = random_users(6, rng)
+    users["hist_items"][:, :4] = ITEMS[2:6]  # four items, then padding
+    users["hist_items"][:, 4:] = 0
+    users["hist_items"][0] = 0  # an empty history
+    reordered = dict(users, hist_items=users["hist_items"].copy())
+    reordered["hist_items"][1:, :4] = ITEMS[2:6][::-1]
+    for sequence in (False, True):
+        tt = build_two_tower(CARD, n_genres=G, hist_len=L, dim=16, seed=0, sequence=sequence)
+        a, b = tt.embed_users(users), tt.embed_users(reordered)
+        assert np.all(np.isfinite(a)) and np.allclose(a[0], b[0])
+        assert np.allclose(a[1:], b[1:], atol=1e-6) != sequence
+    path = export_onnx(tt.user_tower, tmp_path / "user.onnx")
+    assert parity(tt.user_tower, path, users) <= 1e-4
+
+
 def test_two_tower_build_is_deterministic():
     rng = np.random.default_rng(3)
     users = random_users(4, rng)
