@@ -35,6 +35,7 @@ def example_records(now_ms: int) -> dict[str, dict]:
             "seed": 7,
             "deadline_ms": now_ms + 500,
             "timestamp_ms": now_ms,
+            "explain": True,
         },
         "recommendation_response": {
             "request_id": "req-1",
@@ -58,6 +59,28 @@ def example_records(now_ms: int) -> dict[str, dict]:
             "timestamp_ms": now_ms + 4,
             "backfilled": 0,
             "note": None,
+            "explanations": [
+                {
+                    "item_id": "100",
+                    "source": "retrieval",
+                    "retrieval_rank": 4,
+                    "retrieval_score": 0.52,
+                    "ranker_score": 0.91,
+                    "score_rank": 1,
+                    "features": {"log_popularity": 2.3, "recent_similarity": 0.61},
+                    "ordering": "kept its place by score",
+                },
+                {
+                    "item_id": "181",
+                    "source": "retrieval",
+                    "retrieval_rank": 1,
+                    "retrieval_score": 0.58,
+                    "ranker_score": 0.87,
+                    "score_rank": 2,
+                    "features": {"log_popularity": 3.1, "recent_similarity": 0.44},
+                    "ordering": "kept its place by score",
+                },
+            ],
         },
         "dead_letter": {
             "topic": "interactions",

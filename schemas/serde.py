@@ -67,6 +67,16 @@ def load_schema(name: str) -> dict:
     return fastavro.parse_schema(json.loads(schema_text(name)))
 
 
+@cache
+def previous_versions(name: str) -> tuple[dict, ...]:
+    """The earlier versions of a schema, oldest first (`schemas/history/<name>.v<N>.avsc`)."""
+    paths = sorted(
+        (SCHEMA_DIR / "history").glob(f"{name}.v*.avsc"),
+        key=lambda p: int(p.name.removesuffix(".avsc").rsplit(".v", 1)[1]),
+    )
+    return tuple(fastavro.parse_schema(json.loads(p.read_text())) for p in paths)
+
+
 def schema_fingerprint(schema: dict) -> bytes:
     """CRC-64-AVRO of the parsing canonical form, as the spec's 8 little-endian bytes."""
     # fastavro's hex digest already lists the bytes in little-endian order.
@@ -83,22 +93,37 @@ class Serde(Protocol):
 class SingleObjectSerde:
     """Avro single-object encoding for one topic.
 
-    `writers` are older (or newer) schema versions whose events this reader must also read;
-    fastavro resolves them into the reader schema (added fields take their defaults).
+    `writers` are other schema versions whose events this reader must also read; fastavro
+    resolves them into the reader schema (added fields take their defaults). `older` are the
+    previous versions of `schema`, oldest first: read too, and used to *write* every record
+    they can hold (whose fields added since are at their defaults). So a reader deployed before
+    a field was added keeps reading everything that does not use the field.
     """
 
-    def __init__(self, topic: str, schema: dict, writers: Iterable[dict] = ()):
+    def __init__(
+        self, topic: str, schema: dict, writers: Iterable[dict] = (), older: Iterable[dict] = ()
+    ):
         self.topic = topic
         self.schema = schema
-        self._fingerprint = schema_fingerprint(schema)
-        self._writers = {schema_fingerprint(s): s for s in (schema, *writers)}
+        older = list(older)
+        self._writers = {schema_fingerprint(s): s for s in (schema, *writers, *older)}
+        self._encoders = [
+            (version, schema_fingerprint(version), added)
+            for version in (*older, schema)
+            if (added := _added_fields(version, schema)) is not None
+        ]
 
     def encode(self, record: Record) -> bytes:
+        version, fingerprint_, added = next(
+            e for e in self._encoders if all(record.get(n, d) == d for n, d in e[2])
+        )
+        if added:
+            record = {k: v for k, v in record.items() if k not in dict(added)}
         buf = io.BytesIO()
         buf.write(SINGLE_OBJECT_MAGIC)
-        buf.write(self._fingerprint)
+        buf.write(fingerprint_)
         try:
-            fastavro.schemaless_writer(buf, self.schema, record, strict_allow_default=True)
+            fastavro.schemaless_writer(buf, version, record, strict_allow_default=True)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise EncodeError(self.topic, str(e)) from e
         return buf.getvalue()
@@ -114,6 +139,16 @@ class SingleObjectSerde:
                 self.topic, f"unknown writer schema fingerprint {bytes(data[2:_HEADER]).hex()}"
             )
         return _read_body(self.topic, data, _HEADER, writer, self.schema)
+
+
+def _added_fields(version: dict, schema: dict) -> list[tuple[str, Any]] | None:
+    """(name, default) of the fields `schema` has and `version` lacks; None when one of them
+    has no default (`version` cannot stand for any record of `schema`)."""
+    names = {f["name"] for f in version["fields"]}
+    added = [f for f in schema["fields"] if f["name"] not in names]
+    if any("default" not in f for f in added):
+        return None
+    return [(f["name"], f["default"]) for f in added]
 
 
 def _read_body(topic: str, data: bytes, start: int, writer: dict, reader: dict) -> Record:
@@ -160,4 +195,6 @@ class RegistrySerde:
 def make_serde(topic: str, schema_name: str, registry_url: str | None = None) -> Serde:
     if registry_url:
         return RegistrySerde(topic, schema_text(schema_name), registry_url)
-    return SingleObjectSerde(topic, load_schema(schema_name))
+    return SingleObjectSerde(
+        topic, load_schema(schema_name), older=previous_versions(schema_name)
+    )

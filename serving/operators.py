@@ -40,6 +40,7 @@ REQUEST = {
     "temperature": Tensor(FP32, ONE),  # < 0: the server's default
     "seed": Tensor(INT64, ONE),  # < 0: unseeded
     "now_ms": Tensor(INT64, ONE),
+    "explain": Tensor(INT32, ONE),  # 1: the stages also output what explains their answer
 }
 PERSONALIZED, COLD_START = "personalized", "cold_start"
 # The most items one response carries. Up to it a request gets exactly k items: the ranked ones,
@@ -188,6 +189,7 @@ class Filtering(Operator):
         "user_id": REQUEST["user_id"],
         "exclude": REQUEST["exclude"],
         "k": REQUEST["k"],
+        "explain": REQUEST["explain"],
         **Retrieval.outputs,
     }
     outputs = {
@@ -195,6 +197,7 @@ class Filtering(Operator):
         "kept_scores": Tensor(FP32, ANY),
         "removed": Tensor(INT32, (3,)),  # seen, unavailable, excluded
         "backfill": Tensor(INT64, ANY, items=True),  # most popular first; empty when k kept
+        "kept_rank": Tensor(INT32, ANY),  # explain: each kept item's place among the candidates
     }
     count_in, count_out = "candidates", "kept"
 
@@ -222,6 +225,7 @@ class Filtering(Operator):
                 [is_seen.sum(), is_unavailable.sum(), is_excluded.sum()], dtype=np.int32
             ),
             "backfill": fill,
+            "kept_rank": np.flatnonzero(keep).astype(np.int32)[: len(keep) * _explain(t)],
         }
 
     def backfill(
@@ -299,8 +303,12 @@ class Scoring(Operator):
         "popularity": ItemFeatures.outputs["popularity"],
         "recent_similarity": ItemFeatures.outputs["recent_similarity"],
         "kept_scores": Filtering.outputs["kept_scores"],
+        "explain": REQUEST["explain"],
     }
-    outputs = {"scores": Tensor(FP32, ANY)}
+    outputs = {
+        "scores": Tensor(FP32, ANY),
+        "features": Tensor(FP32, (-1, -1)),  # explain: the ranker's dense inputs, per candidate
+    }
     files = ("ranker.onnx",)
     count_in, count_out = "item_id", "scores"
 
@@ -312,16 +320,18 @@ class Scoring(Operator):
         self.ranker = onnx_session(per_user(artifacts / "ranker.onnx", {"hist_items"}))
 
     def compute(self, batch):
-        return [{"scores": self._score(t)} for t in batch]
+        return [self._score(t) for t in batch]
 
-    def _score(self, t) -> np.ndarray:
+    def _score(self, t) -> dict[str, np.ndarray]:
         """One ONNX call per request, for the same reason as in `Retrieval`."""
+        from models.inputs import DENSE_FEATURES
         from models.onnx_export import USER_INDEX, run_onnx
         from models.recommender import ranker_feed
 
         n = len(t["item_id"])
         if n == 0:
-            return np.zeros(0, dtype=np.float32)
+            empty = np.zeros((0, len(DENSE_FEATURES)), dtype=np.float32)
+            return {"scores": np.zeros(0, dtype=np.float32), "features": empty}
         feed = ranker_feed(
             {name: t[name] for name in USER_OUTPUTS},
             {name: t[name] for name in ITEM_OUTPUTS},
@@ -334,7 +344,8 @@ class Scoring(Operator):
         )
         feed["hist_items"] = t["hist_items"]  # one row: the rewritten model pools it once
         feed[USER_INDEX] = np.zeros(n, dtype=np.int64)
-        return run_onnx(self.ranker, feed).reshape(-1).astype(np.float32)
+        scores = run_onnx(self.ranker, feed).reshape(-1).astype(np.float32)
+        return {"scores": scores, "features": feed["dense"][: n * _explain(t)]}
 
 
 class Ordering(Operator):
@@ -350,12 +361,18 @@ class Ordering(Operator):
         "k": REQUEST["k"],
         "temperature": REQUEST["temperature"],
         "seed": REQUEST["seed"],
+        "explain": REQUEST["explain"],
+        "kept_rank": Filtering.outputs["kept_rank"],
+        "kept_scores": Filtering.outputs["kept_scores"],
+        "features": Scoring.outputs["features"],
     }
     outputs = {
         "items": Tensor(STRING, ANY),
         "item_scores": Tensor(FP32, ANY),
         "backfilled": Tensor(INT32, ONE),
         "model_version": Tensor(STRING, ONE),  # the artifact version that served the request
+        # explain: a row per ranked item (EXPLAIN_COLUMNS, then the ranker's dense features)
+        "explanation": Tensor(FP32, (-1, -1)),
     }
     count_in, count_out = "scores", "items"
 
@@ -363,7 +380,7 @@ class Ordering(Operator):
         version = np.array([self.items.version], dtype=np.object_)
         return [self._one(**t) | {"model_version": version} for t in batch]
 
-    def _one(self, kept, backfill, scores, item_genres, k, temperature, seed):
+    def _one(self, kept, backfill, scores, item_genres, k, temperature, seed, **explain):
         from models.recommender import order
 
         t = float(temperature[0])
@@ -379,7 +396,31 @@ class Ordering(Operator):
             "items": np.array([ids[r] for r in kept[top]] + [ids[r] for r in fill], np.object_),
             "item_scores": np.concatenate([scores[top], np.zeros(len(fill))]).astype(np.float32),
             "backfilled": np.array([len(fill)], dtype=np.int32),
+            "explanation": _explanation(top, scores, t, **explain),
         }
+
+
+EXPLAIN_COLUMNS = ("retrieval_rank", "retrieval_score", "ranker_score", "score_rank", "sampled")
+
+
+def _explanation(top, scores, temperature, explain, kept_rank, kept_scores, features):
+    """Rows of EXPLAIN_COLUMNS + the dense features for the ranked items (none unless asked)."""
+    if not explain[0]:
+        return np.zeros((0, len(EXPLAIN_COLUMNS) + features.shape[1]), dtype=np.float32)
+    score_rank = np.empty(len(scores), dtype=np.int64)
+    score_rank[np.argsort(-scores, kind="stable")] = np.arange(1, len(scores) + 1)
+    columns = [
+        kept_rank[top] + 1,
+        kept_scores[top],
+        scores[top],
+        score_rank[top],
+        np.full(len(top), float(temperature > 0)),
+    ]
+    return np.column_stack([*columns, features[top]]).astype(np.float32)
+
+
+def _explain(t) -> int:
+    return int(t["explain"][0])
 
 
 def limit_per_genre(positions: np.ndarray, genres: np.ndarray, limit: int) -> np.ndarray:
@@ -408,7 +449,15 @@ OPERATORS: list[type[Operator]] = [
 GRAPH = Graph(
     REQUEST,
     OPERATORS,
-    response=("items", "item_scores", "backfilled", "path", "removed", "model_version"),
+    response=(
+        "items",
+        "item_scores",
+        "backfilled",
+        "path",
+        "removed",
+        "model_version",
+        "explanation",
+    ),
     items=_live_items,
 )
 
@@ -426,6 +475,7 @@ def request_tensors(request: dict, now_ms: int | None = None) -> dict[str, np.nd
         "now_ms": np.array(
             [now_ms or request.get("timestamp_ms") or int(time.time() * 1000)], dtype=np.int64
         ),
+        "explain": np.array([1 if request.get("explain") else 0], dtype=np.int32),
     }
 
 
@@ -463,6 +513,53 @@ def response_record(
         "note": _note(len(items), request.get("k"), backfilled),
         "request_timestamp_ms": int(request.get("timestamp_ms") or 0),
         "timestamp_ms": now_ms or int(time.time() * 1000),
+        "explanations": _explanations(items, outputs) if request.get("explain") else [],
+    }
+
+
+def _explanations(items: list[str], outputs: dict[str, np.ndarray]) -> list[dict]:
+    from models.inputs import DENSE_FEATURES
+
+    rows = outputs["explanation"]
+    source = "popular" if decode(outputs["path"])[0] == COLD_START else "retrieval"
+    out = []
+    for position, item in enumerate(items, 1):
+        if position > len(rows):
+            out.append(_backfill_explanation(item))
+            continue
+        row = dict(zip(EXPLAIN_COLUMNS, rows[position - 1].tolist(), strict=False))
+        score_rank = int(row["score_rank"])
+        if score_rank == position:
+            ordering = "kept its place by score"
+        else:
+            by = "sampling" if row["sampled"] else "the per-genre limit"
+            ordering = f"{by} moved it from {score_rank} to {position}"
+        features = rows[position - 1][len(EXPLAIN_COLUMNS) :].tolist()
+        out.append(
+            {
+                "item_id": item,
+                "source": source,
+                "retrieval_rank": int(row["retrieval_rank"]),
+                "retrieval_score": row["retrieval_score"],
+                "ranker_score": row["ranker_score"],
+                "score_rank": score_rank,
+                "features": dict(zip(DENSE_FEATURES, features, strict=True)),
+                "ordering": ordering,
+            }
+        )
+    return out
+
+
+def _backfill_explanation(item: str) -> dict:
+    return {
+        "item_id": item,
+        "source": "backfill",
+        "retrieval_rank": 0,
+        "retrieval_score": 0.0,
+        "ranker_score": 0.0,
+        "score_rank": 0,
+        "features": {},
+        "ordering": "backfill: a popular item after the ranked ones (too few passed the filters)",
     }
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import time
 import uuid
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -18,6 +19,7 @@ from rich.table import Table
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 
+from schemas.records import EVENT_TYPES  # noqa: E402
 from streamrec.config import get_settings  # noqa: E402
 from streamrec.stack import SERVICES, EmbeddedStack, StackNotRunning  # noqa: E402
 from streamrec.stack.process import StartupError  # noqa: E402
@@ -31,11 +33,32 @@ app = typer.Typer(
 )
 stack_app = typer.Typer(help="Start, inspect and stop the embedded stack (broker, Valkey, Triton).")
 topics_app = typer.Typer(help="Manage the Kafka topics.")
+produce_app = typer.Typer(
+    help="Produce interactions, item updates and requests, encoded and keyed as the workers "
+    "read them.",
+    no_args_is_help=True,
+)
 app.add_typer(stack_app, name="stack")
 app.add_typer(topics_app, name="topics")
+app.add_typer(produce_app, name="produce")
 
 console = Console()
 err = Console(stderr=True)
+
+
+@app.callback()
+def main(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Also show the libraries' logs (TensorFlow, Faust, Faiss)."
+        ),
+    ] = False,
+) -> None:
+    if verbose:  # for this process and the workers it starts
+        os.environ["STREAMREC_LOG_LEVEL"] = "info"
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+        get_settings.cache_clear()
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -144,10 +167,6 @@ def topics_list() -> None:
 # --- produce / consume ----------------------------------------------------------------------
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 UserOption = Annotated[str, typer.Option("--user", "-u", help="User id to recommend for.")]
 KOption = Annotated[int, typer.Option("--k", "-k", help="Number of items wanted.")]
 ExcludeOption = Annotated[
@@ -159,40 +178,154 @@ TemperatureOption = Annotated[
 SeedOption = Annotated[int | None, typer.Option(help="Seed of the sampling.")]
 
 
-def request_record(user, k, exclude, temperature, seed, deadline_ms=None) -> dict:
-    return {
-        "request_id": uuid.uuid4().hex,
-        "user_id": user,
-        "k": k,
-        "exclude": exclude or [],
-        "context": {"source": "cli"},
-        "temperature": temperature,
-        "seed": seed,
-        "deadline_ms": deadline_ms,
-        "timestamp_ms": now_ms(),
-    }
+def _client():
+    from streamrec.client import Client
+
+    return Client(bootstrap=_bootstrap())
 
 
-@app.command("produce-request")
+FileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--file",
+        "-f",
+        help="A JSON-lines file of records to produce instead of the flags: fields as in "
+        "schemas/<topic>.avsc; missing ids and times are generated (new ids, now).",
+    ),
+]
+
+
+@produce_app.command("interaction")
+def produce_interaction(
+    user: Annotated[str | None, typer.Option("--user", "-u", help="User id.")] = None,
+    item: Annotated[str | None, typer.Option("--item", "-i", help="Item id.")] = None,
+    event_type: Annotated[
+        str, typer.Option("--type", help=f"One of {', '.join(EVENT_TYPES)}.")
+    ] = "click",
+    value: Annotated[float | None, typer.Option(help="A rating, a price, seconds...")] = None,
+    request_id: Annotated[
+        str | None, typer.Option(help="The response this interaction follows from.")
+    ] = None,
+    file: FileOption = None,
+) -> None:
+    """A user interacted with an item.
+
+    The workers update the user's features and seen items within milliseconds; the event id
+    makes it apply once, however often it is delivered."""
+    from schemas.records import Interaction
+
+    if file:
+        return _produce_file(Interaction, file)
+    if not user or not item:
+        fail("--user and --item are needed (or --file)")
+    if event_type not in EVENT_TYPES:
+        fail(f"--type must be one of {', '.join(EVENT_TYPES)}")
+    with _client() as client:
+        event = client.track(user, item, event_type, value, request_id=request_id)
+        client.flush()
+    console.print(f"interaction {event.event_id}: user {user} {event_type} item {item}")
+
+
+@produce_app.command("item-update")
+def produce_item_update(
+    item: Annotated[str | None, typer.Option("--item", "-i", help="Item id.")] = None,
+    title: Annotated[str | None, typer.Option(help="Title.")] = None,
+    year: Annotated[int | None, typer.Option(help="Release year.")] = None,
+    genre: Annotated[
+        list[str] | None, typer.Option("--genre", "-g", help="A genre (repeat for several).")
+    ] = None,
+    available: Annotated[
+        bool, typer.Option(help="--no-available takes the item out of every list.")
+    ] = True,
+    file: FileOption = None,
+) -> None:
+    """Add, change, or take out (and back in) a catalog item.
+
+    A new item is embedded and indexed at once; an unavailable one leaves every list."""
+    from schemas.records import ItemUpdate
+
+    if file:
+        return _produce_file(ItemUpdate, file)
+    if not item:
+        fail("--item is needed (or --file)")
+    with _client() as client:
+        client.update_item(item, available=available, title=title, year=year, genres=genre or [])
+        client.flush()
+    state = "available" if available else "unavailable"
+    console.print(f"item update: {item} ({state})")
+
+
+@produce_app.command("request")
 def produce_request(
-    user: UserOption,
+    user: Annotated[str | None, typer.Option("--user", "-u", help="User id.")] = None,
     k: KOption = 10,
     exclude: ExcludeOption = None,
     temperature: TemperatureOption = None,
     seed: SeedOption = None,
-    deadline_ms: Annotated[
-        int | None, typer.Option(help="Milliseconds from now after which no answer is wanted.")
-    ] = None,
+    wait: Annotated[
+        bool, typer.Option(help="Wait for the answer on the recommendations topic and print it.")
+    ] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 10.0,
+    file: FileOption = None,
 ) -> None:
-    """Produce one recommendation request; its answer appears on the recommendations topic."""
-    from streams.kafka import EventProducer
+    """Ask for recommendations over Kafka, as a service would.
 
-    deadline = now_ms() + deadline_ms if deadline_ms is not None else None
-    request = request_record(user, k, exclude, temperature, seed, deadline)
-    producer = EventProducer(get_settings(), _bootstrap())
-    producer.send("requests", request)
-    producer.flush()
-    console.print(f"request [bold]{request['request_id']}[/] for user {user} (k={k}) produced")
+    The request goes to the requests topic; its answer, matched by request id, comes back on
+    the recommendations topic."""
+    from schemas.records import RecommendationRequest
+    from streamrec.client import RecommendationTimeout
+
+    if file:
+        return _produce_file(RecommendationRequest, file)
+    if not user:
+        fail("--user is needed (or --file)")
+    with _client() as client:
+        if not wait:
+            request = RecommendationRequest(
+                user, k, exclude or [], temperature=temperature, seed=seed
+            )
+            client.send(request)
+            client.flush()
+            console.print(f"request {request.request_id} for user {user} (k={k}) produced")
+            return
+        try:
+            response = client.recommend(
+                user, k, exclude=exclude or [], timeout=timeout, temperature=temperature, seed=seed
+            )
+        except RecommendationTimeout as e:
+            fail(str(e))
+    if not response.ok:
+        fail(f"{response.status}: {response.error}")
+    print_recommendations(response.to_record(), _titles())
+
+
+def _produce_file(cls, path: Path) -> None:
+    """Every line of `path` as a `cls` record, checked before anything is produced."""
+    from rich.progress import track
+
+    from schemas.serde import EncodeError
+    from streams.topics import role_for, serde_for
+
+    serde = serde_for(get_settings(), role_for(cls.SCHEMA))
+    records = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        fail(f"cannot read {path}: {e.strerror}")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = cls(**json.loads(line))
+            serde.encode(record.to_record())
+        except (json.JSONDecodeError, TypeError, EncodeError) as e:
+            fail(f"{path}:{n}: not a valid {cls.__name__}: {e}")
+        records.append(record)
+    with _client() as client:
+        for record in track(records, description=f"producing {len(records):,} records"):
+            client.send(record)
+        client.flush()
+    console.print(f"{len(records):,} {cls.__name__} records produced from {path}")
 
 
 @app.command("consume")
@@ -256,6 +389,8 @@ def print_event(event, as_json: bool = False) -> None:
         console.print(f"{where} [red]undecodable:[/] {event.error}")
     elif "items" in event.value and "request_id" in event.value:
         _print_response(where, event.value)
+    elif {"processor", "error", "offset"} <= set(event.value):
+        _print_dead_letter(where, event.value)
     else:
         console.print(where, _short(event.value))
 
@@ -270,6 +405,15 @@ def _print_response(where: str, r: dict) -> None:
         for i, item in enumerate(r["items"], 1):
             table.add_row(str(i), item["item_id"], f"{item['score']:.4f}")
         console.print(table)
+
+
+def _print_dead_letter(where: str, d: dict) -> None:
+    console.print(
+        f"{where} [red]rejected[/] {d['topic']}[{d['partition']}]@{d['offset']} "
+        f"by {d['processor'] or 'a processor'}: [bold]{d['error']}[/]"
+    )
+    key = d["key"].decode(errors="replace") if d["key"] is not None else "-"
+    console.print(f"  key {key!r}, {len(d['value'])} bytes: {d['value'][:48]!r}", markup=False)
 
 
 def _short(value: dict) -> str:
@@ -328,6 +472,9 @@ def train_cmd(
     """
     from models.evaluate import markdown_table
     from models.train import TrainConfig, train
+    from streamrec.quiet import load_tensorflow
+
+    load_tensorflow()
 
     settings = get_settings()
     dataset = _load_data(data)
@@ -433,6 +580,9 @@ def evaluate_cmd(
     dataset = _load_data(data)
     if prequential:
         from models import prequential as pq
+        from streamrec.quiet import load_tensorflow
+
+        load_tensorflow()
 
         result = pq.prequential(artifacts, dataset, pq.PrequentialConfig(), console.print)
         path = Path(output) if output else artifacts / "prequential.json"
@@ -627,11 +777,14 @@ def serve_trainer(
     <artifact_dir>/decisions.jsonl (`streamrec models list`)."""
     import logging
 
+    from streamrec.quiet import load_tensorflow
     from streams.kafka import EventConsumer
     from streams.trainer import Trainer, TrainerConfig
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     settings = get_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(message)s")
+    logging.getLogger("streamrec").setLevel(logging.INFO)  # its decisions, always
+    load_tensorflow()
     triton, repository = _serving()
     cfg = TrainerConfig(
         every_events=every_events,
@@ -725,10 +878,12 @@ def recommend(
     seed: SeedOption = None,
 ) -> None:
     """Ask the Triton ensemble directly (no Kafka) and print the ranked items and stage timings."""
+    from schemas.records import RecommendationRequest
     from serving.client import TritonRecommender
     from serving.operators import validate_request
 
-    request = request_record(user, k, exclude, temperature, seed)
+    request = RecommendationRequest(user, k, exclude or [], temperature=temperature, seed=seed)
+    request = request.to_record()
     if error := validate_request(request):
         fail(error)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -99,6 +100,13 @@ class Settings(BaseSettings):
     canary_timeout_s: float = Field(2.0, gt=0, description="Deadline of one canary inference")
     metrics_port: int | None = Field(None, description="Workers' Prometheus port (0 = any)")
     metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds")
+
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "warning",
+        description="Log level of the workers' libraries (Faust, aiokafka) and of TensorFlow's "
+        "start-up; streamrec's own lines (ready, recovery, trainer decisions) are always logged. "
+        "`streamrec --verbose` sets info",
+    )
 
     run_dir: Path = Path(".streamrec/run")
     artifact_dir: Path = Path(".streamrec/artifacts")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import statistics
 import time
-import uuid
 from pathlib import Path
 
 from rich.console import Console
@@ -81,6 +80,7 @@ def run_demo(settings: Settings, console: Console, keep: bool = False, retrain: 
 def _artifacts(settings: Settings, dataset, console: Console, retrain: bool) -> Path:
     from models.train import TrainConfig, train
     from models.versions import current_artifacts
+    from streamrec.quiet import load_tensorflow
 
     if not retrain:
         try:
@@ -92,6 +92,7 @@ def _artifacts(settings: Settings, dataset, console: Console, retrain: bool) -> 
             pass
     t0 = time.monotonic()
     with console.status("training") as status:
+        load_tensorflow()
         out = train(
             dataset,
             settings.artifact_dir,
@@ -129,66 +130,35 @@ def _replay(settings, dataset, artifacts, bootstrap, redis_url, console) -> None
 
 def _before_after(settings, artifacts, bootstrap, redis_url, console, now: int) -> None:
     from serving.state import RedisState
-    from streams.kafka import EventProducer
-    from streams.replay import Recorder
+    from streamrec.client import Client
 
     titles = json.loads((artifacts / "items.json").read_text())
     state = RedisState(redis_url, prefix=settings.feast_project)
-    producer = EventProducer(settings, bootstrap)
     latencies, freshness = [], []
-    with Recorder(settings, bootstrap) as recorder:
+    with Client(bootstrap, settings, timeout=30.0) as client:
 
-        def ask(user: str) -> dict:
-            rid = uuid.uuid4().hex
+        def ask(user: str):
             sent = time.perf_counter()
-            producer.send(
-                "requests",
-                {
-                    "request_id": rid,
-                    "user_id": user,
-                    "k": 5,
-                    "exclude": [],
-                    "context": {},
-                    "temperature": 0.0,
-                    "seed": None,
-                    "deadline_ms": None,
-                    "timestamp_ms": now,
-                },
-            )
-            producer.flush()
-            recorder.wait({rid}, timeout=30)
+            response = client.recommend(user, k=5, temperature=0.0, ts=now)
             latencies.append((time.perf_counter() - sent) * 1000)
-            return recorder.responses[rid][0]
+            return response
 
         for user in DEMO_USERS:
             before = ask(user)
-            if not before["items"]:
-                console.print(f"user {user}: {before['status']}: {before['error']}")
+            if not before.items:
+                console.print(f"user {user}: {before.status}: {before.error}")
                 continue
-            clicked = before["items"][0]["item_id"]
+            clicked = before.item_ids[0]
             acked = state.acked()
             sent = time.perf_counter()
-            producer.send(
-                "interactions",
-                {
-                    "event_id": uuid.uuid4().hex,
-                    "user_id": user,
-                    "item_id": clicked,
-                    "event_type": "click",
-                    "value": None,
-                    "timestamp_ms": now,
-                    "session_id": None,
-                    "context": {},
-                },
-            )
-            producer.flush()
+            client.track(user, clicked, "click", ts=now, request_id=before.request_id)
+            client.flush()
             while state.acked() <= acked:
                 time.sleep(0.001)
             freshness.append((time.perf_counter() - sent) * 1000)
             after = ask(user)
             history = state.seen(user)[:4]
-            _show(console, user, history, before, after, clicked, titles)
-    producer.close()
+            _show(console, user, history, before.item_ids, after.item_ids, clicked, titles)
     console.print(
         f"request → response over Kafka: median {statistics.median(latencies):.1f} ms "
         f"(max {max(latencies):.1f}) over {len(latencies)} requests; interaction → features "
@@ -208,9 +178,9 @@ def _show(console, user, history, before, after, clicked, titles) -> None:
         title=f"user {user} — recent: " + "; ".join(title(i) for i in history),
         title_justify="left",
     )
-    for n in range(max(len(before["items"]), len(after["items"]))):
-        b = before["items"][n]["item_id"] if n < len(before["items"]) else ""
-        a = after["items"][n]["item_id"] if n < len(after["items"]) else ""
+    for n in range(max(len(before), len(after))):
+        b = before[n] if n < len(before) else ""
+        a = after[n] if n < len(after) else ""
         mark = " [yellow](clicked)[/]" if b == clicked else ""
         table.add_row(str(n + 1), f"{title(b)}{mark}" if b else "", title(a) if a else "")
     console.print(table)

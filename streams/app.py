@@ -55,6 +55,20 @@ from streams.topics import TOPICS, serde_for, topic_name
 from streams.workers import FAILED, READY
 
 log = logging.getLogger("streamrec.workers")
+# Merged into Faust's logging set-up: streamrec's own lines (ready, stalls, recoveries) at info
+# through a handler of their own, whatever level the libraries log at (`Settings.log_level`).
+LOGGING = {
+    "merge": True,
+    "handlers": {
+        "streamrec": {
+            "class": "logging.StreamHandler",
+            "formatter": "default",
+            "level": "INFO",
+            "stream": "ext://sys.stdout",
+        }
+    },
+    "loggers": {"streamrec": {"level": "INFO", "handlers": ["streamrec"], "propagate": False}},
+}
 SEND_TIMEOUT_S = 15.0  # for the broker to acknowledge a batch before it is sent again
 REQUEST_BATCH_WAIT_S = 0.001  # the most a request waits for others to share its batch
 
@@ -202,6 +216,7 @@ def create_app(settings: Settings) -> faust.App:
         producer_acks=-1,
         producer_linger=0.0,  # each response goes out as soon as it is ready
         web_enabled=False,
+        logging_config=LOGGING,
         **faust_broker_settings(settings),
     )
     topics = {
@@ -381,6 +396,13 @@ def create_app(settings: Settings) -> faust.App:
                 await triton.heal(result.suspects)
             except Exception as e:  # noqa: BLE001 - Triton itself may be down; try again later
                 log.warning("reload failed: %s", e)
+
+    @app.on_partitions_assigned.connect
+    async def assigned(app, assigned, **kwargs):  # noqa: ARG001 - Faust's signal signature
+        by_topic: dict[str, list[int]] = {}
+        for tp in sorted(assigned):
+            by_topic.setdefault(tp.topic, []).append(tp.partition)
+        log.info("partitions assigned: %s", by_topic or "none")
 
     @app.timer(interval=5.0)
     async def consumer_lag():

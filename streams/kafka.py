@@ -219,8 +219,11 @@ class EventConsumer:
         roles: list[str],
         group: str,
         from_beginning: bool = True,
+        from_now: bool = False,
         **extra: Any,
     ):
+        """`from_now`: read every partition from its end as of this call, without joining the
+        group (no rebalance wait; nothing produced after this call returns is missed)."""
         from confluent_kafka import Consumer
 
         self.settings = settings
@@ -231,7 +234,24 @@ class EventConsumer:
         }
         self._consumer = Consumer(conf | extra)
         self._serdes = {topic_name(settings, r): serde_for(settings, r) for r in roles}
-        self._consumer.subscribe(list(self._serdes))
+        if from_now:
+            self._consumer.assign(self._ends(list(self._serdes)))
+        else:
+            self._consumer.subscribe(list(self._serdes))
+
+    def _ends(self, topics: list[str], timeout: float = 10.0) -> list:
+        from confluent_kafka import TopicPartition
+
+        metadata = self._consumer.list_topics(timeout=timeout)
+        out = []
+        for topic in topics:
+            if topic not in metadata.topics or metadata.topics[topic].error is not None:
+                raise RuntimeError(f"topic '{topic}' does not exist (streamrec topics create)")
+            for partition in metadata.topics[topic].partitions:
+                tp = TopicPartition(topic, partition)
+                _, high = self._consumer.get_watermark_offsets(tp, timeout=timeout)
+                out.append(TopicPartition(topic, partition, high))
+        return out
 
     def poll(self, timeout: float = 1.0) -> Event | None:
         from confluent_kafka import KafkaError

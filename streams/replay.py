@@ -25,6 +25,7 @@ from models.evaluate import EvalConfig, Point, full_pipeline, most_popular, repl
 from models.examples import prepare
 from models.metrics import ndcg_at_k, recall_at_k
 from models.recommender import Recommender
+from schemas.records import Interaction, RecommendationRequest
 from schemas.serde import SingleObjectSerde, schema_text
 from streamrec.config import Settings
 from streams.kafka import EventConsumer, EventProducer
@@ -87,30 +88,21 @@ def build_timeline(
 
 
 def _request(p: Point, k: int, seed: int) -> dict:
-    return {
-        "request_id": f"replay-{seed}-{p.user}-{p.ts_ms}",
-        "user_id": p.user,
-        "k": k,
-        "exclude": [],
-        "context": {"source": "replay"},
-        "temperature": 0.0,
-        "seed": seed,
-        "deadline_ms": None,
-        "timestamp_ms": p.ts_ms,
-    }
+    return RecommendationRequest(
+        p.user,
+        k,
+        context={"source": "replay"},
+        temperature=0.0,
+        seed=seed,
+        timestamp_ms=p.ts_ms,
+        request_id=f"replay-{seed}-{p.user}-{p.ts_ms}",
+    ).to_record()
 
 
 def _interaction(user: str, item: str, ts: int, n: int, seed: int) -> dict:
-    return {
-        "event_id": f"replay-{seed}-{n}",
-        "user_id": user,
-        "item_id": item,
-        "event_type": "rating",
-        "value": None,
-        "timestamp_ms": ts * 1000,
-        "session_id": None,
-        "context": {},
-    }
+    return Interaction(
+        user, item, "rating", timestamp_ms=ts * 1000, event_id=f"replay-{seed}-{n}"
+    ).to_record()
 
 
 def _inject_bad(steps: list[Step], seed: int) -> dict[str, int]:

@@ -44,14 +44,19 @@ def topic_name(settings: Settings, role: str) -> str:
 
 
 def role_of(settings: Settings, name: str) -> str:
-    """The role of a topic given by name (or by role)."""
-    if name in TOPICS:
-        return name
+    """The role of a topic given by name (or by role, `dead-letter` as well as `dead_letter`)."""
+    if name.replace("-", "_") in TOPICS:
+        return name.replace("-", "_")
     for role in TOPICS:
         if topic_name(settings, role) == name:
             return role
     known = ", ".join(topic_name(settings, r) for r in TOPICS)
     raise KeyError(f"unknown topic '{name}' (known: {known})")
+
+
+def role_for(schema: str) -> str:
+    """The topic role whose events have this schema."""
+    return next(role for role, topic in TOPICS.items() if topic.schema == schema)
 
 
 def serde_for(settings: Settings, role: str) -> Serde:

@@ -36,7 +36,7 @@ from models.versions import log_decision
 from serving.client import TritonRecommender
 from serving.rollout import promote
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("streamrec.trainer")
 COLUMNS = ["user_id", "item_id", "timestamp"]
 
 

@@ -34,7 +34,8 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "triton_url": stack.endpoint("triton"),
         **{d: getattr(settings, d).resolve() for d in ("run_dir", "artifact_dir", "data_dir")},
     }
-    env = dict(os.environ) | {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    tf_level = "2" if settings.log_level not in ("debug", "info") else "0"
+    env = dict(os.environ) | {"TF_CPP_MIN_LOG_LEVEL": tf_level, "PYTHONUNBUFFERED": "1"}
     for name, value in values.items():
         if isinstance(value, dict):  # nested: STREAMREC_TOPICS__REQUESTS, ...
             nested = {f"STREAMREC_{name}__{k}".upper(): v for k, v in value.items()}
@@ -76,12 +77,13 @@ class Workers:
                 sys.executable,
                 "-m",
                 "faust",
+                "--quiet" if self.settings.log_level in ("warning", "error") else "--no-quiet",
                 "-A",
                 "streams.app",
                 "worker",
                 "--without-web",
                 "--loglevel",
-                "info",
+                {"warning": "warn"}.get(self.settings.log_level, self.settings.log_level),
             ]
             env_w = env | {
                 "STREAMREC_METRICS_PORT": str(port),

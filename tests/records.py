@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import uuid
 
+from schemas.records import Interaction, ItemUpdate, RecommendationRequest
+
 T0 = 893_300_000_000  # ML-100K's last weeks, in ms
 
 
 def interaction(user: str, item: str, ts: int = T0, event_id: str | None = None) -> dict:
-    return {
-        "event_id": event_id or uuid.uuid4().hex,
-        "user_id": user,
-        "item_id": item,
-        "event_type": "view",
-        "value": None,
-        "timestamp_ms": ts,
-        "session_id": None,
-        "context": {},
-    }
+    event = Interaction(user, item, timestamp_ms=ts)
+    return event.to_record() | ({"event_id": event_id} if event_id else {})
 
 
 def item_update(
@@ -29,29 +23,34 @@ def item_update(
     year: int | None = None,
     genres: list[str] = (),
 ) -> dict:
-    return {
-        "item_id": item,
-        "available": available,
-        "title": title,
-        "year": year,
-        "genres": list(genres),
-        "attributes": {},
-        "timestamp_ms": ts,
-    }
+    return ItemUpdate(item, available, title, year, list(genres), timestamp_ms=ts).to_record()
 
 
 def request(user: str, k: int = 10, request_id: str | None = None, **extra) -> dict:
-    return {
-        "request_id": request_id or uuid.uuid4().hex,
-        "user_id": user,
-        "k": k,
-        "exclude": [],
-        "context": {},
-        "temperature": 0.0,
-        "seed": None,
-        "deadline_ms": None,
-        "timestamp_ms": T0,
-    } | extra
+    record = RecommendationRequest(user, k, temperature=0.0, timestamp_ms=T0).to_record()
+    return record | ({"request_id": request_id} if request_id else {}) | extra
+
+
+def stack_settings(base_settings, kafka, redis_url, triton_url, artifacts, **extra):
+    """Settings for a worker on the test stack, with fresh topics (created) and group."""
+    from streamrec.config import TopicNames
+    from streams.topics import create_topics
+
+    prefix = f"s{uuid.uuid4().hex[:6]}"
+    names = {role: f"{prefix}-{name}" for role, name in TopicNames().model_dump().items()}
+    settings = base_settings.model_copy(
+        update={
+            "kafka_bootstrap": kafka,
+            "redis_url": redis_url,
+            "triton_url": triton_url,
+            "artifact_dir": artifacts.parent,
+            "topics": TopicNames(**names),
+            "worker_group": f"{prefix}-workers",
+        }
+        | extra
+    )
+    create_topics(settings, kafka)
+    return settings
 
 
 def produce(settings, role: str, records: list[dict], raw: list[bytes] = ()) -> None:

@@ -127,6 +127,41 @@ def test_the_served_ranking_is_the_offline_pipeline_on_the_same_state(
     assert activity.recent_items and _items(local.recommend(_request(user))) == offline
 
 
+@pytest.mark.parametrize("user", ["196", "655", "unknown-user-y"])
+def test_an_explained_answer_is_the_same_answer_with_its_reasons(triton, local, user):
+    from models.inputs import DENSE_FEATURES
+
+    plain = triton.recommend(_request(user, k=10))
+    explained = triton.recommend(_request(user, k=10, explain=True))
+    assert _items(explained) == _items(plain) and plain["explanations"] == []
+    assert [i["score"] for i in explained["items"]] == [i["score"] for i in plain["items"]]
+    reasons = explained["explanations"]
+    assert [e["item_id"] for e in reasons] == _items(plain)
+    for e, item in zip(reasons, explained["items"], strict=True):
+        assert e["ranker_score"] == pytest.approx(item["score"], rel=1e-6)
+        assert 1 <= e["retrieval_rank"] <= 300 and set(e["features"]) == set(DENSE_FEATURES)
+        assert e["features"]["retrieval_score"] == pytest.approx(e["retrieval_score"], rel=1e-6)
+        assert e["source"] == ("popular" if user.startswith("unknown") else "retrieval")
+    assert [e["score_rank"] for e in reasons] == list(range(1, 11))  # greedy: the score order
+    assert {e["ordering"] for e in reasons} == {"kept its place by score"}
+    reference = local.recommend(_request(user, k=10, explain=True))["explanations"]
+    assert [(e["item_id"], e["retrieval_rank"]) for e in reference] == [
+        (e["item_id"], e["retrieval_rank"]) for e in reasons
+    ]
+
+
+def test_explanations_name_sampling_and_backfill(triton):
+    sampled = triton.recommend(_request("196", k=10, temperature=2.0, seed=3, explain=True))
+    moved = [e for e in sampled["explanations"] if e["ordering"] != "kept its place by score"]
+    assert moved and all(e["ordering"].startswith("sampling moved it from") for e in moved)
+    full = triton.recommend(_request("196", k=400, explain=True))  # more than the candidates
+    reasons = full["explanations"]
+    assert len(reasons) == 400 and full["backfilled"] > 0
+    assert [e["source"] for e in reasons[-full["backfilled"] :]] == ["backfill"] * full[
+        "backfilled"
+    ]
+
+
 def test_a_consumed_item_never_appears_again(triton, state):
     before = triton.recommend(_request("42"))
     top = _items(before)[0]

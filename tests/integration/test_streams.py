@@ -6,34 +6,14 @@ import time
 import uuid
 
 import pytest
-from records import T0, interaction, produce, request
+from records import T0, interaction, produce, request, stack_settings
 
 from models.feature_repo import feature_store
 from serving.state import RedisState
-from streamrec.config import TopicNames
 from streams.kafka import EventConsumer
-from streams.topics import create_topics
 from streams.workers import Workers, log_of
 
 pytestmark = pytest.mark.integration
-
-
-def _settings(base_settings, kafka, redis_url, triton_url, artifacts, **extra):
-    prefix = f"s{uuid.uuid4().hex[:6]}"
-    names = {role: f"{prefix}-{name}" for role, name in TopicNames().model_dump().items()}
-    settings = base_settings.model_copy(
-        update={
-            "kafka_bootstrap": kafka,
-            "redis_url": redis_url,
-            "triton_url": triton_url,
-            "artifact_dir": artifacts.parent,
-            "topics": TopicNames(**names),
-            "worker_group": f"{prefix}-workers",
-        }
-        | extra
-    )
-    create_topics(settings, kafka)
-    return settings
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +21,7 @@ def live(base_settings, kafka, redis_url, triton_url, artifacts, serving_config)
     """Fresh topics and one worker for the module, publishing in Kafka transactions."""
     # A generous default deadline: these tests assert answers, and a loaded machine must not
     # turn them into `expired` ones. Deadlines are tested with explicit ones.
-    settings = _settings(
+    settings = stack_settings(
         base_settings,
         kafka,
         redis_url,
@@ -228,7 +208,7 @@ def test_a_worker_killed_mid_stream_loses_and_doubles_nothing(
     serving_config,
     state,
 ):
-    settings = _settings(base_settings, kafka, redis_url, triton_url, artifacts)
+    settings = stack_settings(base_settings, kafka, redis_url, triton_url, artifacts)
     users = [f"kill-{uuid.uuid4().hex[:6]}-{n}" for n in range(20)]
     events = [interaction(users[n % 20], str(1 + n % 300), T0 + n * 1000) for n in range(600)]
     requests = [request(users[n % 20], k=5) for n in range(150)]
@@ -273,7 +253,7 @@ def test_two_workers_split_the_partitions_and_answer_everything(
     artifacts,
     serving_config,
 ):
-    settings = _settings(base_settings, kafka, redis_url, triton_url, artifacts)
+    settings = stack_settings(base_settings, kafka, redis_url, triton_url, artifacts)
     workers = Workers(settings)
     try:
         running = workers.start(2)
@@ -288,7 +268,7 @@ def test_two_workers_split_the_partitions_and_answer_everything(
     assert all(len(v) == 1 for v in got.values())
     assert all(m > 0 for m in metrics), metrics  # both workers answered some
     assert sum(metrics) == len(batch)
-    assert all("Setting newly assigned partitions" in log for log in logs)
+    assert all("partitions assigned: {" in log for log in logs)  # streamrec's own line
 
 
 def _responses_metric(port: int) -> float:
@@ -307,7 +287,7 @@ def test_a_worker_that_cannot_start_says_why_at_once(
 ):
     from streamrec.stack.process import StartupError
 
-    settings = _settings(base_settings, kafka, redis_url, triton_url, artifacts)
+    settings = stack_settings(base_settings, kafka, redis_url, triton_url, artifacts)
     cases = {
         "no Feast repository at": {"run_dir": tmp_path / "empty-run"},
         "Redis at redis://127.0.0.1:1/0": {"redis_url": "redis://127.0.0.1:1/0"},

@@ -8,7 +8,7 @@ runner = CliRunner()
 def test_help_lists_the_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("stack", "topics", "produce-request", "consume", "demo"):
+    for command in ("stack", "topics", "produce", "consume", "demo"):
         assert command in result.output
 
 
@@ -19,7 +19,7 @@ def test_a_missing_broker_is_a_readable_error_not_a_traceback(tmp_path, monkeypa
 
     get_settings.cache_clear()
     try:
-        result = runner.invoke(app, ["produce-request", "--user", "1"])
+        result = runner.invoke(app, ["produce", "request", "--user", "1"])
     finally:
         get_settings.cache_clear()
     assert result.exit_code == 1

@@ -107,6 +107,14 @@ def _table(tmp_path, ids, popular=(), seen=(), unavailable=(), fallback=()):
     return CountingItems(tmp_path, FakeState(popular, seen, unavailable))
 
 
+NOT_EXPLAINED = {
+    "explain": np.array([0], np.int32),
+    "kept_rank": np.zeros(0, np.int32),
+    "kept_scores": np.zeros(0, np.float32),
+    "features": np.zeros((0, 3), np.float32),
+}
+
+
 def test_ordering_operator_returns_k_items_with_their_scores(tmp_path):
     op = Ordering(None, {"temperature": 0.0, "max_per_genre": 0}, _table(tmp_path, "abc"))
     (out,) = op(
@@ -119,6 +127,7 @@ def test_ordering_operator_returns_k_items_with_their_scores(tmp_path):
                 "k": np.array([2], dtype=np.int32),
                 "temperature": np.array([-1.0], dtype=np.float32),  # server default: greedy
                 "seed": np.array([-1], dtype=np.int64),
+                **NOT_EXPLAINED,
             }
         ]
     )
@@ -140,6 +149,7 @@ def test_ordering_of_no_candidates_is_empty(tmp_path):
                 "k": np.array([5], np.int32),
                 "temperature": np.array([0.0], np.float32),
                 "seed": np.array([1], np.int64),
+                **NOT_EXPLAINED,
             }
         ]
     )
@@ -227,6 +237,7 @@ def _serve(tmp_path, candidates, k, exclude=(), catalog=None, **state):
     tensors |= out
     tensors["scores"] = tensors["kept_scores"]
     tensors["item_genres"] = np.zeros((len(tensors["kept"]), 2), np.float32)
+    tensors["features"] = np.zeros((0, 3), np.float32)
     tensors |= Ordering(None, CONFIG, items)([tensors])[0]
     outputs = {"path": strings(["personalized"]), **tensors}
     for op in OPERATORS:

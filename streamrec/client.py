@@ -1,0 +1,364 @@
+"""The client library: produce events and requests from your own service, get recommendations.
+
+    from streamrec.client import Client
+
+    with Client() as client:                      # the embedded stack, or STREAMREC_KAFKA_BOOTSTRAP
+        client.track("196", "242", "click")       # an interaction, keyed and with an event id
+        client.update_item("1683", title="New", genres=["Drama"])
+        response = client.recommend("196", k=10, timeout=5.0)
+        print(response.item_ids)
+
+`AsyncClient` has the same methods for asyncio (`await client.recommend(...)`). Records are
+encoded as the workers read them: Avro single-object encoding, or the Schema Registry wire
+format when `STREAMREC_SCHEMA_REGISTRY_URL` is set. Responses are matched to requests by request
+id through one response consumer per client, which reads the recommendations topic from the
+moment the client first asks (no consumer group to join).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+from schemas.records import (
+    EventType,
+    Interaction,
+    ItemUpdate,
+    RecommendationRequest,
+    RecommendationResponse,
+    now_ms,
+)
+from streamrec.config import Settings, get_settings
+
+__all__ = ["AsyncClient", "Client", "RecommendationTimeout"]
+
+
+class RecommendationTimeout(TimeoutError):
+    """No response arrived in time (the request carried that deadline, so none will)."""
+
+    def __init__(self, request: RecommendationRequest, timeout: float):
+        super().__init__(
+            f"no recommendation for user {request.user_id!r} within {timeout:g} s "
+            f"(request {request.request_id}): are the workers running (`streamrec serve "
+            "workers`) and keeping up?"
+        )
+        self.request = request
+
+
+class _Responses:
+    """One consumer of the recommendations topic, in a thread, handing each response to whoever
+    waits for its request id."""
+
+    def __init__(self, settings: Settings, bootstrap: str):
+        from streams.kafka import EventConsumer
+
+        self._consumer = EventConsumer(
+            settings,
+            bootstrap,
+            ["recommendations"],
+            f"streamrec-client-{uuid.uuid4().hex[:8]}",
+            from_now=True,
+        )
+        self._waiting: dict[str, Callable[[RecommendationResponse], None]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="streamrec-responses", daemon=True)
+        self._thread.start()
+
+    def expect(self, request_id: str, deliver: Callable[[RecommendationResponse], None]) -> None:
+        with self._lock:
+            self._waiting[request_id] = deliver
+
+    def forget(self, request_id: str) -> None:
+        with self._lock:
+            self._waiting.pop(request_id, None)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._consumer.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            event = self._consumer.poll(0.1)
+            if event is None or event.value is None:
+                continue
+            with self._lock:
+                deliver = self._waiting.pop(event.value["request_id"], None)
+            if deliver is not None:
+                deliver(RecommendationResponse.from_record(event.value))
+
+
+class _Base:
+    def __init__(
+        self,
+        bootstrap: str | None = None,
+        settings: Settings | None = None,
+        timeout: float = 5.0,
+    ):
+        from streams.kafka import EventProducer
+
+        self.settings = settings or get_settings()
+        self.bootstrap = bootstrap or self.settings.kafka_bootstrap or _embedded(self.settings)
+        self.timeout = timeout
+        self._producer = EventProducer(self.settings, self.bootstrap)
+        self._responses: _Responses | None = None
+        self._responses_lock = threading.Lock()
+
+    def send(self, record: Interaction | ItemUpdate | RecommendationRequest) -> None:
+        """Produce any typed record to its topic (a request's answer is not awaited)."""
+        from streams.topics import role_for
+
+        self._producer.send(role_for(record.SCHEMA), record.to_record())
+
+    def _track(
+        self,
+        user: str,
+        item: str,
+        event_type: EventType,
+        value: float | None,
+        ts: int | None,
+        request_id: str | None,
+        session_id: str | None,
+        context: dict[str, str] | None,
+    ) -> Interaction:
+        context = dict(context or {})
+        if request_id:  # the response this interaction follows from (A/B attribution)
+            context["request_id"] = request_id
+        event = Interaction(
+            str(user),
+            str(item),
+            event_type,
+            value,
+            ts if ts is not None else now_ms(),
+            session_id=session_id,
+            context=context,
+        )
+        self.send(event)
+        return event
+
+    def _update_item(self, item: str, **fields: Any) -> ItemUpdate:
+        ts = fields.pop("ts", None)
+        update = ItemUpdate(str(item), timestamp_ms=ts if ts is not None else now_ms(), **fields)
+        self.send(update)
+        return update
+
+    def _request(
+        self,
+        user: str,
+        k: int,
+        exclude: Iterable[str],
+        timeout: float,
+        ts: int | None,
+        **fields: Any,
+    ) -> RecommendationRequest:
+        at = now_ms()
+        return RecommendationRequest(
+            str(user),
+            k,
+            [str(i) for i in exclude],
+            timestamp_ms=ts if ts is not None else at,
+            deadline_ms=at + int(timeout * 1000),  # wall clock: when the client stops waiting
+            **fields,
+        )
+
+    def _responses_started(self) -> _Responses:
+        with self._responses_lock:
+            if self._responses is None:
+                self._responses = _Responses(self.settings, self.bootstrap)
+        return self._responses
+
+    def _send_request(
+        self, request: RecommendationRequest, deliver: Callable[[RecommendationResponse], None]
+    ) -> None:
+        self._responses_started().expect(request.request_id, deliver)
+        self.send(request)
+
+    def _close(self) -> None:
+        try:
+            self._producer.close()
+        finally:
+            if self._responses is not None:
+                self._responses.close()
+
+
+class Client(_Base):
+    """Blocking client. `track` and `update_item` return at once (delivery is asynchronous;
+    `flush` waits for it); `recommend` waits for the answer."""
+
+    def track(
+        self,
+        user: str,
+        item: str,
+        event_type: EventType = "view",
+        value: float | None = None,
+        ts: int | None = None,
+        *,
+        request_id: str | None = None,
+        session_id: str | None = None,
+        context: dict[str, str] | None = None,
+    ) -> Interaction:
+        """Record that `user` interacted with `item` (at `ts`, epoch ms; default now)."""
+        return self._track(user, item, event_type, value, ts, request_id, session_id, context)
+
+    def update_item(
+        self,
+        item: str,
+        *,
+        available: bool = True,
+        title: str | None = None,
+        year: int | None = None,
+        genres: Iterable[str] = (),
+        attributes: dict[str, str] | None = None,
+        ts: int | None = None,
+    ) -> ItemUpdate:
+        """Add an item to the catalog, change its attributes, or make it (un)available."""
+        return self._update_item(
+            item,
+            available=available,
+            title=title,
+            year=year,
+            genres=list(genres),
+            attributes=dict(attributes or {}),
+            ts=ts,
+        )
+
+    def recommend(
+        self,
+        user: str,
+        k: int = 10,
+        *,
+        exclude: Iterable[str] = (),
+        timeout: float | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
+        context: dict[str, str] | None = None,
+        ts: int | None = None,
+    ) -> RecommendationResponse:
+        """Ask for `k` items for `user` and wait for the answer (`status` ok, error or expired).
+
+        `ts`: the time the request is served as of (epoch ms; default now), for replays.
+        Raises `RecommendationTimeout` when none arrives within `timeout` seconds.
+        """
+        timeout = self.timeout if timeout is None else timeout
+        request = self._request(
+            user, k, exclude, timeout, ts, temperature=temperature, seed=seed, context=context or {}
+        )
+        answer: Future[RecommendationResponse] = Future()
+        self._send_request(request, answer.set_result)
+        try:
+            return answer.result(timeout)
+        except FutureTimeout:
+            self._responses.forget(request.request_id)
+            raise RecommendationTimeout(request, timeout) from None
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every event produced so far is on the broker."""
+        self._producer.flush(timeout)
+
+    def close(self) -> None:
+        self._close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncClient(_Base):
+    """The same for asyncio: every method is a coroutine."""
+
+    async def track(
+        self,
+        user: str,
+        item: str,
+        event_type: EventType = "view",
+        value: float | None = None,
+        ts: int | None = None,
+        *,
+        request_id: str | None = None,
+        session_id: str | None = None,
+        context: dict[str, str] | None = None,
+    ) -> Interaction:
+        return self._track(user, item, event_type, value, ts, request_id, session_id, context)
+
+    async def update_item(
+        self,
+        item: str,
+        *,
+        available: bool = True,
+        title: str | None = None,
+        year: int | None = None,
+        genres: Iterable[str] = (),
+        attributes: dict[str, str] | None = None,
+        ts: int | None = None,
+    ) -> ItemUpdate:
+        return self._update_item(
+            item,
+            available=available,
+            title=title,
+            year=year,
+            genres=list(genres),
+            attributes=dict(attributes or {}),
+            ts=ts,
+        )
+
+    async def recommend(
+        self,
+        user: str,
+        k: int = 10,
+        *,
+        exclude: Iterable[str] = (),
+        timeout: float | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
+        context: dict[str, str] | None = None,
+        ts: int | None = None,
+    ) -> RecommendationResponse:
+        timeout = self.timeout if timeout is None else timeout
+        request = self._request(
+            user, k, exclude, timeout, ts, temperature=temperature, seed=seed, context=context or {}
+        )
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[RecommendationResponse] = loop.create_future()
+
+        def deliver(response: RecommendationResponse) -> None:
+            loop.call_soon_threadsafe(_resolve, answer, response)
+
+        if self._responses is None:  # its start blocks on metadata: not on the event loop
+            await asyncio.to_thread(self._responses_started)
+        self._send_request(request, deliver)
+        try:
+            return await asyncio.wait_for(answer, timeout)
+        except TimeoutError:
+            self._responses.forget(request.request_id)
+            raise RecommendationTimeout(request, timeout) from None
+
+    async def flush(self, timeout: float = 30.0) -> None:
+        await asyncio.to_thread(self._producer.flush, timeout)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._close)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+def _resolve(future: asyncio.Future, response: RecommendationResponse) -> None:
+    if not future.done():
+        future.set_result(response)
+
+
+def _embedded(settings: Settings) -> str:
+    from streamrec.stack import EmbeddedStack
+
+    return EmbeddedStack(settings).endpoint("kafka")
