@@ -195,6 +195,4 @@ class RegistrySerde:
 def make_serde(topic: str, schema_name: str, registry_url: str | None = None) -> Serde:
     if registry_url:
         return RegistrySerde(topic, schema_text(schema_name), registry_url)
-    return SingleObjectSerde(
-        topic, load_schema(schema_name), older=previous_versions(schema_name)
-    )
+    return SingleObjectSerde(topic, load_schema(schema_name), older=previous_versions(schema_name))
