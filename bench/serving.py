@@ -53,6 +53,7 @@ from bench.common import (
     children,
     cmdline,
     console,
+    fmt,
     full_gc_ms,
     machine_info,
     markdown_table,
@@ -733,6 +734,60 @@ def in_process_step(b: Bench) -> dict[str, Any]:
     return out
 
 
+def explain_step(b: Bench) -> dict[str, Any]:
+    """What explanations cost: every request at batch 1 in-process with and without `explain`
+    (alternating which goes first), and the encoded response's size."""
+    from schemas.serde import make_serde
+    from serving.operators import response_record
+
+    serde = make_serde("responses", "recommendation_response")
+    ms: dict[str, list[float]] = {"off": [], "on": []}
+    size: dict[str, list[int]] = {"off": [], "on": []}
+    identical = 0
+    with b.phases.phase("explain off / on", f"({len(b.tensors)} requests, batch 1)", measure=True):
+        for n, (request, t) in enumerate(zip(b.parity.requests, b.tensors, strict=True)):
+            out = {}
+            for mode in ("off", "on") if n % 2 else ("on", "off"):
+                tensors = t | {"explain": np.array([int(mode == "on")], np.int32)}
+                t0 = time.perf_counter()
+                out[mode] = b.local.run(tensors)
+                ms[mode].append((time.perf_counter() - t0) * 1000)
+                record = response_record(request | {"explain": mode == "on"}, out[mode])
+                size[mode].append(len(serde.encode(record)))
+            identical += out["on"]["items"].tolist() == out["off"]["items"].tolist()
+    return {
+        mode: {
+            "per_request_ms": summarize(ms[mode]),
+            "response_bytes": float(np.median(size[mode])),
+        }
+        for mode in ms
+    } | {"identical_answers": identical, "requests": len(b.tensors)}
+
+
+def explain_lines(r: dict[str, Any]) -> list[str]:
+    e = r.get("explain")
+    if not e:
+        return []
+    rows = [
+        [
+            mode,
+            e[mode]["per_request_ms"]["p50"],
+            e[mode]["per_request_ms"]["p99"],
+            e[mode]["response_bytes"],
+        ]
+        for mode in ("off", "on")
+    ]
+    return [
+        "",
+        "## Explanations: their cost (in-process, batch 1, alternating)",
+        "",
+        markdown_table(["explain", "p50 ms", "p99 ms", "response bytes (median)"], rows),
+        "",
+        f"p50 ratio on/off: {fmt(ratio(rows[1][1], rows[0][1]))}; answers identical with and "
+        f"without: {e['identical_answers']} of {e['requests']}.",
+    ]
+
+
 def layout_step(b: Bench, layout: str) -> dict[str, Any]:
     """One tritonserver with `layout`: Triton vs in-process at batch 1 and B, interleaved; the
     throughput step too on --throughput-layout. The server is stopped afterwards."""
@@ -1199,6 +1254,7 @@ def markdown_report(r: dict[str, Any]) -> str:
     sections = (
         header_lines,
         in_process_lines,
+        explain_lines,
         layout_lines,
         throughput_lines,
         startup_lines,
@@ -1278,6 +1334,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 parity=Parity(reference, requests),
             )
             in_process = in_process_step(b)
+            explain = explain_step(b)
             layouts = {layout: layout_step(b, layout) for layout in args.layouts}
             parity = b.parity.summary()
             log_parity(parity, phases)
@@ -1329,6 +1386,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "artifacts": meta,
         "paths": path_counts(reference, int(config["candidates"])),
         "in_process": in_process,
+        "explain": explain,
         "layouts": layouts,
         "fastest_layout": {
             size: min(layouts, key=lambda n: layouts[n]["batch"][size]["triton"]["p50"])

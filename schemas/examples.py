@@ -68,7 +68,7 @@ def example_records(now_ms: int) -> dict[str, dict]:
                     "ranker_score": 0.91,
                     "score_rank": 1,
                     "features": {"log_popularity": 2.3, "recent_similarity": 0.61},
-                    "ordering": "kept its place by score",
+                    "ordering": "score order",
                 },
                 {
                     "item_id": "181",
@@ -78,7 +78,7 @@ def example_records(now_ms: int) -> dict[str, dict]:
                     "ranker_score": 0.87,
                     "score_rank": 2,
                     "features": {"log_popularity": 3.1, "recent_similarity": 0.44},
-                    "ordering": "kept its place by score",
+                    "ordering": "score order",
                 },
             ],
         },

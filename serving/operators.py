@@ -530,10 +530,10 @@ def _explanations(items: list[str], outputs: dict[str, np.ndarray]) -> list[dict
         row = dict(zip(EXPLAIN_COLUMNS, rows[position - 1].tolist(), strict=False))
         score_rank = int(row["score_rank"])
         if score_rank == position:
-            ordering = "kept its place by score"
+            ordering = "score order"
         else:
-            by = "sampling" if row["sampled"] else "the per-genre limit"
-            ordering = f"{by} moved it from {score_rank} to {position}"
+            by = "sampled" if row["sampled"] else "genre limit"
+            ordering = f"{by}: {score_rank} → {position}"
         features = rows[position - 1][len(EXPLAIN_COLUMNS) :].tolist()
         out.append(
             {
@@ -559,7 +559,7 @@ def _backfill_explanation(item: str) -> dict:
         "ranker_score": 0.0,
         "score_rank": 0,
         "features": {},
-        "ordering": "backfill: a popular item after the ranked ones (too few passed the filters)",
+        "ordering": "backfill (popular)",
     }
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -299,6 +300,24 @@ def produce_request(
     print_recommendations(response.to_record(), _titles())
 
 
+def _field_problem(cls, fields) -> str | None:
+    import dataclasses
+
+    if not isinstance(fields, dict):
+        return "not a JSON object"
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    required = [
+        name
+        for name, f in known.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing := [name for name in required if name not in fields]:
+        return f"missing {', '.join(missing)}"
+    if unknown := sorted(set(fields) - set(known)):
+        return f"unknown field(s) {', '.join(unknown)} (known: {', '.join(known)})"
+    return None
+
+
 def _produce_file(cls, path: Path) -> None:
     """Every line of `path` as a `cls` record, checked before anything is produced."""
     from rich.progress import track
@@ -316,9 +335,12 @@ def _produce_file(cls, path: Path) -> None:
         if not line.strip():
             continue
         try:
-            record = cls(**json.loads(line))
+            fields = json.loads(line)
+            if problem := _field_problem(cls, fields):
+                fail(f"{path}:{n}: not a valid {cls.__name__}: {problem}")
+            record = cls(**fields)
             serde.encode(record.to_record())
-        except (json.JSONDecodeError, TypeError, EncodeError) as e:
+        except (json.JSONDecodeError, EncodeError) as e:
             fail(f"{path}:{n}: not a valid {cls.__name__}: {e}")
         records.append(record)
     with _client() as client:
@@ -678,8 +700,7 @@ def serve_triton(
             )
             return
         with console.status("(re)starting tritonserver"):
-            stack.down(("triton",))
-            stack.up(("triton",))
+            stack.restart(("triton",))
     except (StartupError, StackNotRunning) as e:
         fail(str(e))
     console.print(f"[green]Triton serving '{ENSEMBLE}'[/] at {stack.endpoint('triton')} (gRPC)")
@@ -878,22 +899,88 @@ def recommend(
     seed: SeedOption = None,
 ) -> None:
     """Ask the Triton ensemble directly (no Kafka) and print the ranked items and stage timings."""
+    print_recommendations(_ask_triton(user, k, exclude, temperature, seed), _titles())
+
+
+@app.command("explain")
+def explain(
+    user: UserOption,
+    k: KOption = 10,
+    exclude: ExcludeOption = None,
+    temperature: TemperatureOption = None,
+    seed: SeedOption = None,
+) -> None:
+    """Why these items, in this order: each item's retrieval rank and score, the ranker's score
+    and its inputs, what ordering did, and what each filter removed (straight to Triton)."""
+    response = _ask_triton(user, k, exclude, temperature, seed, explain=True)
+    print_explanations(response, _titles())
+
+
+def _ask_triton(user, k, exclude, temperature, seed, explain: bool = False) -> dict:
     from schemas.records import RecommendationRequest
     from serving.client import TritonRecommender
     from serving.operators import validate_request
 
-    request = RecommendationRequest(user, k, exclude or [], temperature=temperature, seed=seed)
-    request = request.to_record()
+    request = RecommendationRequest(
+        user, k, exclude or [], temperature=temperature, seed=seed, explain=explain
+    ).to_record()
     if error := validate_request(request):
         fail(error)
     try:
         client = TritonRecommender(_stack().endpoint("triton"))
-        response = client.recommend(request)
+        return client.recommend(request)
     except StackNotRunning as e:
         fail(str(e))
     except Exception as e:  # tritonclient's errors: server down, model not loaded
         fail(f"Triton did not answer: {e}. Is `streamrec serve triton` running?")
-    print_recommendations(response, _titles())
+
+
+USER_FEATURES = ("log_user_events", "has_history", "log_idle_hours")  # the same for every item
+ITEM_FEATURES = {
+    "log_popularity": "log pop.",
+    "genre_affinity": "genre",
+    "recent_similarity": "recent",
+}
+
+
+def print_explanations(response: dict, items: dict[str, dict]) -> None:
+    table = Table(
+        title=f"user {response['user_id']} ({response['path']}, model "
+        f"{response['model_version']}): why these items",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=0,
+        collapse_padding=True,
+    )
+    table.add_column("#", min_width=2)
+    table.add_column("item", min_width=4)
+    table.add_column("title", no_wrap=True, max_width=13)
+    for name in ("retr.\nrank", "retr.\nscore", "ranker\nscore", *ITEM_FEATURES.values()):
+        table.add_column(name, justify="right", min_width=6)
+    table.add_column("ordering", no_wrap=True, min_width=16)
+    reasons = response["explanations"]
+    for n, e in enumerate(reasons, 1):
+        table.add_row(
+            str(n),
+            e["item_id"],
+            str(items.get(e["item_id"], {}).get("title") or ""),
+            str(e["retrieval_rank"] or "-"),
+            f"{e['retrieval_score']:.3f}",
+            f"{e['ranker_score']:.3f}",
+            *(f"{e['features'][f]:.2f}" if f in e["features"] else "-" for f in ITEM_FEATURES),
+            e["ordering"],
+        )
+    console.print(table)
+    features = next((e["features"] for e in reasons if e["features"]), {})
+    user = ", ".join(f"{f} {features[f]:.2f}" for f in USER_FEATURES if f in features)
+    removed = ", ".join(f"{n} {rule}" for rule, n in response["removed"].items())
+    stages = {s["name"]: s for s in response["stages"]}
+    source = reasons[0]["source"] if reasons else "retrieval"
+    console.print(
+        f"candidates: {stages['retrieval']['candidates_out']} from {source}; the filters "
+        f"removed {removed}; the ranker scored {stages['scoring']['candidates_in']}\n"
+        f"user features: {user or 'none'}"
+    )
 
 
 def _titles() -> dict[str, dict]:

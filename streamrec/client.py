@@ -239,15 +239,25 @@ class Client(_Base):
         seed: int | None = None,
         context: dict[str, str] | None = None,
         ts: int | None = None,
+        explain: bool = False,
     ) -> RecommendationResponse:
         """Ask for `k` items for `user` and wait for the answer (`status` ok, error or expired).
 
         `ts`: the time the request is served as of (epoch ms; default now), for replays.
+        `explain`: the response also says why each item is there (`response.explanations`).
         Raises `RecommendationTimeout` when none arrives within `timeout` seconds.
         """
         timeout = self.timeout if timeout is None else timeout
         request = self._request(
-            user, k, exclude, timeout, ts, temperature=temperature, seed=seed, context=context or {}
+            user,
+            k,
+            exclude,
+            timeout,
+            ts,
+            temperature=temperature,
+            seed=seed,
+            context=context or {},
+            explain=explain,
         )
         answer: Future[RecommendationResponse] = Future()
         self._send_request(request, answer.set_result)
@@ -320,10 +330,19 @@ class AsyncClient(_Base):
         seed: int | None = None,
         context: dict[str, str] | None = None,
         ts: int | None = None,
+        explain: bool = False,
     ) -> RecommendationResponse:
         timeout = self.timeout if timeout is None else timeout
         request = self._request(
-            user, k, exclude, timeout, ts, temperature=temperature, seed=seed, context=context or {}
+            user,
+            k,
+            exclude,
+            timeout,
+            ts,
+            temperature=temperature,
+            seed=seed,
+            context=context or {},
+            explain=explain,
         )
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[RecommendationResponse] = loop.create_future()

@@ -115,7 +115,7 @@ def _replay(settings, dataset, artifacts, bootstrap, redis_url, console) -> None
     with Recorder(settings, bootstrap) as recorder:
         result = produce_timeline(timeline, settings, bootstrap, recorder, state.acked)
         recorder.wait(ids, timeout=60)
-        got = dict(recorder.responses)
+        got = {rid: r for rid, r in recorder.responses.items() if rid in ids}
     console.print(
         f"{result.produced['interactions']:,} interactions, "
         f"{result.produced['requests']} requests, {result.produced['raw']} undecodable "

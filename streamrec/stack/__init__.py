@@ -70,6 +70,15 @@ class EmbeddedStack:
     def _redis(self, running: dict[str, Service]) -> str | None:
         return self.external("redis") or (running["redis"].endpoint if "redis" in running else None)
 
+    def restart(self, names: tuple[str, ...]) -> dict[str, Service]:
+        """Stop the named services and start them again on the same ports, so that running
+        workers and clients find them where they were."""
+        services = self.services()
+        for name in names:
+            if name in services and not self.external(name):
+                stop_service(services[name])
+        return self.up(names)
+
     def down(self, names: tuple[str, ...] = SERVICES) -> list[str]:
         """Stop the named embedded services by PID; returns the names stopped."""
         services = self.services()

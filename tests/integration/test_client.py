@@ -7,7 +7,7 @@ import time
 import uuid
 
 import pytest
-from records import stack_settings
+from records import T0, stack_settings
 
 from schemas.records import Interaction
 from streamrec.client import AsyncClient, Client, RecommendationTimeout
@@ -39,6 +39,14 @@ def test_recommend_round_trip(client):
     assert response.model_version and response.stages
 
 
+def test_an_explained_answer_over_kafka_is_the_same_answer(client):
+    plain = client.recommend("405", k=5, temperature=0.0)
+    explained = client.recommend("405", k=5, temperature=0.0, explain=True)
+    assert explained.item_ids == plain.item_ids and not plain.explanations
+    assert [e.item_id for e in explained.explanations] == plain.item_ids
+    assert all(e.source == "retrieval" and e.retrieval_rank >= 1 for e in explained.explanations)
+
+
 def test_an_invalid_request_is_answered_with_an_error(client):
     response = client.recommend("196", k=0)
     assert response.status == "error" and "k must be" in response.error
@@ -47,7 +55,7 @@ def test_an_invalid_request_is_answered_with_an_error(client):
 def test_track_changes_the_next_recommendation(client):
     user = "59"
     top = client.recommend(user, k=10).item_ids[0]
-    event = client.track(user, top, "click")
+    event = client.track(user, top, "click", ts=T0)  # the data set's time, as the state's
     client.flush()
     assert isinstance(event, Interaction) and len(event.event_id) == 32
     deadline = time.monotonic() + 30
@@ -75,7 +83,7 @@ def test_a_request_nobody_answers_times_out_with_a_clear_error(base_settings, ka
 def test_the_async_client_answers_concurrent_requests(live):
     async def run():
         async with AsyncClient(settings=live, timeout=60.0) as client:
-            await client.track("300", "50")
+            await client.track("300", "50", ts=T0)
             return await asyncio.gather(*(client.recommend(str(u), k=3) for u in range(300, 310)))
 
     responses = asyncio.run(run())

@@ -143,7 +143,7 @@ def test_an_explained_answer_is_the_same_answer_with_its_reasons(triton, local, 
         assert e["features"]["retrieval_score"] == pytest.approx(e["retrieval_score"], rel=1e-6)
         assert e["source"] == ("popular" if user.startswith("unknown") else "retrieval")
     assert [e["score_rank"] for e in reasons] == list(range(1, 11))  # greedy: the score order
-    assert {e["ordering"] for e in reasons} == {"kept its place by score"}
+    assert {e["ordering"] for e in reasons} == {"score order"}
     reference = local.recommend(_request(user, k=10, explain=True))["explanations"]
     assert [(e["item_id"], e["retrieval_rank"]) for e in reference] == [
         (e["item_id"], e["retrieval_rank"]) for e in reasons
@@ -152,8 +152,8 @@ def test_an_explained_answer_is_the_same_answer_with_its_reasons(triton, local, 
 
 def test_explanations_name_sampling_and_backfill(triton):
     sampled = triton.recommend(_request("196", k=10, temperature=2.0, seed=3, explain=True))
-    moved = [e for e in sampled["explanations"] if e["ordering"] != "kept its place by score"]
-    assert moved and all(e["ordering"].startswith("sampling moved it from") for e in moved)
+    moved = [e for e in sampled["explanations"] if e["ordering"] != "score order"]
+    assert moved and all(e["ordering"].startswith("sampled: ") for e in moved)
     full = triton.recommend(_request("196", k=400, explain=True))  # more than the candidates
     reasons = full["explanations"]
     assert len(reasons) == 400 and full["backfilled"] > 0

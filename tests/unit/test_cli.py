@@ -64,3 +64,23 @@ def test_models_commands_are_listed_and_explain_what_is_missing(tmp_path, monkey
     assert rollback.exit_code == 1 and "streamrec stack up" in rollback.output
     for result in (listed, promote, rollback):
         assert "Traceback" not in result.output
+
+
+def test_a_bad_line_in_a_file_is_named_and_nothing_is_produced(tmp_path, monkeypatch):
+    """The file is checked before any broker is needed: no bootstrap is configured here."""
+    monkeypatch.setenv("STREAMREC_RUN_DIR", str(tmp_path))
+    monkeypatch.delenv("STREAMREC_KAFKA_BOOTSTRAP", raising=False)
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"user_id": "1", "item_id": "2"}\n{"user_id": "1"}\n')
+    from streamrec.config import get_settings
+
+    get_settings.cache_clear()
+    try:
+        result = runner.invoke(app, ["produce", "interaction", "--file", str(events)])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 1
+    assert "events.jsonl:2: not a valid Interaction: missing item_id" in " ".join(
+        result.output.split()
+    )
+    assert "Traceback" not in result.output
