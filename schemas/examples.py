@@ -59,6 +59,7 @@ def example_records(now_ms: int) -> dict[str, dict]:
             "timestamp_ms": now_ms + 4,
             "backfilled": 0,
             "note": None,
+            "arm": "treatment",
             "explanations": [
                 {
                     "item_id": "100",

@@ -136,6 +136,7 @@ class RecommendationResponse(_Record):
     timestamp_ms: int = field(default_factory=now_ms)
     backfilled: int = 0
     note: str | None = None
+    arm: str = ""  # the A/B arm that served it, if a test runs
     explanations: list[Explanation] = field(default_factory=list)
 
     @property

@@ -27,6 +27,8 @@ from serving.operators import DEFAULTS, GRAPH, decode, request_tensors, response
 from serving.triton_export import ENSEMBLE, LAYOUTS
 
 _NP_TO_TRITON = {np.object_: "BYTES", np.int64: "INT64", np.int32: "INT32", np.float32: "FP32"}
+# The one model of the default layout: an A/B arm's requests go to its versions directly.
+EXECUTOR = next(iter(LAYOUTS["executor"]))
 # The models an ensemble may chain, in any layout.
 STAGES: tuple[str, ...] = tuple(dict.fromkeys(n for groups in LAYOUTS.values() for n in groups))
 # Read-only: an unknown user takes the cold-start path, through all six stages.
@@ -94,6 +96,10 @@ def _infer_args(grpc, tensors: dict[str, np.ndarray]) -> tuple[list, list]:
     return inputs, [grpc.InferRequestedOutput(n) for n in GRAPH.response]
 
 
+def _target(version: int | None) -> tuple[str, str]:
+    return (ENSEMBLE, "") if version is None else (EXECUTOR, str(version))
+
+
 def _outputs(result) -> dict[str, np.ndarray]:
     return {n: result.as_numpy(n)[0] for n in GRAPH.response}
 
@@ -111,9 +117,13 @@ class TritonRecommender:
         config = self.client.get_model_config(ENSEMBLE, as_json=True)["config"]
         self.version = config["parameters"]["artifact_version"]["string_value"]
 
-    def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, tensors: dict[str, np.ndarray], version: int | None = None) -> dict:
+        """Through the ensemble, or through version `version` of the executor (an A/B arm)."""
         inputs, outputs = _infer_args(self._grpc, tensors)
-        result = self.client.infer(ENSEMBLE, inputs, outputs=outputs, client_timeout=self.timeout)
+        model, number = _target(version)
+        result = self.client.infer(
+            model, inputs, model_version=number, outputs=outputs, client_timeout=self.timeout
+        )
         return _outputs(result)
 
     def run_batch(self, batch: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
@@ -172,13 +182,13 @@ class TritonRecommender:
         config = self.client.get_model_config(ENSEMBLE, as_json=True)["config"]
         return [step["model_name"] for step in config["ensemble_scheduling"]["step"]]
 
-    def serve_version(self, number: int, timeout: float = 120.0) -> None:
-        """Serve version `number` of every model of the ensemble. Triton loads it beside the one
-        serving and switches over once it is ready (no request fails meanwhile); with several
-        models in the ensemble, each switches on its own."""
+    def serve_version(self, *numbers: int, timeout: float = 120.0) -> None:
+        """Serve versions `numbers` of every model of the ensemble (two during an A/B test).
+        Triton loads a new one beside those serving and switches over once it is ready (no
+        request fails meanwhile); with several models in the ensemble, each on its own."""
         for name in self.models():
             config = self.client.get_model_config(name, as_json=True)["config"]
-            config["version_policy"] = {"specific": {"versions": [number]}}
+            config["version_policy"] = {"specific": {"versions": list(numbers)}}
             self.client.load_model(name, config=json.dumps(config), client_timeout=timeout)
 
     def served_version(self) -> str:
@@ -205,9 +215,17 @@ class AsyncTritonRecommender:
         config = await self.client.get_model_config(ENSEMBLE, as_json=True)
         self.version = config["config"]["parameters"]["artifact_version"]["string_value"]
 
-    async def run(self, tensors: dict[str, np.ndarray], timeout: float | None = None) -> dict:
+    async def run(
+        self,
+        tensors: dict[str, np.ndarray],
+        timeout: float | None = None,
+        version: int | None = None,
+    ) -> dict:
         inputs, outputs = _infer_args(self._grpc, tensors)
-        result = await self.client.infer(ENSEMBLE, inputs, outputs=outputs, client_timeout=timeout)
+        model, number = _target(version)
+        result = await self.client.infer(
+            model, inputs, model_version=number, outputs=outputs, client_timeout=timeout
+        )
         return _outputs(result)
 
     async def canary(self, timeout: float = 2.0) -> CanaryResult:

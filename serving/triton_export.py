@@ -196,15 +196,17 @@ def _write_version(artifacts: Path, folder: Path, names: list[str], graph: Graph
     (folder / "model.py").write_text(MODEL_PY.format(names=names))
 
 
-def _version_policy(number: int) -> str:
-    return f"version_policy: {{ specific: {{ versions: [ {number} ] }} }}\n"
+def _version_policy(*numbers: int) -> str:
+    listed = ", ".join(str(n) for n in numbers)
+    return f"version_policy: {{ specific: {{ versions: [ {listed} ] }} }}\n"
 
 
-def pin_version(repository: Path, number: int) -> None:
-    """Make `number` the version each model of the repository serves when (re)loaded."""
+def pin_version(repository: Path, *numbers: int) -> None:
+    """Make `numbers` the versions each model of the repository serves when (re)loaded (two
+    during an A/B test; the ensemble chains the newest)."""
     for name in exported_layout(repository):
         path = repository / name / "config.pbtxt"
-        text = re.sub(r"version_policy: .*\n", _version_policy(number), path.read_text())
+        text = re.sub(r"version_policy: .*\n", _version_policy(*numbers), path.read_text())
         path.write_text(text)
 
 

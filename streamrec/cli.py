@@ -867,27 +867,141 @@ def models_promote(
     version: Annotated[str, typer.Argument(help="A version under the artifact directory.")],
 ) -> None:
     """Serve VERSION now (Triton switches with no failed request) and log the decision."""
-    from serving.rollout import promote
+    from serving.rollout import ExperimentRunning, promote
 
     root = get_settings().artifact_dir
     if not (root / version / "manifest.json").exists():
         fail(f"no version {version!r} under {root} (see `streamrec models list`)")
     triton, repository = _serving()
-    d = promote(root / version, root, repository, triton, {"reason": "by hand"})
+    try:
+        d = promote(root / version, root, repository, triton, {"reason": "by hand"})
+    except ExperimentRunning as e:
+        fail(str(e))
     console.print(f"serving {d['version']} (was {d['previous']}; switched in {d['switch_s']} s)")
 
 
 @models_app.command("rollback")
 def models_rollback() -> None:
     """Serve again the version the last promotion or rollback replaced."""
-    from serving.rollout import rollback
+    from serving.rollout import ExperimentRunning, rollback
 
     triton, repository = _serving()
     try:
         d = rollback(get_settings().artifact_dir, repository, triton)
-    except LookupError as e:
+    except (LookupError, ExperimentRunning) as e:
         fail(str(e))
     console.print(f"serving {d['version']} (was {d['previous']}; switched in {d['switch_s']} s)")
+
+
+ab_app = typer.Typer(
+    help="A/B tests: two artifact versions served side by side, users split by a hash of their "
+    "id (sticky), every response naming its arm; the report attributes clicks to arms."
+)
+app.add_typer(ab_app, name="ab")
+
+
+@ab_app.command("start")
+def ab_start(
+    control: Annotated[str, typer.Argument(help="The control arm's artifact version.")],
+    treatment: Annotated[str, typer.Argument(help="The treatment arm's artifact version.")],
+    treatment_share: Annotated[
+        float, typer.Option(help="Share of the users in the treatment arm.", min=0.0, max=1.0)
+    ] = 0.5,
+    salt: Annotated[
+        str | None, typer.Option(help="Seed of the split (default: new for each test).")
+    ] = None,
+) -> None:
+    """Serve CONTROL and TREATMENT side by side.
+
+    Both are loaded on Triton; the workers route each user to their arm's version within a
+    second."""
+    from serving.rollout import start_test
+
+    root = get_settings().artifact_dir
+    for version in (control, treatment):
+        if not (root / version / "manifest.json").exists():
+            fail(f"no version {version!r} under {root} (see `streamrec models list`)")
+    if not 0 < treatment_share < 1:
+        fail("--treatment-share must be strictly between 0 and 1")
+    triton, repository = _serving()
+    arms = [
+        ("control", root / control, 1 - treatment_share),
+        ("treatment", root / treatment, treatment_share),
+    ]
+    try:
+        test = start_test(arms, root, repository, triton, salt or uuid.uuid4().hex[:8])
+    except ValueError as e:
+        fail(str(e))
+    for arm in test.arms:
+        console.print(f"{arm.name}: {arm.version} for {arm.share:.0%} of the users")
+
+
+@ab_app.command("stop")
+def ab_stop(
+    keep: Annotated[str, typer.Option(help="The arm whose version everyone gets now.")] = "control",
+) -> None:
+    """End the test: every user on KEEP's version, the other one unloaded."""
+    from serving.rollout import stop_test
+
+    triton, repository = _serving()
+    try:
+        d = stop_test(keep, get_settings().artifact_dir, repository, triton)
+    except LookupError as e:
+        fail(str(e.args[0]))
+    console.print(f"A/B test over: everyone on {d['version']} ({keep})")
+
+
+@ab_app.command("report")
+def ab_report(
+    window_minutes: Annotated[
+        float,
+        typer.Option(
+            help="An interaction without a request id counts for the user's latest response "
+            "that showed the item at most this long before it."
+        ),
+    ] = 30.0,
+) -> None:
+    """Per arm: requests, clicks, CTR with a 95 % interval, and the difference.
+
+    Reads the recommendations and interactions topics from their beginning."""
+    from serving.arms import Arms, attribute, difference, wilson
+    from streams.kafka import EventConsumer
+
+    settings = get_settings()
+    consumer = EventConsumer(
+        settings, _bootstrap(), ["recommendations", "interactions"], f"ab-{uuid.uuid4().hex[:8]}"
+    )
+    responses, interactions = [], []
+    with console.status("reading the recommendations and interactions topics"):
+        try:
+            for event in consumer.events(idle_timeout=3.0):
+                if event.value is None:
+                    continue
+                target = responses if "items" in event.value else interactions
+                target.append(event.value)
+        finally:
+            consumer.close()
+    counts = attribute(responses, interactions, int(window_minutes * 60_000))
+    if not counts:
+        fail("no response names an arm: no A/B test has served requests yet")
+    test = Arms.load(settings.artifact_dir)
+    versions = {a.name: a.version for a in test.arms} if test else {}
+    table = Table("arm", "version", "requests", "shown", "clicks", "by request id", "CTR (95 % CI)")
+    for name, c in sorted(counts.items()):
+        low, high = wilson(c.clicks, c.impressions)
+        table.add_row(
+            name,
+            versions.get(name, "(test over)"),
+            f"{c.requests:,}",
+            f"{c.impressions:,}",
+            f"{c.clicks:,}",
+            f"{c.by_request_id:,}",
+            f"{c.ctr:.4f} ({low:.4f}-{high:.4f})",
+        )
+    console.print(table)
+    if {"control", "treatment"} <= set(counts):
+        d, low, high = difference(counts["control"], counts["treatment"])
+        console.print(f"treatment − control CTR: {d:+.4f} (95 % CI {low:+.4f} to {high:+.4f})")
 
 
 @app.command("recommend")

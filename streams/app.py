@@ -30,6 +30,7 @@ import faust
 from aiokafka.errors import ProducerFenced
 
 from schemas.serde import Serde
+from serving.arms import ArmsFile
 from serving.state import RedisState
 from streamrec.config import Settings, get_settings
 from streamrec.stack import EmbeddedStack, StackNotRunning
@@ -178,6 +179,7 @@ class Runtime:
                 cache,
                 self.settings.request_concurrency,
                 default_deadline_ms=self.settings.request_deadline_ms,
+                arms=ArmsFile(self.settings.artifact_dir),
             )
         return self._requests
 
@@ -457,18 +459,18 @@ def _is_answer(outcome) -> bool:
 def _observe(outcomes: list) -> None:
     """Metrics of a list of (outcome, event) just published: one counter update per kind."""
     now = time.time()
-    kinds: Counter[tuple[str, str]] = Counter()
+    kinds: Counter[tuple[str, str, str]] = Counter()
     end_to_end = _latency("end_to_end")
     for outcome, event in outcomes:
         response = outcome.response if _is_answer(outcome) else None
         if response is None:
             continue
-        kinds[response["status"], response["path"] or "-"] += 1
+        kinds[response["status"], response["path"] or "-", response.get("arm") or "-"] += 1
         end_to_end.observe(now - event.message.timestamp)
         for stage in response["stages"]:
             _latency(stage["name"]).observe(stage["duration_ms"] / 1000)
-    for (status, path), n in kinds.items():
-        metrics.RESPONSES.labels(status, path).inc(n)
+    for labels, n in kinds.items():
+        metrics.RESPONSES.labels(*labels).inc(n)
 
 
 _latencies: dict[str, object] = {}

@@ -27,7 +27,7 @@ REQUEST_LATENCY = Histogram(
     ["stage"],
     buckets=LATENCY_BUCKETS,
 )
-RESPONSES = Counter("streamrec_responses_total", "Responses published", ["status", "path"])
+RESPONSES = Counter("streamrec_responses_total", "Responses published", ["status", "path", "arm"])
 EXPIRED = Counter(
     "streamrec_requests_expired_total",
     "Requests answered `expired`: their deadline passed before or while they were served",

@@ -330,6 +330,7 @@ class RequestProcessor:
         retries: int = 8,  # transient failures, within the deadline: ~2 s of back-off
         default_deadline_ms: int = 1000,
         max_k: int = MAX_K,
+        arms=None,  # serving.arms.ArmsFile: the A/B test, if one runs
     ):
         from streams.durable import Guard  # streams.durable imports this module
 
@@ -343,6 +344,7 @@ class RequestProcessor:
         self.retries = retries
         self.default_deadline_ms = default_deadline_ms
         self.max_k = max_k
+        self.arms = arms
         self.guard = Guard(self.name)
 
     async def handle_batch(self, events: list[RawEvent]) -> list[Outcome]:
@@ -473,15 +475,18 @@ class RequestProcessor:
         from tritonclient.utils import InferenceServerException
 
         tensors = request_tensors(request)
+        test = self.arms.current(time.monotonic()) if self.arms else None
+        arm = test.assign(str(request["user_id"])) if test else None
         failure = ""  # the last transient failure, if the deadline cut its retries short
         for attempt in range(self.retries + 1):
             left = deadline_ms / 1000 - time.time()
             if left <= 0:
                 break
             try:
-                call = self.triton.run(tensors, timeout=left)
+                version = arm.triton_version if arm else None
+                call = self.triton.run(tensors, timeout=left, version=version)
                 outputs = await asyncio.wait_for(call, left)  # in case the client ignores it
-                response = response_record(request, outputs)
+                response = response_record(request, outputs) | {"arm": arm.name if arm else ""}
                 self.version = response["model_version"]
                 return response
             except (InferenceServerException, ConnectionError, OSError) as e:

@@ -33,6 +33,7 @@ from models.data import Dataset
 from models.evaluate import EvalConfig
 from models.recommender import Recommender
 from models.versions import log_decision
+from serving.arms import Arms
 from serving.client import TritonRecommender
 from serving.rollout import promote
 
@@ -95,12 +96,14 @@ class Trainer:
         candidate = self.learner.save(self.root)
         figures |= self.learner.compare(points, Recommender.load(self.serving))
         figures |= {"candidate": candidate.name, "serving": self.serving.name}
-        if figures["diff"] > self.cfg.margin:
+        if figures["diff"] > self.cfg.margin and Arms.load(self.root) is None:
             reason = f"NDCG@10 {figures['diff']:+.4f} > margin {self.cfg.margin}"
             figures |= {"reason": reason} | self._costs(started, cpu)
             decision = promote(candidate, self.root, self.repository, self.triton, figures)
             self.serving = candidate
             return decision
+        if figures["diff"] > self.cfg.margin:
+            figures["reason"] = "better, but an A/B test runs: not promoted"
         self.learner.restore(self.serving)
         return self._log("rejected", figures, started, cpu)
 

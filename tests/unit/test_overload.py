@@ -40,7 +40,7 @@ class StubTriton:
         self.delays = delays or {}
         self.timeouts: list[float | None] = []
 
-    async def run(self, tensors, timeout=None):
+    async def run(self, tensors, timeout=None, version=None):
         self.timeouts.append(timeout)
         user = tensors["user_id"][0]
         await asyncio.sleep(self.delays.get(user.decode() if isinstance(user, bytes) else user, 0))
