@@ -75,6 +75,7 @@ from bench.loadgen import (
     stack_processes,
     step_figures,
 )
+from schemas.records import Interaction, RecommendationRequest
 
 
 class BenchmarkFailure(RuntimeError):
@@ -431,16 +432,7 @@ class Arrivals:
 
 
 def interaction(event_id: str, user: str, item: str, ts_ms: int) -> dict:
-    return {
-        "event_id": event_id,
-        "user_id": user,
-        "item_id": item,
-        "event_type": "rating",
-        "value": None,
-        "timestamp_ms": int(ts_ms),
-        "session_id": None,
-        "context": {},
-    }
+    return Interaction(user, item, "rating", timestamp_ms=int(ts_ms), event_id=event_id).to_record()
 
 
 def known_ids(artifacts: Path) -> tuple[list[str], list[str]]:
@@ -487,17 +479,16 @@ def burst_events(
 def request_record(
     rid: str, user: str, k: int, now_ms: int, deadline_ms: int | None = None
 ) -> dict:
-    return {
-        "request_id": rid,
-        "user_id": user,
-        "k": k,
-        "exclude": [],
-        "context": {"source": "bench-e2e"},
-        "temperature": 0.0,
-        "seed": 1,
-        "deadline_ms": deadline_ms,
-        "timestamp_ms": now_ms,
-    }
+    return RecommendationRequest(
+        user,
+        k,
+        context={"source": "bench-e2e"},
+        temperature=0.0,
+        seed=1,
+        deadline_ms=deadline_ms,
+        timestamp_ms=now_ms,
+        request_id=rid,
+    ).to_record()
 
 
 # --- phase 1: interactions ---------------------------------------------------------------------

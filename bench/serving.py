@@ -63,6 +63,7 @@ from bench.common import (
     summarize,
     write_results,
 )
+from schemas.records import RecommendationRequest
 
 # A fast training configuration for large synthetic catalogs (the model quality is not the
 # point of this benchmark; the catalog size is).
@@ -371,15 +372,14 @@ def build_requests(
     cold = rng.random(n) < cold_share
     picks = rng.integers(0, len(known), n)
     return [
-        {
-            "request_id": f"{prefix}-{i}",
-            "user_id": f"bench-unknown-{prefix}-{i}" if cold[i] else known[picks[i]],
-            "k": k,
-            "exclude": [],
-            "temperature": 0.0,
-            "seed": 1,
-            "timestamp_ms": now_ms,
-        }
+        RecommendationRequest(
+            f"bench-unknown-{prefix}-{i}" if cold[i] else known[picks[i]],
+            k,
+            temperature=0.0,
+            seed=1,
+            timestamp_ms=now_ms,
+            request_id=f"{prefix}-{i}",
+        ).to_record()
         for i in range(n)
     ]
 
