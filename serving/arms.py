@@ -99,6 +99,7 @@ class ArmCounts:
     impressions: int = 0  # items shown
     clicks: int = 0  # interactions attributed to a shown item (each request-item pair once)
     by_request_id: int = 0  # of the clicks: matched by the request id the client passed
+    versions: set[str] = field(default_factory=set)  # the model versions that answered
     clicked_items: set[tuple[str, str]] = field(default_factory=set, repr=False)
 
     @property
@@ -125,6 +126,7 @@ def attribute(
         items = {i["item_id"] for i in r["items"]}
         arm.requests += 1
         arm.impressions += len(items)
+        arm.versions.add(r.get("model_version") or "")
         at = int(r.get("request_timestamp_ms") or r["timestamp_ms"])
         shown[r["request_id"]] = (r["arm"], at, items)
         by_user.setdefault(r["user_id"], []).append((at, r["request_id"]))

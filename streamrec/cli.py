@@ -964,7 +964,7 @@ def ab_report(
     """Per arm: requests, clicks, CTR with a 95 % interval, and the difference.
 
     Reads the recommendations and interactions topics from their beginning."""
-    from serving.arms import Arms, attribute, difference, wilson
+    from serving.arms import attribute, difference, wilson
     from streams.kafka import EventConsumer
 
     settings = get_settings()
@@ -984,19 +984,20 @@ def ab_report(
     counts = attribute(responses, interactions, int(window_minutes * 60_000))
     if not counts:
         fail("no response names an arm: no A/B test has served requests yet")
-    test = Arms.load(settings.artifact_dir)
-    versions = {a.name: a.version for a in test.arms} if test else {}
-    table = Table("arm", "version", "requests", "shown", "clicks", "by request id", "CTR (95 % CI)")
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("arm", no_wrap=True)
+    for name in ("requests", "shown", "clicks (by id)", "CTR", "95 % CI"):
+        table.add_column(name, justify="right", no_wrap=True)
     for name, c in sorted(counts.items()):
         low, high = wilson(c.clicks, c.impressions)
+        console.print(f"{name}: {', '.join(sorted(c.versions))}")
         table.add_row(
             name,
-            versions.get(name, "(test over)"),
             f"{c.requests:,}",
             f"{c.impressions:,}",
-            f"{c.clicks:,}",
-            f"{c.by_request_id:,}",
-            f"{c.ctr:.4f} ({low:.4f}-{high:.4f})",
+            f"{c.clicks:,} ({c.by_request_id:,})",
+            f"{c.ctr:.4f}",
+            f"{low:.4f}-{high:.4f}",
         )
     console.print(table)
     if {"control", "treatment"} <= set(counts):
