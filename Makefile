@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test unit integration lint format bench clean
+.PHONY: install demo test unit integration lint format bench clean browser
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,16 @@ install: $(STAMP)
 demo: install
 	$(BIN)/streamrec demo
 
-test: install lint
+test: install lint browser
 	$(BIN)/python -m pytest
+
+# The console's browser test drives Debian's chromium (root installs it; otherwise it fails
+# loudly and says what is missing).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "installing Debian's chromium and chromium-driver for the console's browser test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 unit: install
 	$(BIN)/python -m pytest tests/unit

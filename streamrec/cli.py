@@ -1005,6 +1005,22 @@ def ab_report(
         console.print(f"treatment − control CTR: {d:+.4f} (95 % CI {low:+.4f} to {high:+.4f})")
 
 
+@app.command("ui")
+def ui(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8050,
+) -> None:
+    """A live web console: throughput, latency by stage, freshness, lag, dead letters; a user's
+    recent items and recommendations with explanations; click an item to send an interaction."""
+    import uvicorn
+
+    from streamrec.console import app as console_app
+
+    console.print(f"streamrec console on http://127.0.0.1:{port} (Ctrl-C stops)")
+    uvicorn.run(
+        console_app(get_settings(), _bootstrap()), host="127.0.0.1", port=port, log_level="warning"
+    )
+
+
 @app.command("recommend")
 def recommend(
     user: UserOption,
