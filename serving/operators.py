@@ -225,7 +225,7 @@ class Filtering(Operator):
                 [is_seen.sum(), is_unavailable.sum(), is_excluded.sum()], dtype=np.int32
             ),
             "backfill": fill,
-            "kept_rank": np.flatnonzero(keep).astype(np.int32)[: len(keep) * _explain(t)],
+            "kept_rank": np.flatnonzero(keep).astype(np.int32) if _explain(t) else _NO_RANKS,
         }
 
     def backfill(
@@ -417,6 +417,9 @@ def _explanation(top, scores, temperature, explain, kept_rank, kept_scores, feat
         np.full(len(top), float(temperature > 0)),
     ]
     return np.column_stack([*columns, features[top]]).astype(np.float32)
+
+
+_NO_RANKS = np.zeros(0, dtype=np.int32)
 
 
 def _explain(t) -> int:

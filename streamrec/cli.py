@@ -1008,6 +1008,13 @@ def ab_report(
 @app.command("ui")
 def ui(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8050,
+    as_of: Annotated[
+        int | None,
+        typer.Option(
+            help="Ask and click as of this time (epoch ms) instead of now: for a historical data "
+            "set such as the demo's ML-100K, whose popularity has long decayed by today."
+        ),
+    ] = None,
 ) -> None:
     """A live web console: throughput, latency by stage, freshness, lag, dead letters; a user's
     recent items and recommendations with explanations; click an item to send an interaction."""
@@ -1016,9 +1023,8 @@ def ui(
     from streamrec.console import app as console_app
 
     console.print(f"streamrec console on http://127.0.0.1:{port} (Ctrl-C stops)")
-    uvicorn.run(
-        console_app(get_settings(), _bootstrap()), host="127.0.0.1", port=port, log_level="warning"
-    )
+    app_ = console_app(get_settings(), _bootstrap(), as_of)
+    uvicorn.run(app_, host="127.0.0.1", port=port, log_level="warning")
 
 
 @app.command("recommend")

@@ -34,6 +34,7 @@ from schemas.records import (
     now_ms,
 )
 from streamrec.config import Settings, get_settings
+from streams.topics import role_for
 
 __all__ = ["AsyncClient", "Client", "RecommendationTimeout"]
 
@@ -112,8 +113,6 @@ class _Base:
 
     def send(self, record: Interaction | ItemUpdate | RecommendationRequest) -> None:
         """Produce any typed record to its topic (a request's answer is not awaited)."""
-        from streams.topics import role_for
-
         self._producer.send(role_for(record.SCHEMA), record.to_record())
 
     def _track(

@@ -31,9 +31,10 @@ PAGE = Path(__file__).with_name("console.html")
 class Console:
     """What the routes read: the workers' metrics, the feature store, the client."""
 
-    def __init__(self, settings: Settings, bootstrap: str):
+    def __init__(self, settings: Settings, bootstrap: str, as_of_ms: int | None = None):
         self.settings = settings
         self.bootstrap = bootstrap
+        self.as_of_ms = as_of_ms  # a fixed time for requests and clicks (historical data)
         self._last: tuple[float, dict] | None = None
         self._lock = threading.Lock()
 
@@ -124,7 +125,7 @@ class Console:
     # --- the user view -------------------------------------------------------------------------
     def user(self, user_id: str) -> dict:
         (activity,) = self.reader.users([user_id], "user_activity")
-        response = self.client.recommend(user_id, k=10, explain=True)
+        response = self.client.recommend(user_id, k=10, explain=True, ts=self.as_of_ms)
         return {
             "user": user_id,
             "recent": [self._item(i) for i in (activity or {}).get("recent_items") or []][:10],
@@ -151,7 +152,9 @@ class Console:
         }
 
     def click(self, user_id: str, item_id: str, request_id: str | None) -> dict:
-        event = self.client.track(user_id, item_id, "click", request_id=request_id)
+        event = self.client.track(
+            user_id, item_id, "click", ts=self.as_of_ms, request_id=request_id
+        )
         self.client.flush()
         return {"event_id": event.event_id}
 
@@ -214,8 +217,8 @@ def _public(totals: dict) -> dict:
     return {k: v for k, v in totals.items() if isinstance(v, float)}
 
 
-def app(settings: Settings, bootstrap: str) -> Starlette:
-    console = Console(settings, bootstrap)
+def app(settings: Settings, bootstrap: str, as_of_ms: int | None = None) -> Starlette:
+    console = Console(settings, bootstrap, as_of_ms)
 
     async def page(_: Request) -> Response:
         return HTMLResponse(PAGE.read_text())

@@ -73,7 +73,10 @@ def measure(live: Live, load: Load) -> dict:
 
     state = live.state()
     accepted = [e for e in load.sent + load.unconfirmed if e["event_id"] in load.kept]
-    gone = [e for e in load.sent if e["event_id"] not in load.kept]
+    broker_lost = [e for e in load.sent if e["event_id"] not in load.kept]
+    # Not in the log after the restart: acknowledged and then lost by the broker, or never
+    # acknowledged (a delivery error) yet written and lost; either may have been applied.
+    gone = broker_lost + [e for e in load.unconfirmed if e["event_id"] not in load.kept]
     at_least = load.accepted()
     at_most = at_least + Counter(e["user_id"] for e in gone)
     users = sorted(at_most)
@@ -99,7 +102,7 @@ def measure(live: Live, load: Load) -> dict:
         "doubled": sum(max(0, actual[u] - n) for u, n in at_most.items()),
         "not_accepted": load.failed_sends - unconfirmed_kept,
         "unconfirmed_kept": unconfirmed_kept,
-        "broker_lost": len(gone) + load.lost_requests,
+        "broker_lost": len(broker_lost) + load.lost_requests,
         "requests": len(answers),
         "answered": sum(1 for got in answers.values() if got),
         "duplicated": sum(max(0, len(got) - 1) for got in answers.values()),

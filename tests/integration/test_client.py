@@ -53,7 +53,7 @@ def test_an_invalid_request_is_answered_with_an_error(client):
 
 
 def test_track_changes_the_next_recommendation(client):
-    user = "59"
+    user = f"client-{uuid.uuid4().hex[:6]}"  # its own: the session's users stay as loaded
     top = client.recommend(user, k=10).item_ids[0]
     event = client.track(user, top, "click", ts=T0)  # the data set's time, as the state's
     client.flush()
@@ -83,7 +83,7 @@ def test_a_request_nobody_answers_times_out_with_a_clear_error(base_settings, ka
 def test_the_async_client_answers_concurrent_requests(live):
     async def run():
         async with AsyncClient(settings=live, timeout=60.0) as client:
-            await client.track("300", "50", ts=T0)
+            await client.track(f"client-{uuid.uuid4().hex[:6]}", "50", ts=T0)
             return await asyncio.gather(*(client.recommend(str(u), k=3) for u in range(300, 310)))
 
     responses = asyncio.run(run())

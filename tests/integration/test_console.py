@@ -33,7 +33,9 @@ def console_url(base_settings, kafka, redis_url, triton_url, artifacts, serving_
     workers.start(1)
     port = free_port()
     log = settings.run_dir / f"console-{port}.log"
-    cmd = [sys.executable, "-m", "streamrec.cli", "ui", "--port", str(port)]
+    # as of the data set's time, as the state loaded from it (a click today would weigh
+    # 28 years of popularity growth)
+    cmd = [sys.executable, "-m", "streamrec.cli", "ui", "--port", str(port), "--as-of", str(T0)]
     pid = spawn(cmd, log, env=worker_env(settings))
     url = f"http://127.0.0.1:{port}"
     try:
@@ -82,13 +84,14 @@ def test_the_console_shows_live_figures_and_a_click_leaves_the_list(console_url,
     url, settings = console_url
     stop_traffic = threading.Event()
 
-    def traffic():  # requests, and interactions of a user of its own
+    def traffic():  # requests, and interactions of a user and items of its own (the session's
+        # catalog keeps its popularity, which other tests' rankings depend on)
         with Client(settings=settings, timeout=60.0) as client:
             for n in itertools.count():
                 if stop_traffic.is_set():
                     return
                 client.recommend("405", k=5)
-                client.track("console-traffic", str(1 + n % 1000), ts=T0 + n)
+                client.track("console-traffic", f"console-item-{n}", ts=T0 + n)
 
     thread = threading.Thread(target=traffic, daemon=True)
     thread.start()

@@ -159,7 +159,7 @@ class StubTriton:
         self.version = local.version
         self.calls = 0
 
-    async def run(self, tensors, timeout=None):
+    async def run(self, tensors, timeout=None, version=None):
         self.calls += 1
         if self.stall_s:
             await asyncio.sleep(self.stall_s)

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from schemas.records import RecommendationRequest
 from serving.client import AsyncTritonRecommender, LocalRecommender, TritonRecommender
 from serving.operators import request_tensors
 from serving.state import RedisState
@@ -34,16 +35,9 @@ def state(serving_config):
     return RedisState(serving_config["redis_url"], prefix=serving_config["feast_project"])
 
 
-def _request(user: str, k: int = 10, **extra) -> dict:
-    return {
-        "request_id": f"r-{user}",
-        "user_id": user,
-        "k": k,
-        "exclude": [],
-        "temperature": 0.0,
-        "seed": 1,
-        "timestamp_ms": NOW_MS,
-    } | extra
+def _request(user: str, k: int = 10, **fields) -> dict:
+    fields = {"temperature": 0.0, "seed": 1, "timestamp_ms": NOW_MS} | fields
+    return RecommendationRequest(user, k, request_id=f"r-{user}", **fields).to_record()
 
 
 def _items(response: dict) -> list[str]:
