@@ -51,9 +51,13 @@ def run(live: Live, name: str, inject, broker_restarts: bool = False, **rates) -
             return False
 
         applied = wait_until(probe_applied, 120, "an interaction after the fault")
-        answered = wait_until(
-            lambda: load.first_ok_after(cleared) is not None, 120, "a request after the fault"
-        )
+        try:
+            answered = wait_until(
+                lambda: load.first_ok_after(cleared) is not None, 120, "a request after the fault"
+            )
+        except AssertionError as e:  # worker stuck, or this test's reader? Say which.
+            health = live.workers.health()
+            raise AssertionError(f"{e}; {len(load.responses)} answers read; {health}") from e
         load.settle()
     row = measure(live, load)
     row["recovery_s"] = round(max(applied, answered) - cleared, 1)
