@@ -56,20 +56,12 @@ class _Responses:
     waits for its request id."""
 
     def __init__(self, settings: Settings, bootstrap: str):
-        from streams.kafka import EventConsumer
+        from streams.kafka import ResponseStream
 
-        self._consumer = EventConsumer(
-            settings,
-            bootstrap,
-            ["recommendations"],
-            f"streamrec-client-{uuid.uuid4().hex[:8]}",
-            from_now=True,
-        )
         self._waiting: dict[str, Callable[[RecommendationResponse], None]] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="streamrec-responses", daemon=True)
-        self._thread.start()
+        group = f"streamrec-client-{uuid.uuid4().hex[:8]}"
+        self._stream = ResponseStream(settings, bootstrap, self._hand_over, group, from_now=True)
 
     def expect(self, request_id: str, deliver: Callable[[RecommendationResponse], None]) -> None:
         with self._lock:
@@ -80,19 +72,13 @@ class _Responses:
             self._waiting.pop(request_id, None)
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._consumer.close()
+        self._stream.close()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            event = self._consumer.poll(0.1)
-            if event is None or event.value is None:
-                continue
-            with self._lock:
-                deliver = self._waiting.pop(event.value["request_id"], None)
-            if deliver is not None:
-                deliver(RecommendationResponse.from_record(event.value))
+    def _hand_over(self, response: dict) -> None:
+        with self._lock:
+            deliver = self._waiting.pop(response["request_id"], None)
+        if deliver is not None:
+            deliver(RecommendationResponse.from_record(response))
 
 
 class _Base:

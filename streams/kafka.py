@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -289,6 +290,39 @@ class EventConsumer:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+class ResponseStream:
+    """The recommendations topic read in a thread of its own, each decoded response handed to
+    `on_response` (undecodable ones skipped), until `close()`. `from_now`: as `EventConsumer`'s
+    (no group to join; nothing produced after this returns is missed)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        bootstrap: str,
+        on_response: Callable[[dict], None],
+        group: str,
+        from_now: bool = False,
+    ):
+        self._consumer = EventConsumer(
+            settings, bootstrap, ["recommendations"], group, from_now=from_now
+        )
+        self._on_response = on_response
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="streamrec-responses", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._consumer.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            event = self._consumer.poll(0.1)
+            if event is not None and event.value:
+                self._on_response(event.value)
 
 
 class EmptyFetchBackoff:

@@ -28,7 +28,7 @@ from models.recommender import Recommender
 from schemas.records import Interaction, RecommendationRequest
 from schemas.serde import SingleObjectSerde, schema_text
 from streamrec.config import Settings
-from streams.kafka import EventConsumer, EventProducer
+from streams.kafka import EventProducer, ResponseStream
 
 
 @dataclass
@@ -166,30 +166,23 @@ class Recorder:
     """Consumes the recommendations topic in a background thread, keeping every response."""
 
     def __init__(self, settings: Settings, bootstrap: str):
-        self._consumer = EventConsumer(
-            settings, bootstrap, ["recommendations"], f"replay-recorder-{uuid.uuid4().hex[:8]}"
-        )
+        self._settings, self._bootstrap = settings, bootstrap
         self.responses: dict[str, list[dict]] = {}
         self._changed = threading.Condition()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._stream: ResponseStream | None = None
 
     def __enter__(self) -> Recorder:
-        self._thread.start()
+        group = f"replay-recorder-{uuid.uuid4().hex[:8]}"
+        self._stream = ResponseStream(self._settings, self._bootstrap, self._keep, group)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._consumer.close()
+        self._stream.close()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            event = self._consumer.poll(0.1)
-            if event is not None and event.value:
-                with self._changed:
-                    self.responses.setdefault(event.value["request_id"], []).append(event.value)
-                    self._changed.notify_all()
+    def _keep(self, response: dict) -> None:
+        with self._changed:
+            self.responses.setdefault(response["request_id"], []).append(response)
+            self._changed.notify_all()
 
     def wait(self, request_ids: set[str], timeout: float) -> bool:
         """Until every id has a response (or `timeout` seconds); True if all arrived."""

@@ -16,10 +16,10 @@ import uuid
 
 import pandas as pd
 import pytest
-from records import T0, interaction, item_update, produce
+from records import T0, interaction, item_update, produce, stack_settings
 from typer.testing import CliRunner
 
-from streamrec.config import TopicNames, get_settings
+from streamrec.config import get_settings
 from streams.kafka import client_config
 from streams.processors import InteractionProcessor, ItemUpdateProcessor, RawEvent
 from streams.rebuild import (
@@ -33,7 +33,7 @@ from streams.rebuild import (
     watermarks,
     write_record,
 )
-from streams.topics import create_topics, serde_for, topic_name
+from streams.topics import serde_for, topic_name
 
 pytestmark = pytest.mark.integration
 
@@ -53,20 +53,16 @@ def own_redis(tmp_path):
 def env(base_settings, kafka, own_redis, artifacts, tmp_path, monkeypatch):
     """Settings with fresh topics, this test's Valkey and run directory; the same settings as
     STREAMREC_* variables, for the CLI."""
-    prefix = f"rb{uuid.uuid4().hex[:6]}"
-    names = {role: f"{prefix}-{name}" for role, name in TopicNames().model_dump().items()}
-    settings = base_settings.model_copy(
-        update={
-            "kafka_bootstrap": kafka,
-            "redis_url": own_redis,
-            "run_dir": tmp_path / "run",
-            "artifact_dir": artifacts.parent,
-            "topics": TopicNames(**names),
-            "worker_group": f"{prefix}-workers",
-            "feast_project": PROJECT,
-        }
+    settings = stack_settings(
+        base_settings,
+        kafka,
+        own_redis,
+        None,
+        artifacts,
+        run_dir=tmp_path / "run",
+        feast_project=PROJECT,
     )
-    create_topics(settings, kafka)
+    names = settings.topics.model_dump()
     variables = {
         "STREAMREC_KAFKA_BOOTSTRAP": kafka,
         "STREAMREC_REDIS_URL": own_redis,
