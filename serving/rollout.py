@@ -15,19 +15,19 @@ from pathlib import Path
 from models.versions import decisions, log_decision, point_current
 from serving.arms import FILE, Arm, Arms
 from serving.client import EXECUTOR, TritonRecommender
+from serving.pool import TritonServers
 from serving.triton_export import add_version, exported_layout, pin_version
 
 SWITCHES = ("promoted", "rolled back")
+Triton = TritonRecommender | TritonServers  # a change of versions goes to every server
 
 
-def promote(
-    artifacts: Path, root: Path, repository: Path, triton: TritonRecommender, why: dict
-) -> dict:
+def promote(artifacts: Path, root: Path, repository: Path, triton: Triton, why: dict) -> dict:
     """Serve `artifacts` (a version under `root`); the logged decision."""
     return _switch(artifacts, root, repository, triton, {"action": "promoted"} | why)
 
 
-def rollback(root: Path, repository: Path, triton: TritonRecommender) -> dict:
+def rollback(root: Path, repository: Path, triton: Triton) -> dict:
     """Serve again the version the last switch replaced; the logged decision."""
     switches = [d for d in decisions(root) if d["action"] in SWITCHES]
     if not switches:
@@ -45,7 +45,7 @@ def start_test(
     arms: list[tuple[str, Path, float]],
     root: Path,
     repository: Path,
-    triton: TritonRecommender,
+    triton: Triton,
     salt: str,
 ) -> Arms:
     """Serve (name, artifact version, share) arms side by side: every version loaded on
@@ -70,7 +70,7 @@ def start_test(
 
 
 def stop_test(
-    keep: str, root: Path, repository: Path, triton: TritonRecommender, drain_s: float = 2.0
+    keep: str, root: Path, repository: Path, triton: Triton, drain_s: float = 2.0
 ) -> dict:
     """End the test: every user back on arm `keep`'s version, the others unloaded once the
     workers stopped routing to them (they re-read `ab.json` every second)."""
@@ -92,9 +92,7 @@ class ExperimentRunning(RuntimeError):
     """Versions are not switched while an A/B test runs: it decides which version wins."""
 
 
-def _switch(
-    artifacts: Path, root: Path, repository: Path, triton: TritonRecommender, why: dict
-) -> dict:
+def _switch(artifacts: Path, root: Path, repository: Path, triton: Triton, why: dict) -> dict:
     if Arms.load(root) is not None:
         raise ExperimentRunning(f"an A/B test runs ({root / FILE}): `streamrec ab stop` first")
     started = time.monotonic()

@@ -761,12 +761,13 @@ def serve_status() -> None:
 
 
 def _serving() -> tuple:
-    """The Triton client and the model repository the versions are exported into."""
-    from serving.client import TritonRecommender
+    """The Triton servers (a change goes to each) and the model repository the versions are
+    exported into."""
+    from serving.pool import TritonServers
 
     stack = _stack()
     try:
-        return TritonRecommender(stack.endpoint("triton")), stack.root / "triton" / "models"
+        return TritonServers(stack.endpoint("triton")), stack.root / "triton" / "models"
     except StackNotRunning as e:
         fail(str(e))
         raise
@@ -836,11 +837,11 @@ def models_list() -> None:
     """Every version under the artifact directory, the one Triton serves, and the decisions
     taken about each (with their NDCG@10 figures)."""
     from models.versions import decisions, list_versions
-    from serving.client import TritonRecommender
+    from serving.pool import TritonServers
 
     settings = get_settings()
     try:
-        served = TritonRecommender(_stack().endpoint("triton")).served_version()
+        served = TritonServers(_stack().endpoint("triton")).served_version()
     except Exception:  # noqa: BLE001 - Triton down: still list what is on disk
         served = None
     last = {}
@@ -1055,8 +1056,8 @@ def explain(
 
 def _ask_triton(user, k, exclude, temperature, seed, explain: bool = False) -> dict:
     from schemas.records import RecommendationRequest
-    from serving.client import TritonRecommender
     from serving.operators import validate_request
+    from serving.pool import TritonServers
 
     request = RecommendationRequest(
         user, k, exclude or [], temperature=temperature, seed=seed, explain=explain
@@ -1064,8 +1065,7 @@ def _ask_triton(user, k, exclude, temperature, seed, explain: bool = False) -> d
     if error := validate_request(request):
         fail(error)
     try:
-        client = TritonRecommender(_stack().endpoint("triton"))
-        return client.recommend(request)
+        return TritonServers(_stack().endpoint("triton")).recommend(request)
     except StackNotRunning as e:
         fail(str(e))
     except Exception as e:  # tritonclient's errors: server down, model not loaded

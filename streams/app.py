@@ -160,13 +160,16 @@ class Runtime:
 
     async def requests(self) -> RequestProcessor:
         if self._requests is None:
-            from serving.client import AsyncTritonRecommender
+            from serving.pool import TritonPool
 
-            triton = AsyncTritonRecommender(self.stack.endpoint("triton"))
+            # One server or several (comma-separated): balanced, ejected and readmitted by health.
+            url, timeout = self.stack.endpoint("triton"), self.settings.canary_timeout_s
+            triton = TritonPool(url, probe_timeout_s=timeout)
             try:
                 await triton.connect()
             except Exception as e:
-                raise ConnectionError(f"Triton at {self.stack.endpoint('triton')}: {e}") from e
+                raise ConnectionError(f"Triton at {url}: {e}") from e
+            metrics.watch_triton(triton)
             # Within transactions a redelivered request's first answer was never visible: serving
             # it again is right, and nothing needs caching.
             cache = None
@@ -362,40 +365,48 @@ def create_app(settings: Settings) -> faust.App:
             for task in in_flight:
                 task.cancel()
 
-    canary_failures = 0
+    canary_failures: Counter[str] = Counter()  # in a row, per Triton server
 
     @app.timer(interval=settings.canary_interval_s)
     async def serving_canary():
-        """Judge the serving path by a real inference; reload stages that look dead.
+        """Judge each Triton server by a real inference; reload stages that look dead.
 
         Triton's ready flag stays up when a stage's stub process dies, so only an inference
-        tells. Two failures in a row that name suspect stages trigger a reload of those stages
-        (the old instances serve until the new ones are up).
+        tells. A server that fails its canary takes no requests until one passes (the pool's
+        probe readmits it); two failures in a row that name suspect stages trigger a reload of
+        those stages on that server (the old instances serve until the new ones are up).
         """
-        nonlocal canary_failures
         if runtime.requests_ready is None:
             return
         triton = runtime.requests_ready.triton
-        result = await triton.canary(timeout=settings.canary_timeout_s)
-        metrics.SERVING_READY.set(1 if result.ok else 0)
+        results = await triton.canaries(timeout=settings.canary_timeout_s)
+        metrics.SERVING_READY.set(1 if any(r.ok for r in results.values()) else 0)
+        for server, result in results.items():
+            await judge(triton, server, result, len(results) > 1)
+
+    async def judge(triton, server: str, result, named: bool) -> None:
+        where = f" on {server}" if named else ""
         if result.ok:
-            if canary_failures:
-                log.warning("serving path healthy again (canary %.0f ms)", result.seconds * 1000)
-            canary_failures = 0
+            if canary_failures[server]:
+                log.warning(
+                    "serving path healthy again%s (canary %.0f ms)", where, result.seconds * 1000
+                )
+            canary_failures[server] = 0
             return
-        canary_failures += 1
+        canary_failures[server] += 1
         log.warning(
-            "serving path failed its canary (%d in a row): %s",
-            canary_failures,
+            "serving path failed its canary%s (%d in a row): %s",
+            where,
+            canary_failures[server],
             result.reason.splitlines()[0][:300],
         )
         # A stage that answers with its own error (Redis down, say) is alive: reloading it
         # would not help. A dead stub is named by Triton, or only times out.
         dead = "not healthy" in result.reason or "DEADLINE_EXCEEDED" in result.reason
-        if canary_failures >= 2 and result.suspects and dead:
-            log.warning("reloading stage(s) %s", ", ".join(result.suspects))
+        if canary_failures[server] >= 2 and result.suspects and dead:
+            log.warning("reloading stage(s) %s%s", ", ".join(result.suspects), where)
             try:
-                await triton.heal(result.suspects)
+                await triton.heal(result.suspects, server=server)
             except Exception as e:  # noqa: BLE001 - Triton itself may be down; try again later
                 log.warning("reload failed: %s", e)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -51,6 +53,35 @@ SERVING_READY = Gauge(
 CONSUMER_LAG = Gauge(
     "streamrec_consumer_lag", "Highwater minus committed offset", ["topic", "partition"]
 )
+
+
+class _TritonServers(Collector):
+    """Each Triton server of the worker's pool (`serving.pool.TritonPool`), read when scraped."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def collect(self):
+        up = GaugeMetricFamily(
+            "streamrec_triton_server_up",
+            "1 while the Triton server takes requests (0: ejected until a canary passes)",
+            labels=["server"],
+        )
+        answered = CounterMetricFamily(
+            "streamrec_triton_requests",
+            "Inferences the Triton server answered (canaries not counted)",
+            labels=["server"],
+        )
+        for server in self.pool.servers:
+            up.add_metric([server.url], float(server.healthy))
+            answered.add_metric([server.url], server.answered)
+        yield up
+        yield answered
+
+
+def watch_triton(pool) -> None:
+    """Export the pool's servers with the worker's metrics (once per worker)."""
+    REGISTRY.register(_TritonServers(pool))
 
 
 def serve(port: int, host: str = "127.0.0.1") -> int:

@@ -34,8 +34,7 @@ from models.evaluate import EvalConfig
 from models.recommender import Recommender
 from models.versions import log_decision
 from serving.arms import Arms
-from serving.client import TritonRecommender
-from serving.rollout import promote
+from serving.rollout import Triton, promote
 
 log = logging.getLogger("streamrec.trainer")
 COLUMNS = ["user_id", "item_id", "timestamp"]
@@ -58,7 +57,7 @@ class Trainer:
         dataset: Dataset,
         root: Path,
         repository: Path,
-        triton: TritonRecommender,
+        triton: Triton,
         cfg: TrainerConfig,
     ):
         self.root, self.repository, self.triton, self.cfg = root, repository, triton, cfg
