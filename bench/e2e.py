@@ -781,6 +781,7 @@ def run_step(
         "cpu_per_request": CpuAccount.per_request(cpu_a, cpu_b, len(answers), load.idle_pct),
         "_first": {rid: a[1] for rid, a in answers.items()},
         "_requests": requests[warmup_n:],
+        "_sent": sent,  # send times (perf_counter) of all `requests`, warm-up included
     }
 
 
@@ -1498,15 +1499,11 @@ def bucket_cell(h: dict[str, Any], name: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.serving import artifact_meta, data_dir, data_label, default_now_ms, ensure_artifacts
-    from models.feature_load import load_features
-    from serving.client import LocalRecommender, serving_config
+    from bench.serving import artifact_meta, data_label, default_now_ms, ensure_artifacts
+    from serving.client import LocalRecommender
     from serving.state import RedisState
-    from serving.triton_export import export_repository
-    from streamrec.config import Settings, TopicNames
-    from streamrec.stack.servers import start_kafka, start_redis, start_triton, stop_service
+    from streamrec.stack.servers import stop_service
     from streams.kafka import client_config
-    from streams.topics import create_topics
     from streams.workers import Workers
 
     label = args.label or data_label(args.data) + ("-quick" if args.quick else "")
@@ -1551,74 +1548,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cpu_phases: dict[str, dict[str, Any]] = {}
         ok = False
         try:
-            with phases.phase("start broker and valkey"):
-                kafka = start_kafka(tmp / "kafka", 60)
-                services.append(kafka)
-                redis = start_redis(tmp / "valkey", 30)
-                services.append(redis)
-            phases.log(
-                f"  broker {kafka.endpoint} (pid {kafka.pid}), valkey {redis.endpoint} "
-                f"(pid {redis.pid})"
-            )
-            service_pids |= {"broker": kafka.pid, "valkey": redis.pid}
-            project = "streamrec"
-            prefix = f"e2e{uuid.uuid4().hex[:6]}"
-            # the worker finds its artifacts as <artifact_dir>/current
-            (tmp / "artifacts").mkdir()
-            (tmp / "artifacts" / "current").symlink_to(artifacts, target_is_directory=True)
-            settings = Settings(
-                kafka_bootstrap=kafka.endpoint,
-                redis_url=redis.endpoint,
-                triton_url=None,
-                run_dir=tmp / "run",
-                artifact_dir=tmp / "artifacts",
-                data_dir=data_dir(),
-                partitions=args.partitions,
-                feast_project=project,
-                worker_group=f"{prefix}-workers",
-                topics=TopicNames(
-                    **{r: f"{prefix}-{n}" for r, n in TopicNames().model_dump().items()}
-                ),
-            )
-            if args.deadline_ms is None:
-                args.deadline_ms = float(settings.request_deadline_ms)
-            with phases.phase("load features", "(Feast materialize + seen/popularity state)"):
-                load_features(artifacts, redis.endpoint, settings.feature_repo(), project)
-            config = serving_config({"redis_url": redis.endpoint, "feast_project": project})
-            with phases.phase("start tritonserver", f"(limit {args.triton_timeout:.0f} s)"):
-                repository = export_repository(
-                    artifacts, tmp / "triton" / "models", config, instances=args.instances
-                )
-                triton = start_triton(tmp / "triton", args.triton_timeout, repository=repository)
-                services.append(triton)
-            phases.log(f"  tritonserver {triton.endpoint} (pid {triton.pid})")
-            service_pids["triton"] = triton.pid
-            settings = settings.model_copy(update={"triton_url": triton.endpoint})
-            create_topics(settings, kafka.endpoint)
+            settings, config = start_services(args, artifacts, tmp, phases, services, service_pids)
+            bootstrap = settings.kafka_bootstrap
             with phases.phase("start stream workers", f"({args.workers})"):
                 workers = Workers(settings)
-                # Faust keeps its data directory in the working directory unless told otherwise
-                saved = os.environ.get("F_DATADIR")
-                os.environ["F_DATADIR"] = str(tmp / "faust-data")
-                try:
-                    running = workers.start(args.workers, timeout=300)
-                finally:
-                    if saved is None:
-                        os.environ.pop("F_DATADIR", None)
-                    else:
-                        os.environ["F_DATADIR"] = saved
+                running = start_workers(workers, args.workers, tmp)
             ports = [w.metrics_port for w in running]
             phases.log(
                 "  workers "
                 + ", ".join(f"pid {w.pid} (metrics :{w.metrics_port})" for w in running)
             )
-            state = RedisState(redis.endpoint, prefix=project)
+            state = RedisState(settings.redis_url, prefix=settings.feast_project)
 
             with (
                 phases.phase("warm up", "(interactions and requests through every part)"),
-                Arrivals(settings, kafka.endpoint) as arrivals,
+                Arrivals(settings, bootstrap) as arrivals,
             ):
-                warm_up(settings, kafka.endpoint, state, arrivals, users, items, now_ms, args)
+                warm_up(settings, bootstrap, state, arrivals, users, items, now_ms, args)
             if args.idle_s > 0:
                 snap = cpu.snapshot()
                 with phases.phase("idle", f"({args.idle_s:g} s, no traffic, no client)"):
@@ -1631,7 +1577,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             gc.freeze()  # what the setup built is never collected: shorter pauses from here on
             snap = cpu.snapshot()
             with phases.phase("interaction burst", f"({len(events):,} events)"):
-                burst = run_burst(events, settings, kafka.endpoint, state, ports, phases)
+                burst = run_burst(events, settings, bootstrap, state, ports, phases)
             cpu_phases["interaction burst"] = CpuAccount.usage(snap, cpu.snapshot())
             fr = burst["freshness"]
             phases.log(
@@ -1646,7 +1592,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     args.paced,
                     args.paced_gap_ms / 1000,
                     settings,
-                    kafka.endpoint,
+                    bootstrap,
                     state,
                     ports,
                     users,
@@ -1662,12 +1608,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"(histogram p50 ≈ {fmt(paced['histogram'].get('p50_ms'))} ms)"
             )
 
-            with Arrivals(settings, kafka.endpoint) as arrivals:
+            with Arrivals(settings, bootstrap) as arrivals:
                 with phases.phase("response consumer", "(joins its group; 10 requests)"):
-                    warm_up_requests(settings, kafka.endpoint, arrivals, users, now_ms, args, 10)
-                generator = Generator(client_config(settings, kafka.endpoint))
+                    warm_up_requests(settings, bootstrap, arrivals, users, now_ms, args, 10)
+                generator = Generator(client_config(settings, bootstrap))
                 load = RequestLoad(
-                    settings, kafka.endpoint, arrivals, generator, cpu, ports, args, phases, idle
+                    settings, bootstrap, arrivals, generator, cpu, ports, args, phases, idle
                 )
                 try:
                     check = run_generator_check(load, artifacts, now_ms)
@@ -1766,6 +1712,83 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
     }
     return result
+
+
+def start_services(
+    args: argparse.Namespace,
+    artifacts: Path,
+    tmp: Path,
+    phases: Phases,
+    services: list,
+    service_pids: dict[str, int],
+) -> tuple[Any, dict[str, Any]]:
+    """Broker, Valkey (features loaded) and tritonserver in `tmp`, each appended to `services`
+    and `service_pids` as it starts (the caller stops them), and the topics with
+    `args.partitions` partitions. Returns the workers' settings and the serving config."""
+    from bench.serving import data_dir
+    from models.feature_load import load_features
+    from serving.client import serving_config
+    from serving.triton_export import export_repository
+    from streamrec.config import Settings, TopicNames
+    from streamrec.stack.servers import start_kafka, start_redis, start_triton
+    from streams.topics import create_topics
+
+    with phases.phase("start broker and valkey"):
+        kafka = start_kafka(tmp / "kafka", 60)
+        services.append(kafka)
+        redis = start_redis(tmp / "valkey", 30)
+        services.append(redis)
+    phases.log(
+        f"  broker {kafka.endpoint} (pid {kafka.pid}), valkey {redis.endpoint} (pid {redis.pid})"
+    )
+    service_pids |= {"broker": kafka.pid, "valkey": redis.pid}
+    project = "streamrec"
+    prefix = f"e2e{uuid.uuid4().hex[:6]}"
+    # the worker finds its artifacts as <artifact_dir>/current
+    (tmp / "artifacts").mkdir()
+    (tmp / "artifacts" / "current").symlink_to(artifacts, target_is_directory=True)
+    settings = Settings(
+        kafka_bootstrap=kafka.endpoint,
+        redis_url=redis.endpoint,
+        triton_url=None,
+        run_dir=tmp / "run",
+        artifact_dir=tmp / "artifacts",
+        data_dir=data_dir(),
+        partitions=args.partitions,
+        feast_project=project,
+        worker_group=f"{prefix}-workers",
+        topics=TopicNames(**{r: f"{prefix}-{n}" for r, n in TopicNames().model_dump().items()}),
+    )
+    if args.deadline_ms is None:
+        args.deadline_ms = float(settings.request_deadline_ms)
+    with phases.phase("load features", "(Feast materialize + seen/popularity state)"):
+        load_features(artifacts, redis.endpoint, settings.feature_repo(), project)
+    config = serving_config({"redis_url": redis.endpoint, "feast_project": project})
+    with phases.phase("start tritonserver", f"(limit {args.triton_timeout:.0f} s)"):
+        repository = export_repository(
+            artifacts, tmp / "triton" / "models", config, instances=args.instances
+        )
+        triton = start_triton(tmp / "triton", args.triton_timeout, repository=repository)
+        services.append(triton)
+    phases.log(f"  tritonserver {triton.endpoint} (pid {triton.pid})")
+    service_pids["triton"] = triton.pid
+    settings = settings.model_copy(update={"triton_url": triton.endpoint})
+    create_topics(settings, kafka.endpoint)
+    return settings, config
+
+
+def start_workers(workers, n: int, tmp: Path) -> list:
+    """Start `n` more stream workers (Faust's data directory in `tmp`); all running ones."""
+    # Faust keeps its data directory in the working directory unless told otherwise
+    saved = os.environ.get("F_DATADIR")
+    os.environ["F_DATADIR"] = str(tmp / "faust-data")
+    try:
+        return workers.start(n, timeout=300)
+    finally:
+        if saved is None:
+            os.environ.pop("F_DATADIR", None)
+        else:
+            os.environ["F_DATADIR"] = saved
 
 
 def warm_up(settings, bootstrap, state, arrivals, users, items, now_ms, args) -> None:
