@@ -410,6 +410,7 @@ def build_local(artifacts: Path, config: dict[str, Any], phases: Phases):
             ops = [timed(op.name, partial(op, artifacts, full, items)) for op in GRAPH.operators]
             # Otherwise loaded by the first request (on Triton too: see first_request_s).
             timed("item features (first use)", lambda: items.features)
+            self.items = items
             self.runtime = LocalRuntime(GRAPH, ops)
             self.version = json.loads((artifacts / "manifest.json").read_text())["version"]
             self.build_seconds = seconds
@@ -901,23 +902,86 @@ def throughput_step(b: Bench, url: str, triton_pid: int) -> dict[str, Any]:
     }
 
 
+def catalog_step(b: Bench) -> dict[str, Any]:
+    """New items at the full catalog, after every answer was checked: the served path
+    (`LiveItems._add_items`: feature rows, item tower, index add, vectors) for 1 and 1,000
+    items, then `ItemIndex.add` alone, in ms."""
+    items = b.local.items
+    genres = json.loads((b.artifacts / "manifest.json").read_text()).get("genres") or []
+    rng = np.random.default_rng(b.args.seed)
+    out: dict[str, Any] = {"items_before": len(items.ids)}
+    with b.phases.phase("catalog: add new items"):
+        for n in (1, 1000):
+            profiles = {
+                f"bench-new-{n}-{i}": {
+                    "title": f"Bench film {n} {i}",
+                    "year": int(rng.integers(1950, 2025)),
+                    "genres": list(rng.choice(genres, 2, replace=False)) if genres else [],
+                }
+                for i in range(n)
+            }
+            t0 = time.perf_counter()
+            items._add_items(profiles)
+            out[f"served_add_{n}_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+            vectors = rng.normal(size=(n, items.index.index.d)).astype(np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            t0 = time.perf_counter()
+            items.index.add(vectors, [f"bench-index-{n}-{i}" for i in range(n)])
+            out[f"index_add_{n}_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+    return out
+
+
+def catalog_lines(r: dict[str, Any]) -> list[str]:
+    a, c = r["artifacts"], r.get("catalog") or {}
+    index = a["index"]
+    load = r.get("load_features_s") or {}
+    build = r["startup"]["in_process_build_s"]
+    first = {name: lay.get("first_request_s") for name, lay in r["layouts"].items()}
+    rows = [
+        ["duplicate item vectors (bit-identical rows)", _pct(index.get("duplicate_vectors"))],
+        ["index recall vs exact @100", index.get("recall_vs_exact@100")],
+        ["index build (s)", index.get("build_seconds")],
+        ["Feast online load (s)", load.get("load_offline (parquet, apply, write)")],
+        ["in-process stage start: item table + first-use features + retrieval (s)",
+         round(sum(build.get(k, 0) for k in ("item table", "item features (first use)",
+                                             "retrieval")), 2)],
+        *[[f"Triton {n}: first answer after start (s)", s] for n, s in first.items()],
+        *[[f"{k.replace('_', ' ')}", v] for k, v in c.items() if k != "items_before"],
+        ["training (s)", (a.get("training") or {}).get("train_s")],
+    ]  # fmt: skip
+    return [
+        f"## Catalog ({index['type']}, {index['items']:,} items)",
+        "",
+        markdown_table(["", "value"], rows),
+        "",
+        "New items (ms): `served add` = the serving process's catalog add (feature rows, item "
+        "tower, index add, vectors table); `index add` = `ItemIndex.add` alone.",
+        "",
+    ]
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f} %"
+
+
 def load_features_timed(artifacts: Path, url: str, tmp: Path, phases: Phases) -> dict[str, float]:
-    """Feast materialize + seen/popularity state into Valkey, with its main calls timed."""
+    """Feast online load + seen/popularity state into Valkey, with its main calls timed."""
     from models.feature_load import load_features
 
     load_s: dict[str, float] = {}
-    with phases.phase("load features", "(Feast materialize + seen/popularity state)"):
+    with phases.phase("load features", "(Feast online store + seen/popularity state)"):
         t0 = time.perf_counter()
         import feast
 
         import models.feature_load
+        import models.feature_repo
         from serving.state import RedisState
 
         load_s["import feast"] = round(time.perf_counter() - t0, 2)
         timed = [
-            (models.feature_load, "load_offline", "load_offline (parquet, apply, mat.)"),
+            (models.feature_load, "load_offline", "load_offline (parquet, apply, write)"),
             (feast.FeatureStore, "apply", "  feast apply"),
-            (feast.FeatureStore, "materialize", "  feast materialize (4 views)"),
+            (models.feature_repo, "write_online_bulk", "  Feast layout bulk write (3 views)"),
             (RedisState, "load", "RedisState.load (seen sets, popularity)"),
         ]
         load_s.update({label: 0.0 for _, _, label in timed})
@@ -1253,6 +1317,7 @@ def parity_lines(r: dict[str, Any]) -> list[str]:
 def markdown_report(r: dict[str, Any]) -> str:
     sections = (
         header_lines,
+        catalog_lines,
         in_process_lines,
         explain_lines,
         layout_lines,
@@ -1338,6 +1403,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             layouts = {layout: layout_step(b, layout) for layout in args.layouts}
             parity = b.parity.summary()
             log_parity(parity, phases)
+            catalog = catalog_step(b)
             memory = {
                 "bench_rss_mb": bench_rss,
                 "bench_rss_after_mb": round(rss_mb(os.getpid()), 1),
@@ -1397,6 +1463,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             **layouts[args.throughput_layout].pop("throughput"),
         },
         "startup": {"in_process_build_s": local.build_seconds},
+        "catalog": catalog,
         "load_features_s": load_s,
         "gc": {"in_process_runtime_loaded": gc_state},
         "phases": phases.seconds,

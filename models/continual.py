@@ -25,7 +25,7 @@ from models.evaluate import EvalConfig, Point, full_pipeline, replay_points, sum
 from models.examples import PopularityClock, SeenBefore, build_examples, prepare
 from models.features import Replay, replay
 from models.index import ItemIndex
-from models.inputs import ITEM_OUTPUTS, USER_OUTPUTS
+from models.inputs import USER_OUTPUTS, item_tower_inputs
 from models.recommender import Catalog, Recommender
 from models.workflow import Workflow
 
@@ -84,7 +84,7 @@ class Learner:
         x = self.workflow.transform(
             build_examples(events, users_before, self.prepared, clock).frame
         )
-        return {k: x[k] for k in (*USER_OUTPUTS, *ITEM_OUTPUTS)}
+        return {k: x[k] for k in (*USER_OUTPUTS, *item_tower_inputs(self.workflow))}
 
     def learn(self, events: pd.DataFrame) -> dict:
         """Fine-tune on `events` (time order, after everything learned so far)."""
@@ -117,7 +117,7 @@ class Learner:
 
     def _fine_tune_towers(self, events: pd.DataFrame, x: dict) -> list[float]:
         """Retrieval on the new pairs (and replayed older ones); then the catalog re-embedded."""
-        new = {k: x[k] for k in (*USER_OUTPUTS, *ITEM_OUTPUTS)}
+        new = {k: x[k] for k in (*USER_OUTPUTS, *item_tower_inputs(self.workflow))}
         rows = np.zeros(0, dtype=np.int64)  # replayed rows of the log (pairs align with it)
         if self.pairs:
             old = len(self.pairs["item_id"])
@@ -130,7 +130,7 @@ class Learner:
         counts = self.log["item_id"].value_counts()
         loss = self.tower.fit(
             {k: fit[k] for k in USER_OUTPUTS},
-            {k: fit[k] for k in ITEM_OUTPUTS},
+            {k: fit[k] for k in item_tower_inputs(self.workflow)},
             np.log(counts.reindex(items).to_numpy() / counts.sum()),
             epochs=self.cfg.retrieval_epochs,
             batch_size=self.train_cfg.retrieval_batch,

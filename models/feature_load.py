@@ -22,12 +22,12 @@ def load_features(
     state = artifact_dir / "state"
     repo = write_repo(repo_dir, redis_url, project)
     stats = pd.read_parquet(state / "item_stats.parquet")
-    _load_feast(repo, state, first_ms=int(stats["popularity_ms"].min()))
+    _load_feast(repo, state, first_ms=int(stats["popularity_ms"].min()), redis_url=redis_url)
     _load_redis(state, stats, redis_url, project)
     return repo
 
 
-def _load_feast(repo: Path, state: Path, first_ms: int) -> None:
+def _load_feast(repo: Path, state: Path, first_ms: int, redis_url: str | None = None) -> None:
     """The users' stream state after the training period is stamped with its own last-event
     time; static profiles with the start of the data (`first_ms` at the latest)."""
     users = pd.read_parquet(state / "user_profile.parquet")
@@ -40,7 +40,7 @@ def _load_feast(repo: Path, state: Path, first_ms: int) -> None:
     users["age"] = users["age"].astype("Int64")
     items["year"] = items["year"].astype("Int64")
     with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # Feast's progress bars
-        load_offline(repo, users, items, activity)
+        load_offline(repo, users, items, activity, redis_url=redis_url)
 
 
 def _load_redis(state: Path, stats: pd.DataFrame, redis_url: str, project: str) -> None:

@@ -250,11 +250,14 @@ def load_offline(
     users: pd.DataFrame,
     items: pd.DataFrame,
     user_activity: pd.DataFrame,
+    redis_url: str | None = None,
 ) -> None:
-    """Write the parquet sources, apply the repo and materialize the data into Redis.
+    """Write the parquet sources, apply the repo and load the data into the online store.
 
     Each frame holds the join key, the view's features and ``event_timestamp``; the online store
-    ends up with the latest row per entity.
+    ends up with the latest row per entity. With ``redis_url`` the rows are written in Feast's
+    Redis layout by :func:`write_online_bulk` (1M items in seconds, where Feast's
+    ``materialize`` takes minutes); without it, by ``materialize``.
     """
     frames = {"user_profile": users, "user_activity": user_activity, "item_profile": items}
     (Path(repo_dir) / "data").mkdir(parents=True, exist_ok=True)
@@ -267,12 +270,74 @@ def load_offline(
     loaded = [view for view, df in frames.items() if len(df)]
     if not loaded:
         return
+    if redis_url is not None:
+        for view in loaded:
+            write_online_bulk(redis_url, store.project, view, frames[view])
+        return
     stamps = pd.concat([frames[v][TIMESTAMP] for v in loaded])
     store.materialize(
         stamps.min().to_pydatetime() - timedelta(seconds=1),
         stamps.max().to_pydatetime() + timedelta(seconds=1),
         feature_views=loaded,
     )
+
+
+def write_online_bulk(
+    redis_url: str, project: str, view: str, df: pd.DataFrame, chunk: int = 20_000
+) -> int:
+    """Write the latest row per entity of ``view`` in Feast's Redis layout, as Feast's Redis
+    store writes it (``online_write_batch``: the same protobuf values, made by Feast's own
+    arrow → proto conversion, the same keys, fields and ``_ts`` rule: a row not newer, in
+    whole seconds, than the stored one is skipped), in pipelines of ``chunk`` entities.
+
+    Each pipeline is non-transactional and every command touches one key, so it runs on Redis
+    Cluster as well. Returns the number of entities written.
+    """
+    import pyarrow as pa
+    from feast import FeatureView
+    from feast.infra.online_stores.helpers import _mmh3, _redis_key
+    from feast.utils import _convert_arrow_to_proto, make_tzaware
+    from feast.value_type import ValueType
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    if df.empty:
+        return 0
+    _check_frame(view, df)
+    key = ENTITIES[VIEWS[view].entity]
+    df = df[_columns(view)]
+    if df[key].duplicated().any():
+        df = df.sort_values(TIMESTAMP, kind="stable").drop_duplicates(key, keep="last")
+    table = next(d for d in definitions() if isinstance(d, FeatureView) and d.name == view)
+    ts_field = f"_ts:{view}".encode()
+    field_of = {f.name: _mmh3(f"{view}:{f.name}") for f in table.features}
+    client = redis_client(redis_url)
+    written = 0
+    try:
+        for start in range(0, len(df), chunk):
+            part = pa.RecordBatch.from_pandas(df.iloc[start : start + chunk], preserve_index=False)
+            rows = _convert_arrow_to_proto(part, table, {key: ValueType.STRING})
+            keys = [
+                _redis_key(project, entity_key, ENTITY_KEY_SERIALIZATION_VERSION)
+                for entity_key, _, _, _ in rows
+            ]
+            pipe = client.pipeline(transaction=False)
+            for k in keys:
+                pipe.hget(k, ts_field)
+            previous = pipe.execute()
+            pipe = client.pipeline(transaction=False)
+            for k, prev, (_, values, stamp, _) in zip(keys, previous, rows, strict=True):
+                seconds = int(make_tzaware(stamp).timestamp())
+                if prev and 0 < Timestamp.FromString(prev).seconds >= seconds:
+                    continue
+                mapping = {ts_field: Timestamp(seconds=seconds).SerializeToString()}
+                for name, value in values.items():
+                    mapping[field_of[name]] = value.SerializeToString()
+                pipe.hset(k, mapping=mapping)
+                written += 1
+            pipe.execute()
+    finally:
+        client.close()
+    return written
 
 
 # --- streaming writes ----------------------------------------------------------------------

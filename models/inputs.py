@@ -13,10 +13,24 @@ from typing import Any
 import numpy as np
 
 from models.features import HISTORY_LEN
-from models.workflow import Bucketize, Categorify, ListCategorify, MultiHot, Workflow, is_null
+from models.workflow import (
+    Bucketize,
+    Categorify,
+    HashTokens,
+    ListCategorify,
+    MultiHot,
+    Workflow,
+    is_null,
+)
 
 USER_OUTPUTS = ("user_age", "user_gender", "user_occupation", "user_zip", "hist_items")
-ITEM_OUTPUTS = ("item_id", "item_genres", "item_year")
+ITEM_OUTPUTS = ("item_id", "item_genres", "item_year")  # the item tensors of the stages
+# The item tower's inputs: the item tensors and the title's hashed tokens (`item_title`), so an
+# item unseen in training is embedded from its content. Versions trained before the title have
+# no `item_title` in their workflow: `item_tower_inputs` says what a workflow has.
+ITEM_TOWER_INPUTS = (*ITEM_OUTPUTS, "item_title")
+TITLE_TOKENS = 8
+TITLE_BUCKETS = 65536
 DENSE_FEATURES = (
     "retrieval_score",
     "log_popularity",
@@ -33,7 +47,11 @@ AGE_BOUNDARIES = [18, 25, 35, 45, 50, 56]
 YEAR_BOUNDARIES = [1940, 1960, 1970, 1980, 1990, 1994, 1996, 1998]
 
 
-def make_workflow() -> Workflow:
+def make_workflow(title_tokens: int = TITLE_TOKENS) -> Workflow:
+    """The preprocessing of every model input; ``title_tokens=0`` leaves the title out."""
+    title = {}
+    if title_tokens:
+        title = {"item_title": [HashTokens(max_len=title_tokens, buckets=TITLE_BUCKETS)]}
     return Workflow(
         {
             "item_id": [Categorify(freq_threshold=1)],
@@ -44,6 +62,7 @@ def make_workflow() -> Workflow:
             "user_occupation": [Categorify()],
             "user_zip": [Categorify(freq_threshold=2)],
             "hist_items": [ListCategorify(max_len=HISTORY_LEN, vocab_from="item_id")],
+            **title,
         },
         inputs={
             "item_genres": "genres",
@@ -53,6 +72,7 @@ def make_workflow() -> Workflow:
             "user_occupation": "occupation",
             "user_zip": "zip_prefix",
             "hist_items": "recent_items",
+            **({"item_title": "title"} if title_tokens else {}),
         },
     )
 
@@ -76,7 +96,36 @@ def item_row(item_id: str, profile: Mapping[str, Any] | None) -> dict[str, Any]:
         "item_id": item_id,
         "genres": list(profile.get("genres") or []),
         "year": _none_if_null(profile.get("year")),
+        "title": _none_if_null(profile.get("title")),
     }
+
+
+def item_tower_inputs(workflow: Workflow) -> tuple[str, ...]:
+    """The item tower's inputs that this (fitted) workflow produces."""
+    return tuple(n for n in ITEM_TOWER_INPUTS if n in workflow.columns)
+
+
+def item_table(
+    workflow: Workflow,
+    ids: Sequence[str],
+    profiles: Mapping[str, Mapping[str, Any] | None],
+    outputs: Sequence[str],
+) -> dict[str, np.ndarray]:
+    """The `outputs` of every item in `ids` (rows in that order), by the workflow's batch
+    transform: the same numbers as `transform_one(item_row(...))` row by row, ~50x faster."""
+    import pandas as pd
+
+    get = profiles.get
+    rows = [get(i) or {} for i in ids]
+    frame = pd.DataFrame(
+        {
+            "item_id": pd.Series(list(ids), dtype=object),
+            "genres": pd.Series([list(p.get("genres") or []) for p in rows], dtype=object),
+            "year": pd.Series([_none_if_null(p.get("year")) for p in rows], dtype=object),
+            "title": pd.Series([_none_if_null(p.get("title")) for p in rows], dtype=object),
+        }
+    )
+    return workflow.transform(frame, outputs)
 
 
 def dense_features(

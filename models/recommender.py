@@ -16,10 +16,10 @@ import numpy as np
 
 from models.index import ItemIndex
 from models.inputs import (
-    ITEM_OUTPUTS,
     USER_OUTPUTS,
     dense_features,
-    item_row,
+    item_table,
+    item_tower_inputs,
     recent_vector,
     user_row,
 )
@@ -33,14 +33,13 @@ class Catalog:
 
     ids: list[str]
     row: dict[str, int]
-    inputs: dict[str, np.ndarray]  # item_id, item_genres, item_year; one row per item
+    inputs: dict[str, np.ndarray]  # the item tower's inputs (`item_tower_inputs`), by row
     profiles: dict[str, dict[str, Any]]
 
     @classmethod
     def build(cls, workflow: Workflow, profiles: Mapping[str, Mapping[str, Any]]) -> Catalog:
         ids = list(profiles)
-        rows = [workflow.transform_one(item_row(i, profiles[i]), ITEM_OUTPUTS) for i in ids]
-        inputs = {name: np.stack([r[name] for r in rows]) for name in ITEM_OUTPUTS}
+        inputs = item_table(workflow, ids, profiles, item_tower_inputs(workflow))
         return cls(
             ids, {i: n for n, i in enumerate(ids)}, inputs, {i: dict(profiles[i]) for i in ids}
         )

@@ -30,6 +30,9 @@ from keras import layers, ops
 USER_FEATURES: tuple[str, ...] = ("user_age", "user_gender", "user_occupation", "user_zip")
 USER_INPUTS: tuple[str, ...] = (*USER_FEATURES, "hist_items")
 ITEM_INPUTS: tuple[str, ...] = ("item_id", "item_genres", "item_year")
+# The title's hashed tokens (`models.workflow.HashTokens`): an item unseen in training is
+# embedded from its content (title, genres, year), not as one shared out-of-vocabulary vector.
+TITLE_INPUT = "item_title"
 USER_OUTPUT = "user_embedding"
 ITEM_OUTPUT = "item_embedding"
 
@@ -149,6 +152,11 @@ class TwoTower:
     n_genres: int
     temperature: float = 0.05
     seed: int = 0
+    item_inputs: tuple[str, ...] = ITEM_INPUTS
+    # Share of training pairs whose item id the item tower does not see (it gets the OOV
+    # index): the tower learns to embed an item from its content alone, as it must for items
+    # unseen in training. The in-batch duplicate mask still uses the real ids.
+    item_id_dropout: float = 0.0
     history: list[float] = field(default_factory=list)
     _optimizer: keras.optimizers.Optimizer | None = field(default=None, repr=False)
     _step: Callable | None = field(default=None, repr=False)
@@ -176,17 +184,17 @@ class TwoTower:
             {k: spec(np.asarray(v)) for k, v in user_inputs.items()},
             {k: spec(np.asarray(v)) for k, v in item_inputs.items()},
             tf.TensorSpec((None,), tf.float32),
+            tf.TensorSpec((None,), tf.int64),
         )
 
         @tf.function(input_signature=signature)
-        def step(u, it, log_q):
+        def step(u, it, log_q, ids):
             with tf.GradientTape() as tape:
                 ue = user_tower(u, training=True)
                 ie = item_tower(it, training=True)
                 logits = tf.matmul(ue, ie, transpose_b=True) * inv_temp
                 # logQ correction: popular items appear as in-batch negatives more often
                 logits = logits - log_q[None, :]
-                ids = tf.cast(it["item_id"], tf.int64)
                 n = tf.shape(ids)[0]
                 same = tf.equal(ids[:, None], ids[None, :])
                 dup = tf.logical_and(same, tf.logical_not(tf.eye(n, dtype=tf.bool)))
@@ -219,7 +227,7 @@ class TwoTower:
         Returns the mean loss per epoch (also appended to ``self.history``).
         """
         u = _as_inputs(user_inputs, USER_INPUTS)
-        it = _as_inputs(item_inputs, ITEM_INPUTS)
+        it = _as_inputs(item_inputs, self.item_inputs)
         n = _check_rows(u, it)
         if n < 2:
             raise ValueError("in-batch softmax needs at least 2 training pairs")
@@ -251,11 +259,12 @@ class TwoTower:
                 idx = order[start : start + batch_size]
                 if idx.shape[0] < 2:
                     continue
-                loss = self._step(
-                    {k: v[idx] for k, v in u.items()},
-                    {k: v[idx] for k, v in it.items()},
-                    log_q[idx],
-                )
+                batch = {k: v[idx] for k, v in it.items()}
+                ids = batch["item_id"]
+                if self.item_id_dropout > 0:
+                    drop = rng.random(len(idx)) < self.item_id_dropout
+                    batch["item_id"] = np.where(drop, OOV_INDEX, ids)
+                loss = self._step({k: v[idx] for k, v in u.items()}, batch, log_q[idx], ids)
                 total += float(loss)
                 batches += 1
             mean = total / max(batches, 1)
@@ -275,7 +284,7 @@ class TwoTower:
         return _predict(self.user_tower, _as_inputs(user_inputs, USER_INPUTS), batch_size)
 
     def embed_items(self, item_inputs: Mapping[str, np.ndarray], batch_size: int = 8192):
-        return _predict(self.item_tower, _as_inputs(item_inputs, ITEM_INPUTS), batch_size)
+        return _predict(self.item_tower, _as_inputs(item_inputs, self.item_inputs), batch_size)
 
 
 def item_log_q_from_ids(item_ids: np.ndarray) -> np.ndarray:
@@ -295,11 +304,17 @@ def build_two_tower(
     attr_dim: int | None = None,
     hidden: int | None = None,
     sequence: bool = False,
+    title_len: int | None = None,
+    item_id_dropout: float = 0.0,
 ) -> TwoTower:
     """Build the user and item towers (sharing the item-id embedding table).
 
     ``sequence``: the user tower also reads the history in order (:class:`RecentSequence`).
+    ``title_len``: the item tower also reads ``item_title`` (that many hashed title tokens,
+    cardinality ``cardinalities["item_title"]``), mean-pooled.
     """
+    if not 0.0 <= item_id_dropout < 1.0:
+        raise ValueError("item_id_dropout must be in [0, 1)")
     check_cardinalities(cardinalities, (*USER_FEATURES, "item_id", "item_year"))
     if n_genres < 1 or hist_len < 1 or dim < 1:
         raise ValueError("n_genres, hist_len and dim must be >= 1")
@@ -358,7 +373,14 @@ def build_two_tower(
     year = emb("item_year", cardinalities["item_year"], attr_dim)(
         safe_index(i_in["item_year"], cardinalities["item_year"])
     )
-    y = layers.Concatenate(name="item_concat")([id_vec, genres, year])
+    item_parts = [id_vec, genres, year]
+    if title_len:
+        check_cardinalities(cardinalities, (TITLE_INPUT,))
+        i_in[TITLE_INPUT] = keras.Input(shape=(title_len,), dtype="int64", name=TITLE_INPUT)
+        tokens = safe_index(i_in[TITLE_INPUT], cardinalities[TITLE_INPUT])
+        token_emb = emb(TITLE_INPUT, cardinalities[TITLE_INPUT], attr_dim)(tokens)
+        item_parts.append(masked_mean(token_emb, tokens)[0])
+    y = layers.Concatenate(name="item_concat")(item_parts)
     y = dense(hidden, "item_hidden", "relu")(y)
     y = dense(dim, "item_out")(y)
     item_vec = l2_normalize(y + id_vec)
@@ -373,6 +395,8 @@ def build_two_tower(
         n_genres=n_genres,
         temperature=temperature,
         seed=seed,
+        item_inputs=tuple(i_in),
+        item_id_dropout=item_id_dropout,
     )
 
 

@@ -29,9 +29,9 @@ from models.examples import (
 from models.index import ItemIndex
 from models.inputs import (
     DENSE_FEATURES,
-    ITEM_OUTPUTS,
     USER_OUTPUTS,
     dense_features,
+    item_tower_inputs,
     make_workflow,
     recent_vector,
 )
@@ -56,6 +56,10 @@ class TrainConfig:
     # On the validation slice it lifted retrieval alone (NDCG@10 0.133 -> 0.136, warm users
     # 0.052 -> 0.066) but the four-stage pipeline fell (0.158 -> 0.140): off until it does not.
     sequence: bool = False
+    # Item-id dropout in the item tower (`models.retrieval.TwoTower.item_id_dropout`): items
+    # unseen in training are embedded from title, genres and year.
+    item_id_dropout: float = 0.2
+    title_tokens: int = 8  # hashed title tokens the item tower reads (0: none)
     ranker_epochs: int = 3
     # The ranker: DLRM plus a wide (linear) path over the dense features, its deep part learning
     # at 0.1x the rate. On a validation slice cut from the end of the training period this was
@@ -101,7 +105,7 @@ def train(dataset: Dataset, artifact_root: Path, cfg: TrainConfig, step: Step = 
 
     step("building training examples (features as of each interaction)")
     train_ex = build_examples(split.train, prepared.state.users_before, prepared, clock)
-    workflow = make_workflow()
+    workflow = make_workflow(cfg.title_tokens)
     workflow.fit(train_ex.frame)
     workflow.save(out / "workflow.json")
     x = workflow.transform(train_ex.frame)
@@ -113,7 +117,7 @@ def train(dataset: Dataset, artifact_root: Path, cfg: TrainConfig, step: Step = 
     log_q = np.log(counts.reindex(train_ex.frame["item_id"]).to_numpy() / counts.sum())
     tower_loss = tower.fit(
         {k: x[k] for k in USER_OUTPUTS},
-        {k: x[k] for k in ITEM_OUTPUTS},
+        {k: x[k] for k in item_tower_inputs(workflow)},
         log_q,
         epochs=cfg.retrieval_epochs,
         batch_size=cfg.retrieval_batch,
@@ -123,7 +127,9 @@ def train(dataset: Dataset, artifact_root: Path, cfg: TrainConfig, step: Step = 
     step("embedding the catalog and building the ANN index")
     catalog = Catalog.build(workflow, prepared.item_profiles)
     item_emb = tower.embed_items(catalog.inputs)
+    built = time.perf_counter()
     index = ItemIndex.build(item_emb, catalog.ids)
+    build_seconds = time.perf_counter() - built
     index.save(out)
     queries = tower.embed_users({k: x[k][: min(500, len(x[k]))] for k in USER_OUTPUTS})
     index_recall = index.recall_vs_exact(queries, 100)
@@ -241,7 +247,7 @@ def train(dataset: Dataset, artifact_root: Path, cfg: TrainConfig, step: Step = 
             },
             "item_tower": {
                 "file": "item_tower.onnx",
-                "inputs": list(ITEM_OUTPUTS),
+                "inputs": list(tower.item_inputs),
                 "output": "item_embedding",
                 "dim": cfg.dim,
             },
@@ -255,6 +261,8 @@ def train(dataset: Dataset, artifact_root: Path, cfg: TrainConfig, step: Step = 
             "type": type(index.index).__name__,
             "items": len(index),
             "recall_vs_exact@100": index_recall,
+            "build_seconds": round(build_seconds, 2),
+            "duplicate_vectors": duplicate_share(item_emb),
         },
         "metrics": {
             "retrieval_loss": tower_loss,
@@ -269,6 +277,15 @@ def train(dataset: Dataset, artifact_root: Path, cfg: TrainConfig, step: Step = 
     return out
 
 
+def duplicate_share(vectors: np.ndarray) -> float:
+    """Share of rows that repeat an earlier row bit for bit (items the index cannot tell apart)."""
+    v = np.ascontiguousarray(vectors)
+    if len(v) == 0:
+        return 0.0
+    rows = v.view(np.dtype((np.void, v.dtype.itemsize * v.shape[1]))).ravel()
+    return float(1.0 - len(np.unique(rows)) / len(rows))
+
+
 def build_models(spec: dict, cfg: TrainConfig):
     """The untrained two-tower model and ranker for a fitted workflow's output spec."""
     from models.ranking import build_dlrm
@@ -277,7 +294,14 @@ def build_models(spec: dict, cfg: TrainConfig):
     cards = {name: c for name, (_, _, c) in spec.items() if c}
     n_genres, hist_len = spec["item_genres"][1], spec["hist_items"][1]
     tower = build_two_tower(
-        cards, n_genres, hist_len, dim=cfg.dim, seed=cfg.seed, sequence=cfg.sequence
+        cards,
+        n_genres,
+        hist_len,
+        dim=cfg.dim,
+        seed=cfg.seed,
+        sequence=cfg.sequence,
+        title_len=spec["item_title"][1] if "item_title" in spec else None,
+        item_id_dropout=cfg.item_id_dropout,
     )
     ranker = build_dlrm(cards, len(DENSE_FEATURES), hist_len, seed=cfg.seed, wide=cfg.ranker_wide)
     return tower, ranker

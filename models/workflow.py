@@ -23,7 +23,9 @@ import bisect
 import json
 import math
 import os
+import re
 import tempfile
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain
 from pathlib import Path
@@ -511,6 +513,66 @@ class MultiHot(Op):
         self._set_vocab(state["vocab"])
 
 
+class HashTokens(Op):
+    """A text → its first ``max_len`` word tokens (lower-cased runs of letters and digits), each
+    hashed (CRC-32, stable across processes) to ``2 .. buckets + 1``; 0-padded at the end. A
+    null or empty text → all zeros. Nothing to fit: a text never seen in training still gets its
+    own indices (an item unseen in training is embedded from its title).
+    """
+
+    dtype = "int64"
+    _TOKEN = re.compile(r"[0-9a-z]+")
+
+    def __init__(self, max_len: int = 8, buckets: int = 65536):
+        if max_len < 1 or buckets < 1:
+            raise ValueError("max_len and buckets must be >= 1")
+        self.max_len = max_len
+        self.buckets = buckets
+        self._cache: dict[str, int] = {}
+
+    def _index(self, token: str) -> int:
+        index = self._cache.get(token)
+        if index is None:
+            index = FIRST_INDEX + zlib.crc32(token.encode()) % self.buckets
+            if len(self._cache) < 1_000_000:
+                self._cache[token] = index
+        return index
+
+    def _indices(self, value: Any) -> list[int]:
+        if is_null(value):
+            return []
+        tokens = self._TOKEN.findall(str(value).lower())[: self.max_len]
+        return [self._index(t) for t in tokens]
+
+    def transform(self, values: Any) -> np.ndarray:
+        cells = _as_series(values).tolist()
+        out = np.zeros((len(cells), self.max_len), dtype=np.int64)
+        rows = [self._indices(v) for v in cells]
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        if lengths.sum():
+            flat = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+            starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+            out[np.repeat(np.arange(len(rows)), lengths), np.arange(len(flat)) - starts] = flat
+        return out
+
+    def transform_one(self, value: Any) -> np.ndarray:
+        out = np.zeros(self.max_len, dtype=np.int64)
+        indices = self._indices(value)
+        out[: len(indices)] = indices
+        return out
+
+    @property
+    def width(self) -> int:
+        return self.max_len
+
+    @property
+    def cardinality(self) -> int:
+        return self.buckets + FIRST_INDEX
+
+    def params(self) -> dict[str, Any]:
+        return {"max_len": self.max_len, "buckets": self.buckets}
+
+
 def _flatten(values: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A column of lists → (all elements as an object array, their row numbers, list lengths)."""
     lists = [_cell_list(cell) for cell in _as_series(values).tolist()]
@@ -521,9 +583,18 @@ def _flatten(values: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 OPS: dict[str, type[Op]] = {
     cls.__name__: cls
-    for cls in (Categorify, Normalize, FillMissing, LogOp, Bucketize, ListCategorify, MultiHot)
+    for cls in (
+        Categorify,
+        Normalize,
+        FillMissing,
+        LogOp,
+        Bucketize,
+        ListCategorify,
+        MultiHot,
+        HashTokens,
+    )
 }
-_LIST_OPS = (ListCategorify, MultiHot)
+_LIST_OPS = (ListCategorify, MultiHot, HashTokens)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from models.features import POPULARITY_HALF_LIFE_MS
-from models.inputs import ITEM_OUTPUTS, item_row
+from models.inputs import item_row, item_table, item_tower_inputs
 from models.workflow import Workflow
 
 log = logging.getLogger(__name__)
@@ -99,10 +99,14 @@ class LiveItems:
 
     @cached_property
     def features(self) -> dict[str, np.ndarray]:
-        """The model inputs of every item (loaded by the first stage that asks for them)."""
+        """The item tower's inputs of every item (the stages' item tensors among them), loaded
+        by the first stage that asks for them, in one batch transform of the workflow."""
         profiles = json.loads((self.artifacts / "items.json").read_text()) | self._profiles
-        rows = [self._features(i, profiles.get(i)) for i in self.ids]
-        return {n: np.stack([r[n] for r in rows]) for n in ITEM_OUTPUTS}
+        return item_table(self.workflow, self.ids, profiles, self._inputs)
+
+    @cached_property
+    def _inputs(self) -> tuple[str, ...]:
+        return item_tower_inputs(self.workflow)
 
     @cached_property
     def index(self):
@@ -200,11 +204,11 @@ class LiveItems:
             changed = [i for i in profiles if i not in new]
             for item in changed:
                 out = self._features(item, profiles[item])
-                for name in ITEM_OUTPUTS:
+                for name in self._inputs:
                     self.features[name][self.row[item]] = out[name]
             if new:
                 rows = [self._features(i, profiles[i]) for i in new]
-                for name in ITEM_OUTPUTS:
+                for name in self._inputs:
                     added = np.stack([r[name] for r in rows])
                     self.features[name] = np.concatenate([self.features[name], added])
         if not new:
@@ -237,4 +241,4 @@ class LiveItems:
         return onnx_session(self.artifacts / "item_tower.onnx")
 
     def _features(self, item: str, profile: dict | None) -> dict[str, np.ndarray]:
-        return self.workflow.transform_one(item_row(item, profile), ITEM_OUTPUTS)
+        return self.workflow.transform_one(item_row(item, profile), self._inputs)

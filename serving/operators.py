@@ -276,7 +276,7 @@ class ItemFeatures(Operator):
         out = []
         for t in batch:
             rows = t["kept"]
-            features = {name: values[rows] for name, values in self.items.features.items()}
+            features = {name: self.items.features[name][rows] for name in ITEM_OUTPUTS}
             popularity = self.items.popularity_at(rows, int(t["now_ms"][0]))
             recent = recent_vector(self.items.vectors[t["recent"]])
             similarity = self.items.vectors[rows] @ recent

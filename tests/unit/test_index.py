@@ -21,7 +21,7 @@ def test_exact_index_returns_the_true_nearest_neighbours():
     np.testing.assert_allclose(scores, np.sort(queries @ emb.T, axis=1)[:, ::-1][:, :10], 1e-5)
 
 
-def test_hnsw_above_the_limit_reports_its_recall_against_exact():
+def test_the_approximate_index_above_the_limit_reports_its_recall_against_exact():
     emb, ids = _data(n=3000)
     index = ItemIndex.build(emb, ids, exact_limit=1000)
     queries = np.random.default_rng(2).normal(size=(50, 16)).astype(np.float32)
