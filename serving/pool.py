@@ -79,14 +79,14 @@ class TritonPool:
         errors = await asyncio.gather(
             *(s.client.connect() for s in self.servers), return_exceptions=True
         )
+        if all(e is not None for e in errors):
+            raise errors[0]
         for server, error in zip(self.servers, errors, strict=True):
             if error is not None:
                 self._eject(server, str(error))
-        up = [s for s in self.servers if s.healthy]
-        if not up:
-            raise errors[0]
-        self.version = up[0].client.version
-        self._probe = asyncio.create_task(self._probe_ejected())
+        self.version = next(s for s in self.servers if s.healthy).client.version
+        if len(self.servers) > 1:
+            self._probe = asyncio.create_task(self._probe_ejected())
 
     def _pick(self, tried: list[Server]) -> Server | None:
         untried = [s for s in self.servers if s not in tried]
@@ -166,6 +166,7 @@ class TritonPool:
     async def close(self) -> None:
         if self._probe is not None:
             self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
         await asyncio.gather(*(s.client.close() for s in self.servers), return_exceptions=True)
 
     async def _probe_ejected(self) -> None:
@@ -181,19 +182,16 @@ class TritonPool:
                     self._admit(server)
 
     def _eject(self, server: Server, reason: str) -> None:
-        if server.healthy:
+        """Take `server` out of the rotation (one server alone stays: nothing to fail over to)."""
+        if server.healthy and len(self.servers) > 1:
             server.healthy, server.ejected_at = False, time.monotonic()
-            if len(self.servers) > 1:
-                log.warning(
-                    "Triton %s ejected: %s", server.url, (reason or "?").splitlines()[0][:300]
-                )
+            log.warning("Triton %s ejected: %s", server.url, (reason or "?").splitlines()[0][:300])
 
     def _admit(self, server: Server) -> None:
         if not server.healthy:
             server.healthy = True
-            if len(self.servers) > 1:
-                seconds = time.monotonic() - server.ejected_at
-                log.warning("Triton %s readmitted (%.1f s after its ejection)", server.url, seconds)
+            seconds = time.monotonic() - server.ejected_at
+            log.warning("Triton %s readmitted (%.1f s after its ejection)", server.url, seconds)
 
 
 class TritonServers:

@@ -216,11 +216,12 @@ def test_one_server_behaves_as_the_plain_client():
         calls = fakes["a:1"].calls
         result = await pool.canary()
         await pool.close()
-        return calls, result
+        return calls, result, healthy(pool)
 
-    calls, result = asyncio.run(main())
+    calls, result, state = asyncio.run(main())
     assert calls == 2  # no retry of its own: the processor retries within the deadline
     assert not result.ok and result.reason == "UNAVAILABLE: gone"  # its own canary's result
+    assert state == {"a:1": True}  # never ejected: nothing to fail over to
 
 
 def test_a_server_down_at_start_starts_ejected_and_none_up_fails():
@@ -235,6 +236,10 @@ def test_a_server_down_at_start_starts_ejected_and_none_up_fails():
             f.down = True
         with pytest.raises(InferenceServerException):
             await dead.connect()
+        alone, fakes = pool_of("a:1")
+        fakes["a:1"].down = True
+        with pytest.raises(InferenceServerException):
+            await alone.connect()
         return state, version
 
     state, version = asyncio.run(main())
