@@ -1,18 +1,13 @@
 """Many workers: 1, 2 and 4 stream workers on one embedded stack, 8 partitions per topic.
 
-    .venv/bin/python -m bench.scale                  # ML-100K, ~15 minutes
-    .venv/bin/python -m bench.scale --workers 1,2 --rates 100,200 --refine 0
+    .venv/bin/python -m bench.scale        # ML-100K, ~20 minutes; --help for the options
 
-One stack (broker, Valkey, tritonserver: `bench.e2e.start_services`) and one response reader
-for the whole run; workers are added between measurements (1 → 2 → 4). Per worker count: an
-interaction burst (`bench.e2e.run_burst`, events/s by `RedisState.acked()`) and a rate sweep
-(`bench.e2e.rate_sweep`: the highest steady rate with p99 ≤ `--slo-ms`, CPU-ms per request by
-process). Under a steady open-loop load (`--steady-rate`): each join, a rolling restart (each
-worker SIGTERMed, then started again in its static membership slot) and a leave by SIGTERM and
-by SIGKILL (a replacement in the slot after `--leave-s`). Per event, from the workers' logs:
-"partitions assigned" lines (one from a worker the event did not start = a rebalance it went
-through), rebalance warnings, the request partitions each live worker holds; from the answers:
-the longest gap, latency, answers not ok, unanswered. Writes bench/results/scale-<data>.*
+Reuses bench.e2e: its stack start, burst (events/s by `RedisState.acked()`), rate sweep (highest
+steady rate with p99 ≤ --slo-ms, CPU-ms per request by process), generator and response reader.
+Under a steady open-loop load: each join, a rolling restart (SIGTERM, then started again in its
+static membership slot), a leave by SIGTERM and by SIGKILL (then a replacement in the slot);
+per event the workers' "partitions assigned" and rebalance log lines and the answers' gaps and
+latency. Writes bench/results/scale-<data>.{json,md}.
 """
 
 from __future__ import annotations
@@ -46,7 +41,7 @@ from bench.common import (  # noqa: I001
 from bench.loadgen import CpuAccount, Generator, stack_processes
 
 SERVING = ("stream worker", "broker", "tritonserver", "triton stubs", "valkey")
-LINE = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\] \[\d+\] \[\w+\]:? (.*)$")
+LINE = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\] \[\d+\] \[\w+\]:? (.*)$", re.M)
 REBALANCE = re.compile(r"rebalanc|rejoin|IllegalGeneration|UnknownMemberId", re.I)
 
 
@@ -68,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--tail-s", type=float, default=10.0, help="load after the last event (default 10 s)")
     add("--label", help="result name suffix (default: from --data)")
     add("--keep", action="store_true", help="keep the temporary directory (worker logs)")
+    add("--note", default="", help="a sentence for the report (what else ran, which code)")
     mine = p.parse_args(argv)
     args = argparse.Namespace(**(vars(e2e.parse_args([])) | vars(mine)))  # e2e's defaults
     args.counts = sorted(int(x) for x in mine.workers.split(","))
@@ -236,18 +232,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     b = e2e.run_burst(burst, settings, bootstrap, state, load.ports, phases)
                 spent = CpuAccount.spent(snap, cpu.snapshot())
                 b["cpu_ms_per_event"] = {
-                    k: round(v * 1e3 / len(burst), 3) for k, v in spent.items()
+                    k: round(v / args.events * 1e3, 3) for k, v in spent.items()
                 }
                 b.pop("processed_timeline_s")
                 sweep = e2e.rate_sweep(load, artifacts, now_ms)
                 keep = ("rate", "achieved_rps", "latency_ms", "steady", "sustainable")
                 steps = [
-                    {k: s[k] for k in keep} | {"cpu": s["cpu_per_request"]} for s in sweep["steps"]
+                    {k: x[k] for k in keep} | {"cpu": x["cpu_per_request"]} for x in sweep["steps"]
                 ]
-                out[n] = {
-                    "burst": b,
-                    "highest_rps": sweep["highest_sustainable_rps"],
-                    "steps": steps,
+                out[n] = {"burst": b, "highest_rps": sweep["highest_sustainable_rps"]} | {
+                    "steps": steps
                 }
             slots = sorted(w.slot for w in workers.running())
             acts = [(f"restart slot {s}", restart(s)) for s in slots]
@@ -323,7 +317,7 @@ def markdown_report(r: dict[str, Any]) -> str:
         "partitions per topic, workers added between measurements. **The machine has "
         f"{m['cpus_usable']} cores**, shared by the workers, broker, Triton, Valkey, the load "
         "generator and the response reader (and other work on the machine): 4 workers cannot "
-        "scale linearly here. Medians and p99 of one run; ratios within it.", "",
+        f"scale linearly here. Medians and p99 of one run; ratios within it. {cfg['note']}", "",
         "## Throughput by worker count", "",
         markdown_table(["workers", "events/s", "events/s 10→90 %", "× 1 worker",
                         f"req/s, p99 ≤ {cfg['slo_ms']:g} ms", "× 1 worker", "p50 / p99 ms there",
