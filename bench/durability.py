@@ -23,15 +23,18 @@ from streams.topics import create_topics, topic_name
 
 
 def redis_commit(state: RedisState, batch: int, wait_aof: bool) -> float:
-    """One batch as the interactions processor commits it: a MULTI/EXEC, then the ack."""
+    """One batch of one user as the interactions processor commits it: the user's script, the
+    item side's count, the pending ids cleared, then the fsync."""
+    from models.features import UserActivity
+
     started = time.perf_counter()
-    pipe = state.client.pipeline(transaction=True)
     user = uuid.uuid4().hex[:8]
-    for n in range(batch):
-        state.mark_applied(pipe, user, uuid.uuid4().hex, n)
-        state.add_seen(pipe, user, str(n), n)
-    state.add_popularity(pipe, [(str(n), n) for n in range(batch)])
-    pipe.execute()
+    events = [(uuid.uuid4().hex, str(n), n) for n in range(batch)]
+    pipe = state.pipeline()
+    state.apply_user(pipe, user, None, UserActivity(event_count=batch, last_event_ms=batch), events)
+    state.execute(pipe)
+    state.count([(f"{user}:{e}", item, ts) for e, item, ts in events])
+    state.clear_pending({user: [e for e, _, _ in events]})
     if wait_aof:
         state.wait_durable()
     return (time.perf_counter() - started) * 1000

@@ -39,7 +39,7 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
-from serving.state import TIMEOUT_S, redis_client
+from serving.state import TIMEOUT_S, is_cluster, redis_client
 
 if TYPE_CHECKING:
     import feast
@@ -100,7 +100,7 @@ globals().update({f"{type(obj).__name__}_{obj.name}": obj for obj in definitions
 # --- the repo on disk ----------------------------------------------------------------------
 
 
-def redis_connection_string(redis_url: str) -> str:
+def redis_connection_string(redis_url: str, cluster: bool = False) -> str:
     """``redis://[user:password@]host:port[/db]`` → Feast's ``host:port[,db=N][,password=...]``.
 
     A bare ``host:port`` is returned unchanged.
@@ -112,7 +112,7 @@ def redis_connection_string(redis_url: str) -> str:
         raise ValueError(f"not a redis:// URL: {redis_url!r}")
     parts = [f"{url.hostname or '127.0.0.1'}:{url.port or 6379}"]
     db = url.path.strip("/")
-    if db:
+    if db and not cluster:  # a cluster has database 0 only
         parts.append(f"db={int(db)}")
     if url.username:
         parts.append(f"username={unquote(url.username)}")
@@ -126,7 +126,16 @@ def redis_connection_string(redis_url: str) -> str:
     return ",".join(parts)
 
 
-def _feature_store_yaml(project: str, connection_string: str) -> str:
+def _online_store(redis_url: str) -> dict[str, str]:
+    """Feast's online store settings for the Redis server or cluster at `redis_url`."""
+    cluster = is_cluster(redis_url if "://" in redis_url else f"redis://{redis_url.split(',')[0]}")
+    return {
+        "redis_type": "redis_cluster" if cluster else "redis",
+        "connection_string": redis_connection_string(redis_url, cluster),
+    }
+
+
+def _feature_store_yaml(project: str, online_store: dict[str, str]) -> str:
     q = json.dumps  # a JSON string is a valid YAML scalar
     return (
         f"project: {q(project)}\n"
@@ -136,8 +145,8 @@ def _feature_store_yaml(project: str, connection_string: str) -> str:
         "  type: file\n"
         "online_store:\n"
         "  type: redis\n"
-        f"  connection_string: {q(connection_string)}\n"
-        f"entity_key_serialization_version: {ENTITY_KEY_SERIALIZATION_VERSION}\n"
+        + "".join(f"  {k}: {q(v)}\n" for k, v in online_store.items())
+        + f"entity_key_serialization_version: {ENTITY_KEY_SERIALIZATION_VERSION}\n"
     )
 
 
@@ -148,7 +157,7 @@ def write_repo(repo_dir: Path, redis_connection: str, project: str = DEFAULT_PRO
     """
     repo_dir = Path(repo_dir)
     (repo_dir / "data").mkdir(parents=True, exist_ok=True)
-    yaml = _feature_store_yaml(project, redis_connection_string(redis_connection))
+    yaml = _feature_store_yaml(project, _online_store(redis_connection))
     (repo_dir / "feature_store.yaml").write_text(yaml)
     (repo_dir / DEFINITIONS_FILE).write_text(_DEFINITIONS_MODULE)
     return repo_dir
@@ -203,7 +212,7 @@ def feature_store(repo_dir: Path, redis_url: str | None = None) -> feast.Feature
     if redis_url is None:
         return feast.FeatureStore(repo_path=str(repo_dir))
     raw = yaml.safe_load((Path(repo_dir) / "feature_store.yaml").read_text())
-    raw["online_store"]["connection_string"] = redis_connection_string(redis_url)
+    raw["online_store"].update(_online_store(redis_url))
     config = RepoConfig(**raw)
     config.repo_path = Path(repo_dir)
     return feast.FeatureStore(repo_path=str(repo_dir), config=config)

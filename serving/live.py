@@ -4,8 +4,8 @@ popularity and availability. Kept current from Redis's change stream (`serving.s
 read per batch applies what the stream processors changed since the last one, so no request
 decodes per-candidate state.
 
-Popularity is the same float64 sum as the `{p}:popular` sorted set (the deltas are added in the
-same order), so ranking and scores match the state exactly, replay after replay.
+Popularity is the same float64 sum as the `{p}:popular:{shard}` sorted sets (each item's deltas
+are added in the same order), so ranking and scores match the state exactly, replay after replay.
 """
 
 from __future__ import annotations
@@ -63,8 +63,7 @@ class LiveItems:
         self.unavailable = np.zeros(len(self.ids), dtype=bool)
         self.epoch = 0
         self._unknown_unavailable: set[str] = set()
-        self._last_id = b"0-0"
-        self._n = 0
+        self._last: dict[int, tuple[bytes, int]] = {}  # shard → (stream id, entry number) read
         self._top: np.ndarray | None = None  # rows in backfill order, cached until a change
         self.reload()
 
@@ -135,25 +134,26 @@ class LiveItems:
 
     # --- keeping current -----------------------------------------------------------------------
     def sync(self) -> int:
-        """Apply the change stream since the last call (one round trip when nothing is new);
+        """Apply the change streams since the last call (one round trip when nothing is new);
         reload everything when entries were trimmed before this reader saw them."""
         applied = 0
         while True:
-            entries = self.state.changes(self._last_id)
-            for entry_id, fields in entries:
-                n = int(fields[b"n"])
-                if n != self._n + 1:
-                    log.info("change stream trimmed past entry %d: reloading", self._n)
-                    self.reload()
-                    return applied
-                kind = fields[b"kind"].decode()
-                if kind == "reset":  # a new load: the snapshot covers every entry after it too
-                    self.reload()
-                    return applied + 1
-                self._apply(kind, json.loads(fields[b"data"]))
-                self._last_id, self._n = entry_id, n
-                applied += 1
-            if len(entries) < 1000:
+            found = self.state.changes({s: last for s, (last, _) in self._last.items()})
+            for shard, entries in found.items():
+                for entry_id, fields in entries:
+                    n = int(fields[b"n"])
+                    if n != self._last[shard][1] + 1:
+                        log.info("change stream %d trimmed past entry %d: reloading", shard, n)
+                        self.reload()
+                        return applied
+                    kind = fields[b"kind"].decode()
+                    if kind == "reset":  # a new load: the snapshot covers every entry after it
+                        self.reload()
+                        return applied + 1
+                    self._apply(kind, json.loads(fields[b"data"]))
+                    self._last[shard] = (entry_id, n)
+                    applied += 1
+            if all(len(entries) < 1000 for entries in found.values()):
                 return applied
 
     def reload(self) -> None:
@@ -167,14 +167,14 @@ class LiveItems:
         self.unavailable[:] = False
         self._unknown_unavailable = set()
         self._apply("available", [[i, False] for i in snap["unavailable"]])
-        self._last_id, self._n = snap["last_id"], snap["n"]
+        self._last = dict(snap["last"])
         self._top = None
 
     def _apply(self, kind: str, data: Any) -> None:
         if kind == "popularity":
-            for item, weight in data:
+            for item, weight in data:  # exact decimal strings
                 if (r := self.row.get(item)) is not None:
-                    self.popularity[r] += weight
+                    self.popularity[r] += float(weight)
             self._top = None
         elif kind == "available":
             for item, available in data:

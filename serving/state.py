@@ -1,65 +1,164 @@
 """Redis state beside the Feast features: filter sets, the live popularity ranking, catalog
 additions, and the stream processors' authoritative user state. One place for the key layout.
 
-- `{p}:seen:{user}`      ZSET item → last interaction ms (bounded to the newest `SEEN_LIMIT`)
-- `{p}:unavailable`      SET of item ids that must not be recommended
-- `{p}:popular`          ZSET item → Σ exp(k·(t_event − epoch)): ranking by it is ranking by
-                         time-decayed popularity at any time; the decayed count at time t is
-                         score · exp(−k·(t − epoch)) (see `popularity_at`)
-- `{p}:popular:epoch`    the epoch (ms) of that scale, set when the state is loaded
-- `{p}:catalog`          HASH item → JSON profile (title, year, genres, timestamp_ms) of items
-                         added or changed after training
-- `{p}:updated`          HASH item → event ms of the newest item update applied (newest wins)
-- `{p}:user:{user}`      JSON `UserActivity`: the user's stream state (Feast gets a projection)
-- `{p}:applied:{user}`   ZSET event id → event ms of the newest `APPLIED_LIMIT` applied events
-- `{p}:pending`          SET of `user:event id` applied to the state but not yet to Feast
-- `{p}:acked`            count of interactions whose effects are all written (replay barrier)
-- `{p}:changes`          STREAM of what the serving stages keep in memory (popularity deltas,
-                         availability, catalog profiles, resets), entries numbered by
-                         `{p}:changes:n` so that a reader notices entries trimmed before it read
-                         them (it then reloads a snapshot, see `snapshot`)
+The layout runs unchanged on one Redis/Valkey server and on a Redis Cluster: every atomic write
+touches one hash slot, named by the `{...}` hash tag in its keys.
 
-Every client has socket timeouts: a stalled server raises `redis.TimeoutError` instead of
-hanging a stream worker or a serving stage for ever.
+Per user (hash tag: the user id), written together by one script (`apply_user`):
+- `{p}:user:{u}`       JSON `UserActivity`: the user's stream state (Feast gets a projection)
+- `{p}:seen:{u}`       ZSET item → last interaction ms (bounded to the newest `SEEN_LIMIT`)
+- `{p}:applied:{u}`    ZSET event id → event ms of the newest `APPLIED_LIMIT` applied events
+- `{p}:pending:{u}`    SET of event ids applied to the user but not yet counted on the item side
+
+Per item shard (hash tag `shard-N`, N = crc32(item) mod `SHARDS`), so that no slot is hot:
+- `{p}:popular:{s}`    ZSET item → Σ exp(k·(t_event − epoch)): ranking by it is ranking by
+                       time-decayed popularity at any time; the decayed count at time t is
+                       score · exp(−k·(t − epoch)) (see `popularity_at`)
+- `{p}:unavailable:{s}` SET of item ids that must not be recommended
+- `{p}:catalog:{s}`    HASH item → JSON profile of items added or changed after training
+- `{p}:updated:{s}`    HASH item → event ms of the newest item update applied (newest wins)
+- `{p}:counted:{s}`    ZSET `user:event id` → sequence: events whose popularity is counted (the
+                       newest `COUNTED_LIMIT`), so that counting again after a crash is a no-op
+- `{p}:acked:{s}`      count of interactions whose effects are all written (replay barrier)
+- `{p}:changes:{s}`    STREAM of what the serving stages keep in memory (popularity deltas,
+                       availability, catalog profiles, resets), entries numbered by
+                       `{p}:changes-n:{s}` so that a reader notices entries trimmed before it
+                       read them (it then reloads a snapshot, see `snapshot`)
+
+Global: `{p}:popular:epoch`, the epoch (ms) of the popularity scale, set when the state is
+loaded; `{p}:response:{request id}`, the response cache.
+
+An interaction takes effect once whatever fails: `apply_user` marks it applied and pending with
+the user's state (compare-and-set on that state); `count` adds its popularity and acks it, once
+per event id; `clear_pending` forgets it. A retry after a crash between any two steps redoes only
+what is missing. Every client has socket timeouts: a stalled server raises `redis.TimeoutError`
+instead of hanging a stream worker or a serving stage for ever.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import zlib
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from functools import cached_property, lru_cache
 
 from models.features import POPULARITY_HALF_LIFE_MS, UserActivity
 
 SEEN_LIMIT = 1000
-CHANGES_LIMIT = 100_000  # entries kept in `{p}:changes` (approximately: MAXLEN ~)
 APPLIED_LIMIT = 1000
+COUNTED_LIMIT = 100_000  # per shard: far more than a batch retried after a crash can hold
+CHANGES_LIMIT = 100_000  # entries kept per `{p}:changes:{s}` (approximately: MAXLEN ~)
+SHARDS = 16
 TIMEOUT_S = 2.0  # socket timeouts of every streamrec Redis client
 _K = math.log(2) / POPULARITY_HALF_LIFE_MS
 
-# Counts as acked the pending events that are still pending: a batch retried after a failure
-# (or by a new worker after a crash) acks each event once.
-_ACK = """
-local n = redis.call('SREM', KEYS[1], unpack(ARGV))
-redis.call('INCRBY', KEYS[2], n)
-return n
+# Appends one numbered entry to a shard's change stream. KEYS: changes, changes-n.
+_LOG_LUA = """
+local function log(kind, data)
+  local n = redis.call('INCR', KEYS[2])
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'n', n, 'kind', kind, 'data', data)
+end
+"""
+
+# ARGV: changes limit, kind, data.
+_LOG = _LOG_LUA + "log(ARGV[2], ARGV[3])"
+
+# One user's new events, if the user's state is still `expected` ('' = none). KEYS: user, seen,
+# applied, pending. ARGV: expected, new state, seen limit, applied limit, then (event id, item,
+# ms) triples. Returns 1, or 0 when another writer changed the state first.
+_APPLY_USER = """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+for i = 5, #ARGV, 3 do
+  redis.call('ZADD', KEYS[3], ARGV[i + 2], ARGV[i])
+  redis.call('SADD', KEYS[4], ARGV[i])
+  redis.call('ZADD', KEYS[2], 'GT', ARGV[i + 2], ARGV[i + 1])
+end
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[3]) - 1)
+redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -tonumber(ARGV[4]) - 1)
+return 1
+"""
+
+# Counts events on one shard, each once. KEYS: changes, changes-n, popular, counted, acked.
+# ARGV: changes limit, counted limit, then (token, item, weight) triples. The weights travel as
+# the shortest exact decimal strings, so the sorted set and the change stream's readers add the
+# same doubles in the same order.
+_COUNT = (
+    _LOG_LUA
+    + """
+local deltas = {}
+for i = 3, #ARGV, 3 do
+  if not redis.call('ZSCORE', KEYS[4], ARGV[i]) then
+    redis.call('ZINCRBY', KEYS[3], ARGV[i + 2], ARGV[i + 1])
+    redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[5]), ARGV[i])
+    deltas[#deltas + 1] = {ARGV[i + 1], ARGV[i + 2]}
+  end
+end
+redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -tonumber(ARGV[2]) - 1)
+if #deltas > 0 then log('popularity', cjson.encode(deltas)) end
+return #deltas
+"""
+)
+
+# One item update, newest wins. KEYS: changes, changes-n, unavailable, updated, catalog.
+# ARGV: changes limit, item, ms, '1' available / '0' not, profile JSON, '1' to store the profile
+# even if the item has none stored yet. Returns 1, or 0 when a newer update was applied before.
+_UPDATE_ITEM = (
+    _LOG_LUA
+    + """
+local item = ARGV[2]
+local newest = redis.call('HGET', KEYS[4], item)
+if newest and tonumber(newest) > tonumber(ARGV[3]) then return 0 end
+local available = ARGV[4] == '1'
+if available then redis.call('SREM', KEYS[3], item) else redis.call('SADD', KEYS[3], item) end
+redis.call('HSET', KEYS[4], item, ARGV[3])
+log('available', cjson.encode({{item, available}}))
+if ARGV[6] == '1' or redis.call('HEXISTS', KEYS[5], item) == 1 then
+  redis.call('HSET', KEYS[5], item, ARGV[5])
+  log('catalog', cjson.encode({[item] = cjson.decode(ARGV[5])}))
+end
+return 1
+"""
+)
+
+# One shard as of one instant. KEYS: changes, changes-n, popular, unavailable, catalog.
+_SNAPSHOT = """
+return {
+  redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES'),
+  redis.call('SMEMBERS', KEYS[4]),
+  redis.call('HGETALL', KEYS[5]),
+  redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1),
+  redis.call('GET', KEYS[2]) or '0',
+}
 """
 
 
-# Appends one numbered entry to the change stream (atomic with the caller's transaction).
-_LOG = """
-local n = redis.call('INCR', KEYS[2])
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'n', n, 'kind', ARGV[2], 'data', ARGV[3])
-return n
-"""
+@lru_cache(maxsize=64)
+def is_cluster(redis_url: str) -> bool:
+    """Whether the server at `redis_url` is a node of a Redis Cluster (asked once per URL)."""
+    import redis
+
+    client = redis.Redis.from_url(
+        redis_url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S
+    )
+    try:
+        return bool(client.info("cluster").get("cluster_enabled"))
+    finally:
+        client.close()
 
 
 def redis_client(redis_url: str):
+    """A client of the server, or of the whole cluster when `redis_url` names any of its nodes."""
     import redis
 
-    return redis.Redis.from_url(
-        redis_url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S
-    )
+    timeouts = {"socket_timeout": TIMEOUT_S, "socket_connect_timeout": TIMEOUT_S}
+    if is_cluster(redis_url):
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(redis_url, **timeouts)
+    return redis.Redis.from_url(redis_url, **timeouts)
 
 
 class NotDurable(RuntimeError):
@@ -67,26 +166,93 @@ class NotDurable(RuntimeError):
 
 
 def pending_id(user_id: str, event_id: str) -> str:
+    """An interaction's token on the item side (event ids are unique per user)."""
     return f"{user_id}:{event_id}"
+
+
+def shard_of(item_id: str) -> int:
+    return zlib.crc32(item_id.encode()) % SHARDS
+
+
+def _by_shard(items: Iterable[str]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = defaultdict(list)
+    for item in items:
+        out[shard_of(item)].append(item)
+    return out
 
 
 class RedisState:
     def __init__(self, redis_url: str, prefix: str = "streamrec", wait_aof: bool = True):
-        self.client = redis_client(redis_url)
+        self.redis_url = redis_url
         self.prefix = prefix
         self.wait_aof = wait_aof
         self._epoch: int | None = None
-        self._ack = self.client.register_script(_ACK)
-        self._log = self.client.register_script(_LOG)
+        self._loaded = False
 
-    def key(self, *parts: str) -> str:
-        return ":".join((self.prefix, *parts))
+    @cached_property
+    def client(self):
+        """Connected on first use (a server down at start-up is found by the first call)."""
+        return redis_client(self.redis_url)
+
+    @cached_property
+    def cluster(self) -> bool:
+        return is_cluster(self.redis_url)
+
+    def key(self, name: str, tag: str | None = None) -> str:
+        """`{p}:name`, or `{p}:name:{tag}`: keys of one tag share a Redis Cluster slot."""
+        return f"{self.prefix}:{name}" if tag is None else f"{self.prefix}:{name}:{{{tag}}}"
+
+    @cached_property
+    def _scripts(self) -> dict:
+        scripts = {"log": _LOG, "apply_user": _APPLY_USER, "count": _COUNT}
+        scripts |= {"update_item": _UPDATE_ITEM, "snapshot": _SNAPSHOT}
+        return {name: self.client.register_script(text) for name, text in scripts.items()}
+
+    def _user_keys(self, user_id: str) -> list[str]:
+        return [self.key(n, user_id) for n in ("user", "seen", "applied", "pending")]
+
+    def _shard_keys(self, shard: int, *names: str) -> list[str]:
+        tag = f"shard-{shard}"
+        return [self.key("changes", tag), self.key("changes-n", tag)] + [
+            self.key(n, tag) for n in names
+        ]
+
+    def pipeline(self):
+        """A non-transactional pipeline (on a cluster, split by node); atomicity is per script."""
+        return self.client.pipeline(transaction=False)
+
+    def _script(self, name: str, keys: list[str], args: list, pipe) -> None:
+        """Queue a script call. A cluster pipeline calls scripts only by raw EVALSHA and cannot
+        load them: `execute` does."""
+        if not self.cluster:
+            self._scripts[name](keys=keys, args=args, client=pipe)
+        else:
+            pipe.execute_command("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
+
+    def execute(self, pipe) -> list:
+        """Run a pipeline that calls scripts. On a cluster the scripts are loaded on every
+        primary first, and again after a NOSCRIPT (a restarted node), which is raised for the
+        caller's retry (`streams.durable` counts it transient; every write is idempotent)."""
+        from redis.exceptions import NoScriptError
+
+        if self.cluster and not self._loaded:
+            self._load_scripts()
+        try:
+            return pipe.execute()
+        except NoScriptError:
+            self._load_scripts()
+            raise
+
+    def _load_scripts(self) -> None:
+        for script in self._scripts.values():
+            self.client.script_load(script.script)
+        self._loaded = True
 
     # --- popularity scale ----------------------------------------------------------------------
     @property
     def epoch(self) -> int:
         if self._epoch is None:
-            value = self.client.get(self.key("popular", "epoch"))
+            value = self.client.get(self.key("popular:epoch"))
             self._epoch = int(value) if value is not None else 0
         return self._epoch
 
@@ -99,140 +265,209 @@ class RedisState:
         return score * math.exp(-(ts_ms - self.epoch) * _K)
 
     # --- reads (hot path) ----------------------------------------------------------------------
-    def unavailable_mask(self, items: Sequence[str]) -> list[bool]:
+    def _per_item(self, items: Sequence[str], name: str, read) -> list:
+        """`read(pipe, key, items of the shard)` per shard in one pipeline; results by item."""
         if not items:
             return []
-        return [bool(x) for x in self.client.smismember(self.key("unavailable"), list(items))]
+        shards = _by_shard(dict.fromkeys(items))
+        pipe = self.pipeline()
+        for shard, members in shards.items():
+            read(pipe, self.key(name, f"shard-{shard}"), members)
+        found = {}
+        for members, values in zip(shards.values(), pipe.execute(), strict=True):
+            found.update(zip(members, values, strict=True))
+        return [found[i] for i in items]
 
-    def seen_sets(self, user_ids: Sequence[str]) -> list[list[bytes]]:
-        """Each user's seen items (raw ids), in one round trip."""
-        pipe = self.client.pipeline(transaction=False)
-        for user in user_ids:
-            pipe.zrange(self.key("seen", user), 0, -1)
-        return pipe.execute() if user_ids else []
-
-    def changes(self, after: bytes, count: int = 1000) -> list[tuple[bytes, dict]]:
-        """Entries of the change stream after stream id `after` (oldest first, up to `count`)."""
-        found = self.client.xread({self.key("changes"): after}, count=count)
-        return found[0][1] if found else []
-
-    def snapshot(self) -> dict:
-        """What the change stream describes, as of one instant: popularity, unavailable items,
-        catalog profiles, the popularity epoch, and the stream's last entry (id and number)."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.zrange(self.key("popular"), 0, -1, withscores=True)
-        pipe.smembers(self.key("unavailable"))
-        pipe.hgetall(self.key("catalog"))
-        pipe.get(self.key("popular", "epoch"))
-        pipe.xrevrange(self.key("changes"), count=1)
-        pipe.get(self.key("changes", "n"))
-        popular, unavailable, catalog, epoch, last, n = pipe.execute()
-        return {
-            "popularity": {i.decode(): s for i, s in popular},
-            "unavailable": {i.decode() for i in unavailable},
-            "catalog": {i.decode(): json.loads(p) for i, p in catalog.items()},
-            "epoch": int(epoch or 0),
-            "last_id": last[0][0] if last else b"0-0",
-            "n": int(n or 0),
-        }
+    def unavailable_mask(self, items: Sequence[str]) -> list[bool]:
+        values = self._per_item(items, "unavailable", lambda p, k, m: p.smismember(k, m))
+        return [bool(x) for x in values]
 
     def popularity_scores(self, items: Sequence[str]) -> list[float]:
-        if not items:
-            return []
-        return [s or 0.0 for s in self.client.zmscore(self.key("popular"), list(items))]
+        return [s or 0.0 for s in self._per_item(items, "popular", lambda p, k, m: p.zmscore(k, m))]
 
     def catalog_additions(self, items: Iterable[str]) -> dict[str, dict]:
         """Profiles of these items if they were added or changed after training."""
         items = list(items)
-        if not items:
-            return {}
-        values = self.client.hmget(self.key("catalog"), items)
+        values = self._per_item(items, "catalog", lambda p, k, m: p.hmget(k, m))
         return {i: json.loads(v) for i, v in zip(items, values, strict=True) if v is not None}
 
     def update_times(self, items: Sequence[str]) -> list[int | None]:
-        if not items:
-            return []
-        return [
-            None if v is None else int(v) for v in self.client.hmget(self.key("updated"), items)
-        ]
+        values = self._per_item(items, "updated", lambda p, k, m: p.hmget(k, m))
+        return [None if v is None else int(v) for v in values]
 
-    def acked(self) -> int:
-        """Interactions fully processed (state and Feast written) since the state was loaded."""
-        return int(self.client.get(self.key("acked")) or 0)
-
-    def ack(self, pending: Sequence[str]) -> int:
-        """Ack these pending events (see `mark_pending`); returns how many were still pending."""
-        keys = [self.key("pending"), self.key("acked")]
-        chunks = (pending[i : i + 1000] for i in range(0, len(pending), 1000))  # Lua's unpack limit
-        return sum(int(self._ack(keys=keys, args=list(chunk))) for chunk in chunks)
-
-    def wait_durable(self, timeout_ms: int = 5000) -> None:
-        """Block until this client's writes (and all before them) are fsynced to the AOF.
-
-        WAITAOF makes the server fsync at once, so under `appendfsync everysec` this costs
-        about as much as a ping; it needs `appendonly yes`. Off (`wait_aof=False`) for a Redis
-        without an AOF, where a crash may lose what was written in its last second.
-        """
-        if not self.wait_aof:
-            return
-        local, _ = self.client.execute_command("WAITAOF", 1, 0, timeout_ms)
-        if local < 1:
-            raise NotDurable(f"Redis did not fsync its AOF within {timeout_ms} ms")
+    def seen_sets(self, user_ids: Sequence[str]) -> list[list[bytes]]:
+        """Each user's seen items (raw ids), in one round trip."""
+        pipe = self.pipeline()
+        for user in user_ids:
+            pipe.zrange(self.key("seen", user), 0, -1)
+        return pipe.execute() if user_ids else []
 
     def seen(self, user_id: str) -> list[str]:
         return [i.decode() for i in self.client.zrevrange(self.key("seen", user_id), 0, -1)]
 
     def users(self, user_ids: Sequence[str]) -> list[UserActivity | None]:
-        values = self.client.mget([self.key("user", u) for u in user_ids]) if user_ids else []
-        return [UserActivity(**json.loads(v)) if v else None for v in values]
+        pipe = self.pipeline()
+        for user in user_ids:
+            pipe.get(self.key("user", user))
+        values = pipe.execute() if user_ids else []
+        return [UserActivity(**json.loads(raw)) if raw else None for raw in values]
 
-    def applied_mask(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
-        """Which (user, event id) pairs were already applied."""
-        pipe = self.client.pipeline(transaction=False)
-        for user, event_id in pairs:
-            pipe.zscore(self.key("applied", user), event_id)
-        return [s is not None for s in pipe.execute()] if pairs else []
+    def user_records(
+        self, users: Sequence[tuple[str, Sequence[str]]]
+    ) -> list[tuple[bytes | None, list[bool], set[str]]]:
+        """For each (user, event ids, at least one): the stored state (raw JSON, for
+        `apply_user`), which of the events are applied, and the user's pending events; one
+        round trip."""
+        pipe = self.pipeline()
+        for user, event_ids in users:
+            state, _, applied, pending = self._user_keys(user)
+            pipe.get(state)
+            pipe.zmscore(applied, list(event_ids))
+            pipe.smembers(pending)
+        values = pipe.execute() if users else []
+        return [
+            (raw, [s is not None for s in scores], {p.decode() for p in pending})
+            for raw, scores, pending in zip(values[::3], values[1::3], values[2::3], strict=True)
+        ]
 
-    # --- writes (stream processors, state load), queued on a pipeline ------------------------
+    def changes(self, after: dict[int, bytes], count: int = 1000) -> dict[int, list]:
+        """Each shard's change-stream entries after its stream id in `after` (oldest first, up
+        to `count` per shard)."""
+        pipe = self.pipeline()
+        for shard in range(SHARDS):
+            pipe.xread({self.key("changes", f"shard-{shard}"): after[shard]}, count=count)
+        found = pipe.execute()
+        return {s: (f[0][1] if f else []) for s, f in enumerate(found)}
+
+    def snapshot(self) -> dict:
+        """What the change streams describe, each shard as of one instant: popularity,
+        unavailable items, catalog profiles, the popularity epoch, and each shard's last entry
+        (stream id and number)."""
+        pipe = self.pipeline()
+        for shard in range(SHARDS):
+            keys = self._shard_keys(shard, "popular", "unavailable", "catalog")
+            self._script("snapshot", keys, [], pipe)
+        pipe.get(self.key("popular:epoch"))
+        *shards, epoch = self.execute(pipe)
+        out: dict = {"popularity": {}, "unavailable": set(), "catalog": {}, "last": {}}
+        for shard, (popular, unavailable, catalog, last, n) in enumerate(shards):
+            pairs = zip(popular[::2], popular[1::2], strict=True)
+            out["popularity"].update((i.decode(), float(s)) for i, s in pairs)
+            out["unavailable"].update(i.decode() for i in unavailable)
+            pairs = zip(catalog[::2], catalog[1::2], strict=True)
+            out["catalog"].update((i.decode(), json.loads(p)) for i, p in pairs)
+            out["last"][shard] = (last[0][0] if last else b"0-0", int(n))
+        out["epoch"] = int(epoch or 0)
+        return out
+
+    def acked(self) -> int:
+        """Interactions fully processed (state, Feast and popularity written) since the state
+        was loaded."""
+        pipe = self.pipeline()
+        for shard in range(SHARDS):
+            pipe.get(self.key("acked", f"shard-{shard}"))
+        return sum(int(v or 0) for v in pipe.execute())
+
+    # --- writes (stream processors, state load) ------------------------------------------------
+    def apply_user(
+        self,
+        pipe,
+        user_id: str,
+        expected: bytes | None,
+        state: UserActivity,
+        events: Sequence[tuple[str, str, int]],
+    ) -> None:
+        """Queue: the user's new state and (event id, item, ms) events, if the stored state is
+        still `expected`; the script's reply is 0 when it was not (nothing written)."""
+        args: list = [expected or b"", json.dumps(vars(state)), SEEN_LIMIT, APPLIED_LIMIT]
+        for event_id, item, ts_ms in events:
+            args += [event_id, item, ts_ms]
+        self._script("apply_user", self._user_keys(user_id), args, pipe)
+
+    def count(self, events: Sequence[tuple[str, str, int]]) -> int:
+        """Add the popularity of (token, item, ms) interactions, in order, and ack them; each
+        token once, however often this runs. Returns how many were new."""
+        shards: dict[int, list] = defaultdict(list)
+        for token, item, ts_ms in events:
+            shards[shard_of(item)] += [token, item, repr(self.popularity_weight(ts_ms))]
+        if not shards:
+            return 0
+        pipe = self.pipeline()
+        for shard, args in shards.items():
+            keys = self._shard_keys(shard, "popular", "counted", "acked")
+            args = [CHANGES_LIMIT, COUNTED_LIMIT, *args]
+            self._script("count", keys, args, pipe)
+        return sum(self.execute(pipe))
+
+    def clear_pending(self, pending: dict[str, list[str]]) -> None:
+        """Forget these users' pending event ids (counted: see `count`)."""
+        pipe = self.pipeline()
+        for user, event_ids in pending.items():
+            if event_ids:
+                pipe.srem(self.key("pending", user), *event_ids)
+        pipe.execute()
+
+    def update_item(
+        self,
+        pipe,
+        item_id: str,
+        ts_ms: int,
+        available: bool,
+        profile: dict | None = None,
+        new_profile: bool = False,
+    ) -> None:
+        """Queue one item update, newest wins (reply 0 when a newer one was applied): its
+        availability, and its profile if `new_profile` or the item has a stored profile."""
+        keys = self._shard_keys(shard_of(item_id), "unavailable", "updated", "catalog")
+        args = [CHANGES_LIMIT, item_id, ts_ms, int(available), json.dumps(profile or {})]
+        args.append(int(new_profile))
+        self._script("update_item", keys, args, pipe)
+
     def add_seen(self, pipe, user_id: str, item_id: str, ts_ms: int) -> None:
         key = self.key("seen", user_id)
         pipe.zadd(key, {item_id: ts_ms}, gt=True)  # adds new members; keeps the newest time
         pipe.zremrangebyrank(key, 0, -SEEN_LIMIT - 1)
 
-    def add_popularity(self, pipe, events: Sequence[tuple[str, int]]) -> None:
-        """Count (item, event ms) interactions, in order; one change-stream entry for all."""
-        weights = [(item, self.popularity_weight(ts_ms)) for item, ts_ms in events]
-        for item, weight in weights:
-            pipe.zincrby(self.key("popular"), weight, item)
-        if weights:  # JSON keeps each float exactly: readers add the same doubles in order
-            self.log_change(pipe, "popularity", weights)
+    def log_change(self, pipe, shard: int, kind: str, data) -> None:
+        args = [CHANGES_LIMIT, kind, json.dumps(data)]
+        self._script("log", self._shard_keys(shard), args, pipe)
 
-    def log_change(self, pipe, kind: str, data) -> None:
-        keys = [self.key("changes"), self.key("changes", "n")]
-        self._log(keys=keys, args=[CHANGES_LIMIT, kind, json.dumps(data)], client=pipe)
+    def wait_durable(self, timeout_ms: int = 5000) -> None:
+        """Block until every write made so far (by any client) is fsynced to the AOF of every
+        primary.
 
-    def mark_applied(self, pipe, user_id: str, event_id: str, ts_ms: int) -> None:
-        key = self.key("applied", user_id)
-        pipe.zadd(key, {event_id: ts_ms})
-        pipe.zremrangebyrank(key, 0, -APPLIED_LIMIT - 1)
-        pipe.sadd(self.key("pending"), pending_id(user_id, event_id))
+        WAITAOF waits for the writes of the connection that sends it, so each primary gets a
+        marker write and the WAITAOF on one connection: the marker's offset covers everything
+        before it. WAITAOF makes the server fsync at once, so under `appendfsync everysec` this
+        costs about as much as a ping; it needs `appendonly yes`. Off (`wait_aof=False`) for a
+        Redis without an AOF, where a crash may lose what was written in its last second.
+        """
+        if not self.wait_aof:
+            return
+        for node, marker in self._durability_markers():
+            pipe = node.pipeline(transaction=False)
+            pipe.set(marker, 1)
+            pipe.execute_command("WAITAOF", 1, 0, timeout_ms)
+            local, _ = pipe.execute()[1]
+            if local < 1:
+                raise NotDurable(f"Redis did not fsync its AOF within {timeout_ms} ms")
 
-    def put_user(self, pipe, user_id: str, state: UserActivity) -> None:
-        pipe.set(self.key("user", user_id), json.dumps(vars(state)))
+    def _durability_markers(self):
+        """(client of one primary, a key of a slot it serves) for every primary."""
+        if not self.cluster:
+            return [(self.client, self.key("durable"))]
+        from redis.crc import key_slot
 
-    def set_available(self, pipe, item_id: str, available: bool) -> None:
-        if available:
-            pipe.srem(self.key("unavailable"), item_id)
-        else:
-            pipe.sadd(self.key("unavailable"), item_id)
-        self.log_change(pipe, "available", [[item_id, available]])
-
-    def put_update_time(self, pipe, item_id: str, ts_ms: int) -> None:
-        pipe.hset(self.key("updated"), item_id, ts_ms)
-
-    def put_catalog_item(self, pipe, item_id: str, profile: dict) -> None:
-        pipe.hset(self.key("catalog"), item_id, json.dumps(profile))
-        self.log_change(pipe, "catalog", {item_id: profile})
+        out = []
+        slots = self.client.nodes_manager.slots_cache
+        for node in self.client.get_primaries():
+            tag = next(
+                n
+                for n in range(100_000)
+                if slots[key_slot(self.key("durable", str(n)).encode())][0].name == node.name
+            )
+            out.append((node.redis_connection, self.key("durable", str(tag))))
+        return out
 
     def load(
         self,
@@ -242,18 +477,21 @@ class RedisState:
         epoch_ms: int,
     ) -> None:
         """Bulk-load the state after training: seen sets and the popularity ranking."""
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self.pipeline()
         for n, (user, item, ts_ms) in enumerate(seen):
             self.add_seen(pipe, user, item, ts_ms)
             if n % 5000 == 4999:
                 pipe.execute()
-        pipe.set(self.key("popular", "epoch"), epoch_ms)
+        pipe.set(self.key("popular:epoch"), epoch_ms)
         self._epoch = epoch_ms
-        pipe.delete(self.key("popular"))
         scores = {
             i: p * self.popularity_weight(popularity_ms[i]) for i, p in popularity.items() if p > 0
         }
-        if scores:
-            pipe.zadd(self.key("popular"), scores)
-        self.log_change(pipe, "reset", None)  # readers reload everything
-        pipe.execute()
+        shards = _by_shard(scores)
+        for shard in range(SHARDS):
+            key = self.key("popular", f"shard-{shard}")
+            pipe.delete(key)
+            if shards.get(shard):
+                pipe.zadd(key, {i: scores[i] for i in shards[shard]})
+            self.log_change(pipe, shard, "reset", None)  # readers reload everything
+        self.execute(pipe)

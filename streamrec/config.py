@@ -43,7 +43,15 @@ class Settings(BaseSettings):
 
     # External services; None = the embedded stack of the run directory.
     kafka_bootstrap: str | None = Field(None, description="host:port[,host:port]")
-    redis_url: str | None = Field(None, description="redis://[:password@]host:port/db")
+    redis_url: str | None = Field(
+        None, description="redis://[:password@]host:port/db; any node of a Redis Cluster"
+    )
+    redis_cluster_nodes: int = Field(
+        0,
+        ge=0,
+        description="The embedded stack's Valkey: 0 = one server, N >= 3 = a local cluster of N "
+        "primaries",
+    )
     triton_url: str | None = Field(
         None, description="Triton gRPC endpoint(s), host:port[,host:port]: balanced by health"
     )

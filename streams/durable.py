@@ -31,7 +31,10 @@ log = logging.getLogger("streamrec.workers")
 R = TypeVar("R")
 # Error replies of a Redis that is alive but cannot take writes now (out of memory, a failed
 # AOF or RDB write, no replicas, a cluster failover): the work is fine, the server is not.
+# NOSCRIPT: a restarted cluster node lost the scripts (reloaded by `serving.state`); MOVED, ASK:
+# slots moved between nodes.
 _REDIS_BUSY = {"OOM", "MISCONF", "NOREPLICAS", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING"}
+_REDIS_BUSY |= {"NOSCRIPT", "MOVED", "ASK"}
 
 
 def transient(error: BaseException) -> bool:
@@ -49,6 +52,8 @@ def transient(error: BaseException) -> bool:
     return isinstance(
         error,
         redis.ConnectionError  # includes BusyLoadingError (a restarted server reading its AOF)
+        | redis.exceptions.ClusterError  # includes ClusterDownError: a node is unreachable
+        | redis.exceptions.RedisClusterException  # no node answered the slot map's refresh
         | redis.TimeoutError
         | redis.ReadOnlyError
         | OSError  # includes ConnectionError

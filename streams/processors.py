@@ -126,14 +126,19 @@ class InteractionProcessor:
         return v
 
     def process(self, events: list[RawEvent]) -> BatchResult:
-        """State transaction → Feast projection → ack → fsync; safe to run again after a failure
-        at any step (applied event ids make the transaction a no-op the second time)."""
+        """Users' state → Feast projection → popularity and ack → fsync; safe to run again after
+        a failure at any step (each step skips what an earlier run of it wrote)."""
         good, dead = decode_all(self.serde, events, self.name, _check_interaction)
         result = BatchResult(dead_letters=dead)
         if good:
-            fresh = self._apply(good, result)
+            self._genres_of({r["item_id"] for _, r in good})
+            fresh, uncounted = self._apply(good, result)
             self._project(fresh)
-            self.state.ack([pending_id(r["user_id"], r["event_id"]) for _, r in good])
+            self.state.count([(pending_id(u, e), item, ts) for u, e, item, ts in uncounted])
+            pending: dict[str, list[str]] = {}
+            for user, event_id, _, _ in uncounted:
+                pending.setdefault(user, []).append(event_id)
+            self.state.clear_pending(pending)
             self.state.wait_durable()
             done = time.time() * 1000
             result.freshness_s = [(done - e.timestamp_ms) / 1000 for e, _ in good]
@@ -144,54 +149,73 @@ class InteractionProcessor:
         for item, profile in self.state.catalog_additions(unknown).items():
             self.vectors[item] = self._vector(profile.get("genres"))
 
-    def _apply(
-        self, good: list[tuple[RawEvent, dict]], result: BatchResult
-    ) -> dict[str, UserActivity]:
-        """Apply new events to the users' state in one Redis transaction (retried on conflict);
-        the batch's users' state after it."""
-        import redis
-
-        users = sorted({r["user_id"] for _, r in good})
-        self._genres_of({r["item_id"] for _, r in good})
+    def _apply(self, good: list[tuple[RawEvent, dict]], result: BatchResult):
+        """Apply new events to each user's state, one compare-and-set per user (retried for the
+        users another writer changed meanwhile). Returns the batch's users' state after it, and
+        the (user, event id, item, ms) events still to count on the item side: the new ones and
+        those a failed earlier run left pending."""
+        by_user: dict[str, list[dict]] = {}
+        for _, r in good:
+            by_user.setdefault(r["user_id"], []).append(r)
+        fresh: dict[str, UserActivity] = {}
+        uncounted: list[tuple[str, str, str, int]] = []
+        todo = sorted(by_user)
         for _ in range(5):
-            with self.state.client.pipeline() as pipe:
-                try:
-                    pipe.watch(*[self.state.key("user", u) for u in users])
-                    fresh = self._transaction(pipe, users, good, result)
-                    pipe.execute()
-                    return fresh
-                except redis.WatchError:
-                    result.applied = result.duplicates = 0
+            records = self.state.user_records(
+                [(u, [r["event_id"] for r in by_user[u]]) for u in todo]
+            )
+            states = self._stored_states(todo, [raw for raw, _, _ in records])
+            pipe = self.state.pipeline()
+            writes: list[tuple[str, list]] = []  # (user, its new events) per script call
+            for user, (raw, applied, pending) in zip(todo, records, strict=True):
+                state, new, recount = self._user_events(
+                    states[user], by_user[user], applied, pending
+                )
+                uncounted += [(user, e, i, t) for e, i, t in recount]
+                if new:
+                    self.state.apply_user(pipe, user, raw, state, new)
+                    writes.append((user, [(user, e, i, t) for e, i, t in new]))
+                if state is not None:
+                    fresh[user] = state
+            done = self.state.execute(pipe) if writes else []
+            todo = [user for (user, _), ok in zip(writes, done, strict=True) if not ok]
+            for (_, events), ok in zip(writes, done, strict=True):
+                if ok:
+                    result.applied += len(events)
+                    uncounted += events
+            if not todo:
+                result.duplicates = len(good) - result.applied
+                return fresh, uncounted
         raise Contention("user state kept changing under this worker (another owner?)")
 
-    def _transaction(
-        self, pipe, users: list[str], good: list[tuple[RawEvent, dict]], result: BatchResult
-    ) -> dict[str, UserActivity]:
-        states = dict(zip(users, self.state.users(users), strict=True))
+    def _stored_states(self, users: list[str], raws: list[bytes | None]) -> dict:
+        """Each user's stored stream state, else the Feast row loaded after training, else None."""
+        states = {
+            u: UserActivity(**json.loads(raw)) if raw else None
+            for u, raw in zip(users, raws, strict=True)
+        }
         missing = [u for u, s in states.items() if s is None]
         for user, row in zip(missing, self.reader.users(missing, "user_activity"), strict=True):
             states[user] = UserActivity(**row) if row else None
-        applied = self.state.applied_mask([(r["user_id"], r["event_id"]) for _, r in good])
-        pipe.multi()
-        seen_ids: set[tuple[str, str]] = set()
-        counted: list[tuple[str, int]] = []
-        for (_, r), done in zip(good, applied, strict=True):
-            user, item, ts = r["user_id"], r["item_id"], int(r["timestamp_ms"])
-            if done or (user, r["event_id"]) in seen_ids:
-                result.duplicates += 1
+        return states
+
+    def _user_events(self, state, records: list[dict], applied: list[bool], pending: set[str]):
+        """One user's state after its batch events, the new (event id, item, ms) events, and the
+        applied ones still pending (to count again)."""
+        new, recount, ids = [], [], set()
+        for r, done in zip(records, applied, strict=True):
+            event = (r["event_id"], r["item_id"], int(r["timestamp_ms"]))
+            if done or r["event_id"] in ids:
+                if r["event_id"] in pending and r["event_id"] not in ids:
+                    recount.append(event)
+                ids.add(r["event_id"])
                 continue
-            seen_ids.add((user, r["event_id"]))
-            states[user] = update_user(
-                states[user], item, self.vectors.get(item, self._vector([])), ts
+            ids.add(r["event_id"])
+            state = update_user(
+                state, event[1], self.vectors.get(event[1], self._vector([])), event[2]
             )
-            self.state.mark_applied(pipe, user, r["event_id"], ts)
-            self.state.add_seen(pipe, user, item, ts)
-            counted.append((item, ts))
-            result.applied += 1
-        self.state.add_popularity(pipe, counted)
-        for user in {u for u, _ in seen_ids}:
-            self.state.put_user(pipe, user, states[user])
-        return {u: states[u] for u in users if states[u] is not None}
+            new.append(event)
+        return state, new, recount
 
     def _project(self, users: dict[str, UserActivity]) -> None:
         """Write the users' current state to the Feast online store (user_activity).
@@ -239,16 +263,8 @@ class ItemUpdateProcessor:
                 or r["timestamp_ms"] >= newest[r["item_id"]]["timestamp_ms"]
             ):
                 newest[r["item_id"]] = r
-        items = list(newest)
-        stored = self.state.catalog_additions(items)
-        times = dict(zip(items, self.state.update_times(items), strict=True))
-        pipe = self.state.client.pipeline(transaction=True)
+        pipe = self.state.pipeline()
         for item, r in newest.items():
-            if times[item] is not None and times[item] > r["timestamp_ms"]:
-                result.duplicates += 1  # older than what is stored: ignored
-                continue
-            self.state.set_available(pipe, item, r["available"])
-            self.state.put_update_time(pipe, item, r["timestamp_ms"])
             profile = {
                 "title": r["title"],
                 "year": r["year"],
@@ -257,11 +273,14 @@ class ItemUpdateProcessor:
                 "available": r["available"],
                 "timestamp_ms": r["timestamp_ms"],
             }
-            if r["title"] is not None or r["genres"] or item in stored:
-                self.state.put_catalog_item(pipe, item, profile)
-            result.applied += 1
-        pipe.execute()
+            new_profile = r["title"] is not None or bool(r["genres"])
+            self.state.update_item(
+                pipe, item, r["timestamp_ms"], r["available"], profile, new_profile
+            )
         if newest:
+            done = self.state.execute(pipe)
+            result.applied = sum(done)
+            result.duplicates = len(done) - result.applied  # older than what is stored: ignored
             self.state.wait_durable()
         return result
 

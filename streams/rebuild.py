@@ -342,9 +342,8 @@ def _feast_prefix(join_key: str, project: str) -> bytes:
 def clear_state(redis_url: str, project: str) -> int:
     """Delete streamrec's keys (`{project}:*`) and the Feast project's online rows; leave any
     other key alone. Returns the number of keys deleted."""
-    import redis
-
     from models.feature_repo import ENTITIES
+    from serving.state import redis_client
 
     name = project.encode()
     prefixes = [_feast_prefix(key, project) for key in ENTITIES.values()]
@@ -357,7 +356,7 @@ def clear_state(redis_url: str, project: str) -> int:
         (_glob_escape(p) + b"*" + _glob_escape(name), lambda k, p=p: feast_row(k, p))
         for p in prefixes
     ]
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)  # on a cluster, scans every primary
     deleted = 0
     try:
         for pattern, wanted in scans:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,73 @@ def triton_url(artifacts, serving_config, tmp_path_factory):
     service = start_triton(root, timeout=120, repository=repository)
     yield service.endpoint
     stop_service(service)
+
+
+# --- the state on one Valkey server and on a local Valkey cluster ----------------------------
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The Redis that holds the state: one Valkey server, or a local Valkey cluster."""
+
+    kind: str  # "server" | "cluster"
+    settings: Settings  # its feature_repo() is the Feast repository on this Redis
+    config: dict  # the serving config (redis_url, feast_project, ...)
+
+    @property
+    def redis_url(self) -> str:
+        return self.config["redis_url"]
+
+
+@pytest.fixture(scope="session")
+def cluster_stack(base_settings, tmp_path_factory):
+    """An embedded stack whose Valkey is a Redis Cluster of three primaries."""
+    run = tmp_path_factory.mktemp("cluster-run")
+    stack = EmbeddedStack(
+        base_settings.model_copy(update={"run_dir": run, "redis_cluster_nodes": 3})
+    )
+    yield stack
+    stack.down()
+
+
+@pytest.fixture(scope="session")
+def server_backend(base_settings, serving_config) -> Backend:
+    return Backend("server", base_settings, serving_config)
+
+
+@pytest.fixture(scope="session")
+def cluster_backend(cluster_stack, artifacts) -> Backend:
+    from models.feature_load import load_features
+    from serving.client import serving_config
+
+    cluster_stack.up(("redis",))
+    url = cluster_stack.endpoint("redis")
+    load_features(artifacts, url, cluster_stack.settings.feature_repo())
+    return Backend("cluster", cluster_stack.settings, serving_config({"redis_url": url}))
+
+
+@pytest.fixture(scope="module", params=["server", "cluster"])
+def backend(request) -> Backend:
+    """Each test that asks for it runs on one Valkey server, then on a Valkey cluster."""
+    return request.getfixturevalue(f"{request.param}_backend")
+
+
+@pytest.fixture(scope="session")
+def cluster_triton_url(artifacts, cluster_backend, tmp_path_factory):
+    """A real tritonserver whose stages read the cluster."""
+    from serving.triton_export import export_repository
+    from streamrec.stack.servers import start_triton, stop_service
+
+    root = tmp_path_factory.mktemp("triton-cluster")
+    repository = export_repository(artifacts, root / "models", cluster_backend.config)
+    service = start_triton(root, timeout=120, repository=repository)
+    yield service.endpoint
+    stop_service(service)
+
+
+@pytest.fixture(scope="module")
+def backend_triton_url(backend, request) -> str:
+    """The tritonserver whose stages read `backend`."""
+    return request.getfixturevalue(
+        "triton_url" if backend.kind == "server" else "cluster_triton_url"
+    )

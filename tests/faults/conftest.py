@@ -5,6 +5,8 @@ and topic names. The table of the scenarios' figures is printed at the end of th
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 from fault_load import ROWS, Live
 
@@ -13,8 +15,8 @@ from streamrec.stack import EmbeddedStack
 from streams.workers import Workers
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory, base_settings, artifacts):
+@contextmanager
+def _live(tmp_path_factory, base_settings, artifacts, **settings):
     """A fresh stack, the trained model's state and ensemble, and one worker."""
     from models.feature_load import load_features
     from serving.client import serving_config
@@ -22,7 +24,9 @@ def live(tmp_path_factory, base_settings, artifacts):
     from streams.topics import create_topics
 
     run = tmp_path_factory.mktemp("faults")
-    settings = Settings(run_dir=run, artifact_dir=artifacts.parent, data_dir=base_settings.data_dir)
+    settings = Settings(
+        run_dir=run, artifact_dir=artifacts.parent, data_dir=base_settings.data_dir, **settings
+    )
     stack = EmbeddedStack(settings)
     try:
         stack.up(("kafka", "redis"))
@@ -38,6 +42,19 @@ def live(tmp_path_factory, base_settings, artifacts):
     finally:
         Workers(settings).stop_all()
         stack.down()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, base_settings, artifacts):
+    with _live(tmp_path_factory, base_settings, artifacts) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def cluster_live(tmp_path_factory, base_settings, artifacts):
+    """The same on a Valkey cluster of three primaries."""
+    with _live(tmp_path_factory, base_settings, artifacts, redis_cluster_nodes=3) as live:
+        yield live
 
 
 def pytest_terminal_summary(terminalreporter):

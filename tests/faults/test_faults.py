@@ -158,6 +158,30 @@ def test_valkey_stopped_longer_than_every_client_timeout(live):
     run(live, "valkey-stop", inject)
 
 
+def test_cluster_primary_sigkill_and_restart_on_its_data(cluster_live):
+    """A Valkey cluster without replicas cannot fail over: the dead primary's slots are down
+    until it restarts on its AOF and rejoins; the workers hold their batches meanwhile."""
+
+    def inject(live: Live) -> float:
+        _kill(live.stack.services()["redis"].pids[1])
+        time.sleep(3.0)  # the outage
+        live.stack.up(("redis",))  # restarts the dead node: same ports, AOF and nodes.conf
+        return time.monotonic()
+
+    run(cluster_live, "cluster-node-kill", inject)
+
+
+def test_cluster_primary_stopped_longer_than_every_client_timeout(cluster_live):
+    def inject(live: Live) -> float:
+        pid = live.stack.services()["redis"].pids[2]
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(6.0)  # > every client timeout, > the cluster's node timeout
+        os.kill(pid, signal.SIGCONT)
+        return time.monotonic()
+
+    run(cluster_live, "cluster-node-stop", inject)
+
+
 def test_tritonserver_sigkill_and_restart(live):
     def inject(live: Live) -> float:
         _kill(live.service_pid("triton"), group=True)  # the server and its stage stubs

@@ -7,6 +7,7 @@ to fail or stall. Users and items are fresh per test, so the shared Valkey keeps
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 
@@ -16,7 +17,7 @@ from records import T0, interaction, item_update, request
 
 from schemas.serde import make_serde
 from serving.client import LocalRecommender
-from serving.state import RedisState
+from serving.state import RedisState, redis_client
 from streams.processors import (
     Answer,
     Contention,
@@ -42,19 +43,19 @@ def raw(role: str, records: list[dict]) -> list[RawEvent]:
 
 
 @pytest.fixture(scope="module")
-def interactions(base_settings, artifacts, serving_config):
+def interactions(backend, artifacts):
     return InteractionProcessor(
         serde("interactions"),
-        serving_config["redis_url"],
-        base_settings.feature_repo(),
+        backend.redis_url,
+        backend.settings.feature_repo(),
         artifacts,
-        serving_config["feast_project"],
+        backend.config["feast_project"],
     )
 
 
 @pytest.fixture(scope="module")
-def state(serving_config) -> RedisState:
-    return RedisState(serving_config["redis_url"], prefix=serving_config["feast_project"])
+def state(backend) -> RedisState:
+    return RedisState(backend.redis_url, prefix=backend.config["feast_project"])
 
 
 def test_a_redelivered_batch_and_a_repeated_event_take_effect_once(interactions, state):
@@ -97,43 +98,45 @@ def test_a_batch_that_failed_after_its_transaction_is_projected_and_acked_on_ret
 
 
 def test_a_concurrent_change_of_the_users_state_retries_the_transaction(
-    interactions, state, serving_config, monkeypatch
+    interactions, state, backend, monkeypatch
 ):
-    user = f"watch-{uuid.uuid4().hex[:6]}"
-    other = redis.Redis.from_url(serving_config["redis_url"])  # another writer
-    real = InteractionProcessor._transaction
+    user = f"cas-{uuid.uuid4().hex[:6]}"
+    other = redis_client(backend.redis_url)  # another writer
+    real = InteractionProcessor._stored_states
     calls = []
 
-    def touch_user_key() -> None:  # a write to a WATCHed key makes EXEC fail
-        other.set(state.key("user", user), "changed")
-        other.delete(state.key("user", user))
+    def write_user(count: int) -> None:  # between this worker's read and its compare-and-set
+        state_json = {"recent_items": [], "event_count": count, "genre_affinity": []}
+        other.set(state.key("user", user), json.dumps(state_json | {"last_event_ms": 0}))
 
-    def meddle_once(self, pipe, users, good, result):
-        out = real(self, pipe, users, good, result)
+    def meddle_once(self, users, raws):
+        out = real(self, users, raws)
         calls.append(1)
         if len(calls) == 1:
-            touch_user_key()
+            write_user(10)
         return out
 
-    monkeypatch.setattr(InteractionProcessor, "_transaction", meddle_once)
+    monkeypatch.setattr(InteractionProcessor, "_stored_states", meddle_once)
     result = interactions.process(raw("interactions", [interaction(user, "7", T0)]))
     assert len(calls) == 2 and (result.applied, result.duplicates) == (1, 0)
-    assert state.users([user])[0].event_count == 1
+    assert state.users([user])[0].event_count == 11  # applied on top of the other write
 
-    def meddle_always(self, pipe, users, good, result):
-        out = real(self, pipe, users, good, result)
-        other.set(state.key("user", user), state.client.get(state.key("user", user)))
+    def meddle_always(self, users, raws):
+        out = real(self, users, raws)
+        calls.append(1)
+        write_user(100 + len(calls))
         return out
 
-    monkeypatch.setattr(InteractionProcessor, "_transaction", meddle_always)
+    monkeypatch.setattr(InteractionProcessor, "_stored_states", meddle_always)
     with pytest.raises(Contention):
-        interactions.process(raw("interactions", [interaction(user, "8", T0 + 1)]))
-    assert state.users([user])[0].event_count == 1  # nothing half-applied
+        interactions.process(raw("interactions", [interaction(user, "8", T0 + 1, "e-8")]))
+    assert "8" not in state.seen(user)  # nothing half-applied
+    assert state.user_records([(user, ["e-8"])])[0][1:] == ([False], set())
 
 
-def test_item_updates_out_of_order_keep_the_newest(serving_config, state):
+def test_item_updates_out_of_order_keep_the_newest(backend, state):
     processor = ItemUpdateProcessor(
-        serde("item_updates"), serving_config["redis_url"], serving_config["feast_project"]
+        serde("item_updates"), backend.redis_url, backend.config["feast_project"]
     )
     item = f"ooo-{uuid.uuid4().hex[:6]}"
     # In one batch: the older update loses to the newer one.
@@ -169,8 +172,8 @@ class StubTriton:
 
 
 @pytest.fixture(scope="module")
-def local(artifacts, serving_config) -> LocalRecommender:
-    return LocalRecommender(artifacts, serving_config)
+def local(artifacts, backend) -> LocalRecommender:
+    return LocalRecommender(artifacts, backend.config)
 
 
 def answer(processor: RequestProcessor, records: list[dict]) -> list[dict]:

@@ -159,7 +159,7 @@ def test_explanations_name_sampling_and_backfill(triton):
 def test_a_consumed_item_never_appears_again(triton, state):
     before = triton.recommend(_request("42"))
     top = _items(before)[0]
-    pipe = state.client.pipeline()
+    pipe = state.pipeline()
     state.add_seen(pipe, "42", top, NOW_MS)
     pipe.execute()
     after = triton.recommend(_request("42", k=50))
@@ -170,14 +170,14 @@ def test_a_consumed_item_never_appears_again(triton, state):
 def test_an_unavailable_item_disappears_for_everyone(triton, state):
     users = ["10", "20", "30"]
     top = _items(triton.recommend(_request(users[0])))[0]
-    pipe = state.client.pipeline()
-    state.set_available(pipe, top, False)
-    pipe.execute()
+    pipe = state.pipeline()
+    state.update_item(pipe, top, NOW_MS, available=False)
+    state.execute(pipe)
     try:
         for user in users:
             assert top not in _items(triton.recommend(_request(user, k=100)))
     finally:
-        state.set_available(state.client, top, True)
+        state.update_item(state.client, top, NOW_MS, available=True)
     assert top in _items(triton.recommend(_request(users[0])))
 
 

@@ -17,15 +17,15 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def live(base_settings, kafka, redis_url, triton_url, artifacts, serving_config):
+def live(backend, kafka, backend_triton_url, artifacts):
     """Fresh topics and one worker for the module, publishing in Kafka transactions."""
     # A generous default deadline: these tests assert answers, and a loaded machine must not
     # turn them into `expired` ones. Deadlines are tested with explicit ones.
     settings = stack_settings(
-        base_settings,
+        backend.settings,
         kafka,
-        redis_url,
-        triton_url,
+        backend.redis_url,
+        backend_triton_url,
         artifacts,
         kafka_transactions=True,
         request_deadline_ms=60_000,
@@ -37,8 +37,8 @@ def live(base_settings, kafka, redis_url, triton_url, artifacts, serving_config)
 
 
 @pytest.fixture(scope="module")
-def state(serving_config):
-    return RedisState(serving_config["redis_url"], prefix=serving_config["feast_project"])
+def state(backend):
+    return RedisState(backend.redis_url, prefix=backend.config["feast_project"])
 
 
 def responses(settings, request_ids: set[str], timeout: float = 60.0) -> dict[str, list[dict]]:
@@ -172,7 +172,7 @@ def test_malformed_bytes_are_dead_lettered_and_later_events_still_processed(live
 
 
 def test_a_new_catalog_item_is_embedded_and_retrievable_without_retraining(
-    live, state, artifacts, serving_config
+    live, state, artifacts, backend
 ):
     from serving.operators import GRAPH, Retrieval
 
@@ -189,7 +189,7 @@ def test_a_new_catalog_item_is_embedded_and_retrievable_without_retraining(
     produce(live, "item_updates", [update])
     wait_for(lambda: item in state.catalog_additions([item]), what="the catalog addition")
     # The stage's own code and item table, in this process, taking in the change stream
-    (retrieval,) = GRAPH.instantiate([Retrieval], artifacts, serving_config)
+    (retrieval,) = GRAPH.instantiate([Retrieval], artifacts, backend.config)
     index = retrieval.items.index
     assert item in index.row
     own = index.vectors([item])
@@ -200,15 +200,11 @@ def test_a_new_catalog_item_is_embedded_and_retrievable_without_retraining(
 
 
 def test_a_worker_killed_mid_stream_loses_and_doubles_nothing(
-    base_settings,
-    kafka,
-    redis_url,
-    triton_url,
-    artifacts,
-    serving_config,
-    state,
+    backend, kafka, backend_triton_url, artifacts, state
 ):
-    settings = stack_settings(base_settings, kafka, redis_url, triton_url, artifacts)
+    settings = stack_settings(
+        backend.settings, kafka, backend.redis_url, backend_triton_url, artifacts
+    )
     users = [f"kill-{uuid.uuid4().hex[:6]}-{n}" for n in range(20)]
     events = [interaction(users[n % 20], str(1 + n % 300), T0 + n * 1000) for n in range(600)]
     requests = [request(users[n % 20], k=5) for n in range(150)]

@@ -196,8 +196,11 @@ def test_rediss_url_gives_password_and_tls_to_redis_py():
     assert kwargs["password"] == "secret"
 
 
-def test_app_redis_clients_parse_the_url(clean_env):
+def test_app_redis_clients_parse_the_url(clean_env, monkeypatch):
     """serving/state.py's client (the stage models' and the workers') and settings from env."""
+    import serving.state
+
+    monkeypatch.setattr(serving.state, "is_cluster", lambda url: False)  # asks the server
     clean_env.setenv("STREAMREC_REDIS_URL", TLS_URL + "?ssl_ca_certs=/etc/redis/ca.pem")
     settings = Settings()
     pool = RedisState(settings.redis_url, prefix="streamrec").client.connection_pool

@@ -197,12 +197,11 @@ class FakeState:
             "unavailable": self.unavailable,
             "catalog": {},
             "epoch": 0,
-            "last_id": b"0-0",
-            "n": 0,
+            "last": {0: (b"0-0", 0)},
         }
 
     def changes(self, after):
-        return []
+        return {0: []}
 
     def seen_sets(self, users):
         return [[i.encode() for i in self.seen] for _ in users]
