@@ -111,6 +111,7 @@ def window(ids, sent, answers, t0: float, t1: float, slo_ms: float) -> dict[str,
 def under_load(ctx, name: str, actions: list, est_s: float) -> dict[str, Any]:
     """A steady load for 3 s + `est_s` + `--tail-s` while `actions` ((label, fn) pairs) run
     one after another from 3 s in; figures per action, from its start to the next one's."""
+    from streamrec.stack.process import pid_alive
     from streams.topics import topic_name
 
     args, load, workers = ctx["args"], ctx["load"], ctx["workers"]
@@ -129,7 +130,10 @@ def under_load(ctx, name: str, actions: list, est_s: float) -> dict[str, Any]:
         time.sleep(3.0)
         for label, fn in actions:
             m = mark(label)
-            m |= fn() or {}
+            try:
+                m |= fn() or {}
+            except Exception as e:  # noqa: BLE001 - reported with the event, the load goes on
+                m["failed"] = f"{type(e).__name__}: {str(e)[:300]}"
             m["action_s"] = round(time.perf_counter() - m["t"], 2)
         mark("done")
 
@@ -162,7 +166,8 @@ def under_load(ctx, name: str, actions: list, est_s: float) -> dict[str, Any]:
         )
     before = window(ids, sent, answers, sent[0], marks[0]["t"], args.slo_ms)
     totals = {k: step[k] for k in ("requests", "ok", "expired", "error", "unanswered")}
-    return {"name": name, "before": before, "events": events, **totals}
+    alive = {role: pid_alive(pid) for role, pid in ctx["pids"].items()}  # a crash shows here
+    return {"name": name, "before": before, "events": events, **totals, "alive_after": alive}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -182,6 +187,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix=f"streamrec-scale-{label}-"))
     ctx: dict[str, Any] = {"args": args, "artifacts": artifacts, "now_ms": now_ms}
     services, pids, out, workers, generator, ok = [], {}, {}, None, None, False
+    ctx["pids"] = pids
 
     def discover() -> dict[str, list[int]]:
         running = [w.pid for w in workers.running()] if workers else []
@@ -303,7 +309,8 @@ def markdown_report(r: dict[str, Any]) -> str:
         for e in load["events"]:
             held = " ".join(f"{s}:{h}" for s, h in e["held_by_slot"].items())
             lat = f"{fmt(e['p50_ms'])} / {fmt(e['p99_ms'])} / {fmt(e['max_ms'])}"
-            ev.append([e["event"], e["seconds"], e.get("exit_s"), e["action_s"],
+            name = e["event"] + (f" (failed: {e['failed']})" if e.get("failed") else "")
+            ev.append([name, e["seconds"], e.get("exit_s"), e["action_s"],
                        e["assigned_by_others"], e["rebalance_warnings"],
                        e["last_assigned_after_s"], held, e["longest_gap_ms"], lat, e["not_ok"],
                        e["unanswered"], e["last_over_slo_after_s"]])  # fmt: skip
@@ -343,7 +350,10 @@ def markdown_report(r: dict[str, Any]) -> str:
         "",
         f"Rolling restart in all: {rr['requests']:,} requests, {rr['ok']:,} ok, "
         f"{rr['expired']:,} expired, {rr['error']:,} errors, {rr['unanswered']:,} unanswered. "
-        f"A worker starts in {r['worker_start_s']:g} s (unloaded, until ready).",
+        f"A worker starts in {r['worker_start_s']:g} s (unloaded, until ready). Servers "
+        "still running after each load: " + "; ".join(
+            f"{x['name']}: " + ", ".join(k for k, v in x["alive_after"].items() if v) or "none"
+            for x in [*r["joins"], rr, *r["leaves"]]) + ".",
     ])  # fmt: skip
 
 
