@@ -42,6 +42,7 @@ bench: install
 	$(BIN)/python -m bench.serving
 	$(BIN)/python -m bench.e2e
 	$(BIN)/python -m bench.durability
+	$(BIN)/python -m bench.scale
 
 format: install
 	$(BIN)/ruff format .
