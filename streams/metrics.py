@@ -72,16 +72,22 @@ class _TritonServers(Collector):
             "Inferences the Triton server answered (canaries not counted)",
             labels=["server"],
         )
-        for server in self.pool.servers:
+        for server in self.pool.servers if self.pool else ():
             up.add_metric([server.url], float(server.healthy))
             answered.add_metric([server.url], server.answered)
         yield up
         yield answered
 
 
+_WATCHED = _TritonServers(None)
+
+
 def watch_triton(pool) -> None:
-    """Export the pool's servers with the worker's metrics (once per worker)."""
-    REGISTRY.register(_TritonServers(pool))
+    """Export the pool's servers with the worker's metrics (the last pool built, if agents
+    raced to build one)."""
+    if _WATCHED.pool is None:
+        REGISTRY.register(_WATCHED)
+    _WATCHED.pool = pool
 
 
 def serve(port: int, host: str = "127.0.0.1") -> int:
