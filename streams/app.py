@@ -84,6 +84,7 @@ class Runtime:
         self._lock = threading.Lock()
         self._processors: dict[str, InteractionProcessor | ItemUpdateProcessor] = {}
         self._requests: RequestProcessor | None = None
+        self._building = asyncio.Lock()  # the first batches of requests arrive together
 
     @cached_property
     def redis_url(self) -> str:
@@ -159,31 +160,32 @@ class Runtime:
         return self._requests
 
     async def requests(self) -> RequestProcessor:
-        if self._requests is None:
-            from serving.pool import TritonPool
+        async with self._building:
+            if self._requests is None:
+                from serving.pool import TritonPool
 
-            # One server or several (comma-separated): balanced, ejected and readmitted by health.
-            url, timeout = self.stack.endpoint("triton"), self.settings.canary_timeout_s
-            triton = TritonPool(url, probe_timeout_s=timeout)
-            try:
-                await triton.connect()
-            except Exception as e:
-                raise ConnectionError(f"Triton at {url}: {e}") from e
-            metrics.watch_triton(triton)
-            # Within transactions a redelivered request's first answer was never visible: serving
-            # it again is right, and nothing needs caching.
-            cache = None
-            if not self.settings.kafka_transactions:
-                cache = ResponseCache(self._state(), self.settings.response_cache_ttl_s)
-            self._requests = RequestProcessor(
-                self.serdes["requests"],
-                self.serdes["recommendations"],
-                triton,
-                cache,
-                self.settings.request_concurrency,
-                default_deadline_ms=self.settings.request_deadline_ms,
-                arms=ArmsFile(self.settings.artifact_dir),
-            )
+                # One server or several (comma-separated), balanced by health.
+                url, timeout = self.stack.endpoint("triton"), self.settings.canary_timeout_s
+                triton = TritonPool(url, probe_timeout_s=timeout)
+                try:
+                    await triton.connect()
+                except Exception as e:
+                    raise ConnectionError(f"Triton at {url}: {e}") from e
+                metrics.watch_triton(triton)
+                # Within transactions a redelivered request's first answer was never visible:
+                # serving it again is right, and nothing needs caching.
+                cache = None
+                if not self.settings.kafka_transactions:
+                    cache = ResponseCache(self._state(), self.settings.response_cache_ttl_s)
+                self._requests = RequestProcessor(
+                    self.serdes["requests"],
+                    self.serdes["recommendations"],
+                    triton,
+                    cache,
+                    self.settings.request_concurrency,
+                    default_deadline_ms=self.settings.request_deadline_ms,
+                    arms=ArmsFile(self.settings.artifact_dir),
+                )
         return self._requests
 
 

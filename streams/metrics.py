@@ -58,8 +58,7 @@ CONSUMER_LAG = Gauge(
 class _TritonServers(Collector):
     """Each Triton server of the worker's pool (`serving.pool.TritonPool`), read when scraped."""
 
-    def __init__(self, pool):
-        self.pool = pool
+    pool = None
 
     def collect(self):
         up = GaugeMetricFamily(
@@ -72,22 +71,20 @@ class _TritonServers(Collector):
             "Inferences the Triton server answered (canaries not counted)",
             labels=["server"],
         )
-        for server in self.pool.servers if self.pool else ():
+        for server in self.pool.servers if self.pool else []:
             up.add_metric([server.url], float(server.healthy))
             answered.add_metric([server.url], server.answered)
         yield up
         yield answered
 
 
-_WATCHED = _TritonServers(None)
+_TRITON = _TritonServers()
+REGISTRY.register(_TRITON)
 
 
 def watch_triton(pool) -> None:
-    """Export the pool's servers with the worker's metrics (the last pool built, if agents
-    raced to build one)."""
-    if _WATCHED.pool is None:
-        REGISTRY.register(_WATCHED)
-    _WATCHED.pool = pool
+    """Export the servers of the worker's pool with its metrics."""
+    _TRITON.pool = pool
 
 
 def serve(port: int, host: str = "127.0.0.1") -> int:

@@ -266,3 +266,25 @@ def test_canaries_eject_and_readmit_per_server_and_heal_goes_to_the_one_named():
     assert not combined.ok and combined.reason == "b:2: UNAVAILABLE: gone"
     assert fakes["b:2"].healed == ["executor"] and fakes["a:1"].healed == []
     assert after_pass == {"a:1": True, "b:2": True}
+
+
+def test_the_workers_metrics_show_each_server_of_the_latest_pool():
+    from prometheus_client import generate_latest
+
+    from streams import metrics
+
+    async def main():
+        for _ in range(2):  # a second pool replaces the first (no duplicate registration)
+            pool, fakes = pool_of("a:1", "b:2")
+            metrics.watch_triton(pool)
+            await pool.connect()
+        fakes["b:2"].down = True
+        for _ in range(3):
+            await pool.run({})
+        await pool.close()
+
+    asyncio.run(main())
+    text = generate_latest().decode()
+    assert 'streamrec_triton_server_up{server="a:1"} 1.0' in text
+    assert 'streamrec_triton_server_up{server="b:2"} 0.0' in text
+    assert 'streamrec_triton_requests_total{server="a:1"} 3.0' in text
