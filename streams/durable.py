@@ -31,10 +31,7 @@ log = logging.getLogger("streamrec.workers")
 R = TypeVar("R")
 # Error replies of a Redis that is alive but cannot take writes now (out of memory, a failed
 # AOF or RDB write, no replicas, a cluster failover): the work is fine, the server is not.
-# NOSCRIPT: a restarted cluster node lost the scripts (reloaded by `serving.state`); MOVED, ASK:
-# slots moved between nodes.
 _REDIS_BUSY = {"OOM", "MISCONF", "NOREPLICAS", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING"}
-_REDIS_BUSY |= {"NOSCRIPT", "MOVED", "ASK"}
 
 
 def transient(error: BaseException) -> bool:
@@ -49,11 +46,14 @@ def transient(error: BaseException) -> bool:
         return False
     if isinstance(error, redis.ResponseError) and str(error).split(" ", 1)[0] in _REDIS_BUSY:
         return True
+    if isinstance(error, redis.exceptions.RedisClusterException):  # also a cross-slot bug
+        return "cannot be connected" in str(error)  # no node answered the slot map's refresh
     return isinstance(
         error,
         redis.ConnectionError  # includes BusyLoadingError (a restarted server reading its AOF)
         | redis.exceptions.ClusterError  # includes ClusterDownError: a node is unreachable
-        | redis.exceptions.RedisClusterException  # no node answered the slot map's refresh
+        | redis.exceptions.AskError  # includes MovedError: slots moved between nodes
+        | redis.exceptions.NoScriptError  # a restarted node lost the scripts (`serving.state`)
         | redis.TimeoutError
         | redis.ReadOnlyError
         | OSError  # includes ConnectionError

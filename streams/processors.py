@@ -308,15 +308,18 @@ class ResponseCache:
     def get(self, request_ids: list[str]) -> list[bytes | None]:
         import redis
 
+        pipe = self.state.pipeline()  # not MGET: on a cluster the keys lie in many slots
+        for request_id in request_ids:
+            pipe.get(self.state.key("response", request_id))
         try:
-            return self.state.client.mget([self.state.key("response", r) for r in request_ids])
+            return pipe.execute()
         except redis.RedisError:
             return [None] * len(request_ids)
 
     def put(self, answers: dict[str, bytes]) -> None:
         import redis
 
-        pipe = self.state.client.pipeline(transaction=False)
+        pipe = self.state.pipeline()
         for request_id, value in answers.items():
             pipe.set(self.state.key("response", request_id), value, ex=self.ttl_s)
         with contextlib.suppress(redis.RedisError):

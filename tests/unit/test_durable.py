@@ -33,9 +33,18 @@ def test_dependency_errors_are_transient_and_bad_work_is_not():
         Contention("watch"),
         redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'."),
         redis.ResponseError("MISCONF Errors writing to the AOF file"),
+        redis.exceptions.ClusterDownError("CLUSTERDOWN The cluster is down"),
+        redis.exceptions.NoScriptError("NOSCRIPT No matching script"),
+        redis.exceptions.MovedError("3999 127.0.0.1:6381"),
+        redis.exceptions.RedisClusterException("Redis Cluster cannot be connected."),
     ):
         assert transient(e), e
-    for e in (ValueError("bad"), KeyError("x"), redis.ResponseError("WRONGTYPE")):
+    for e in (
+        ValueError("bad"),
+        KeyError("x"),
+        redis.ResponseError("WRONGTYPE"),
+        redis.exceptions.RedisClusterException("MGET - all keys must map to the same key slot"),
+    ):
         assert not transient(e), e
 
 
