@@ -151,16 +151,23 @@ def under_load(ctx, name: str, actions: list, est_s: float) -> dict[str, Any]:
         w0, w1 = m["wall"], m["wall"] + (t1 - m["t"])
         others = [x for x in lines if w0 <= x[0] < w1 and x[1] != m.get("log")]
         latest = {log: p for t, log, _, p in lines if t < w1 and p is not None}
+        assigned = [t for t, _, _, p in lines if w0 <= t < w1 and p is not None]
         events.append(
             {k: v for k, v in m.items() if k not in ("t", "wall", "live")}
             | {
                 "assigned_by_others": sum(x[3] is not None for x in others),
                 "rebalance_warnings": sum(bool(REBALANCE.search(x[2])) for x in others),
-                "last_assigned_after_s": max(
-                    (round(t - w0, 2) for t, _, _, p in lines if w0 <= t < w1 and p is not None),
-                    default=None,
-                ),
+                "last_assigned_after_s": round(assigned[-1] - w0, 2) if assigned else None,
                 "held_by_slot": {s: len(latest.get(log, ())) for s, log in nxt["live"]},
+                # first rebalance warning of another worker → the last assignment after it
+                "rebalance_s": next(
+                    (
+                        round(assigned[-1] - t, 2)
+                        for t, _, text, _ in others
+                        if REBALANCE.search(text) and assigned and assigned[-1] >= t
+                    ),
+                    None,
+                ),  # fmt: skip
             }
             | window(ids, sent, answers, m["t"], t1, args.slo_ms)
         )
@@ -251,12 +258,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 }
             slots = sorted(w.slot for w in workers.running())
             acts = [(f"restart slot {s}", restart(s)) for s in slots]
-            rolling = under_load(ctx, "rolling restart", acts, (est + 15) * len(slots))
+            rolling = under_load(ctx, "rolling restart", acts, (est + 5) * len(slots))
             leaves = [
                 under_load(ctx, f"leave by {sig}", [
                     (f"{sig} slot {slots[-1]}", restart(slots[-1], sig == "SIGKILL", args.leave_s)),
                     (f"replacement in slot {slots[-1]}", start_one),
-                ], args.leave_s + est + 15)
+                ], args.leave_s + est + 5)
                 for sig in ("SIGTERM", "SIGKILL")
             ]  # fmt: skip
             generator.close()
@@ -304,7 +311,7 @@ def markdown_report(r: dict[str, Any]) -> str:
     for load in [*r["joins"], r["rolling_restart"], *r["leaves"]]:
         b = load["before"]
         lat = f"{fmt(b['p50_ms'])} / {fmt(b['p99_ms'])} / {fmt(b['max_ms'])}"
-        ev.append([f"*{load['name']}: before*", b["seconds"], *[""] * 6, b["longest_gap_ms"],
+        ev.append([f"*{load['name']}: before*", b["seconds"], *[""] * 7, b["longest_gap_ms"],
                    lat, b["not_ok"], b["unanswered"], b["last_over_slo_after_s"]])  # fmt: skip
         for e in load["events"]:
             held = " ".join(f"{s}:{h}" for s, h in e["held_by_slot"].items())
@@ -312,8 +319,8 @@ def markdown_report(r: dict[str, Any]) -> str:
             name = e["event"] + (f" (failed: {e['failed']})" if e.get("failed") else "")
             ev.append([name, e["seconds"], e.get("exit_s"), e["action_s"],
                        e["assigned_by_others"], e["rebalance_warnings"],
-                       e["last_assigned_after_s"], held, e["longest_gap_ms"], lat, e["not_ok"],
-                       e["unanswered"], e["last_over_slo_after_s"]])  # fmt: skip
+                       e["last_assigned_after_s"], e["rebalance_s"], held, e["longest_gap_ms"],
+                       lat, e["not_ok"], e["unanswered"], e["last_over_slo_after_s"]])  # fmt: skip
     rr = r["rolling_restart"]
     return "\n".join([
         f"# Many workers: {r['label']}", "",
@@ -340,11 +347,13 @@ def markdown_report(r: dict[str, Any]) -> str:
         "(or the load's end); *before*: the load until the first event. *Assigned (others)*: "
         "`partitions assigned` lines from workers other than the one the event started, i.e. "
         "rebalances they went through; *rebalance warnings*: their log lines on rebalancing / "
-        "rejoining / illegal generation. *Held*: slot:request partitions by each live worker's "
+        "rejoining / illegal generation; *rebalance s*: from the first of them to the last "
+        "assignment. *Held*: slot:request partitions by each live worker's "
         "latest assignment at the row's end. *Gap*: the longest time without an answer. Latency "
         "of the ok answers to the requests sent in the row.", "",
         markdown_table(["event", "s", "exit s", "action s", "assigned (others)",
-                        "rebalance warnings", "last assigned after s", "held", "gap ms",
+                        "rebalance warnings", "last assigned after s", "rebalance s", "held",
+                        "gap ms",
                         "p50 / p99 / max ms", "not ok", "unanswered", "last over SLO after s"],
                        ev),  # fmt: skip
         "",
