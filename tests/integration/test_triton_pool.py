@@ -244,3 +244,33 @@ def test_a_killed_server_is_ejected_readmitted_after_its_restart_and_no_request_
     # Triton's own count on the restarted a: the worker's requests since then (and canaries).
     success = served_by_a.model_stats[0].inference_stats.success.count
     assert success >= final[a] - during[a]
+
+
+def test_cli_reads_from_the_first_server_that_answers_and_switches_every_server(
+    tritons, artifacts, tmp_path
+):
+    """`streamrec models promote`'s path (`serving.rollout`) with several servers."""
+    import json
+    import shutil
+
+    from serving.pool import TritonServers
+    from serving.triton_export import add_version
+    from streamrec.stack.process import free_port
+
+    a, b = tritons["a"].endpoint, tritons["b"].endpoint
+    dead = f"127.0.0.1:{free_port()}"
+    # The same model under another version name: what the servers answer with tells them apart.
+    other = shutil.copytree(artifacts, tmp_path / f"{artifacts.name}-copy")
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps(manifest | {"version": other.name}))
+    number = add_version(other, Path(tritons["a"].extra["repository"]))
+
+    def served() -> list[str]:
+        return [TritonRecommender(url).served_version() for url in (a, b)]
+
+    assert TritonServers(f"{dead},{a},{b}").served_version() == artifacts.name  # a read
+    with pytest.raises(ConnectionError, match=dead):  # one is unreachable: nobody switches
+        TritonServers(f"{a},{dead},{b}").serve_version(number)
+    assert served() == [artifacts.name] * 2
+    TritonServers(f"{a},{b}").serve_version(number)
+    assert served() == [other.name] * 2
