@@ -10,7 +10,7 @@ Per user (hash tag: the user id), written together by one script (`apply_user`):
 - `{p}:applied:{u}`    ZSET event id → event ms of the newest `APPLIED_LIMIT` applied events
 - `{p}:pending:{u}`    SET of event ids applied to the user but not yet counted on the item side
 
-Per item shard (hash tag `shard-N`, N = crc32(item) mod `SHARDS`), so that no slot is hot:
+Per item shard (hash tag `SHARD_TAGS[N]`, N = crc32(item) mod `SHARDS`), so that no slot is hot:
 - `{p}:popular:{s}`    ZSET item → Σ exp(k·(t_event − epoch)): ranking by it is ranking by
                        time-decayed popularity at any time; the decayed count at time t is
                        score · exp(−k·(t − epoch)) (see `popularity_at`)
@@ -171,6 +171,22 @@ def pending_id(user_id: str, event_id: str) -> str:
     return f"{user_id}:{event_id}"
 
 
+def _shard_tags() -> list[str]:
+    """One hash tag per shard, shard N's in the N-th sixteenth of the 16384 cluster slots: the
+    shards spread evenly over primaries that hold equal slot ranges (tags named by number,
+    like `shard-3`, would put 8 of 16 on the first of three primaries)."""
+    from redis.crc import key_slot
+
+    span = 16384 // SHARDS
+    return [
+        next(t for j in range(10_000) if key_slot((t := f"shard-{n}.{j}").encode()) // span == n)
+        for n in range(SHARDS)
+    ]
+
+
+SHARD_TAGS = _shard_tags()
+
+
 def shard_of(item_id: str) -> int:
     return zlib.crc32(item_id.encode()) % SHARDS
 
@@ -232,7 +248,7 @@ class RedisState:
         return [self.key(n, user_id) for n in ("user", "seen", "applied", "pending")]
 
     def _shard_keys(self, shard: int, *names: str) -> list[str]:
-        tag = f"shard-{shard}"
+        tag = SHARD_TAGS[shard]
         return [self.key("changes", tag), self.key("changes-n", tag)] + [
             self.key(n, tag) for n in names
         ]
@@ -292,7 +308,7 @@ class RedisState:
         shards = _by_shard(dict.fromkeys(items))
         pipe = self.pipeline()
         for shard, members in shards.items():
-            read(pipe, self.key(name, f"shard-{shard}"), members)
+            read(pipe, self.key(name, SHARD_TAGS[shard]), members)
         found = {}
         for members, values in zip(shards.values(), pipe.execute(), strict=True):
             found.update(zip(members, values, strict=True))
@@ -353,7 +369,7 @@ class RedisState:
     def changes(self, after: dict[int, bytes], count: int = 1000) -> dict[int, list]:
         """Each shard's change-stream entries after its stream id in `after` (oldest first, up
         to `count` per shard)."""
-        keys = [self.key("changes", f"shard-{shard}") for shard in range(SHARDS)]
+        keys = [self.key("changes", SHARD_TAGS[shard]) for shard in range(SHARDS)]
         found = {}
         for client, shards in self._by_node(keys):  # the hot path: no cluster pipeline
             pipe = client.pipeline(transaction=False)
@@ -389,7 +405,7 @@ class RedisState:
         was loaded."""
         pipe = self.pipeline()
         for shard in range(SHARDS):
-            pipe.get(self.key("acked", f"shard-{shard}"))
+            pipe.get(self.key("acked", SHARD_TAGS[shard]))
         return sum(int(v or 0) for v in pipe.execute())
 
     # --- writes (stream processors, state load) ------------------------------------------------
@@ -548,7 +564,7 @@ class RedisState:
         }
         shards = _by_shard(scores)
         for shard in range(SHARDS):
-            key = self.key("popular", f"shard-{shard}")
+            key = self.key("popular", SHARD_TAGS[shard])
             pipe.delete(key)
             if shards.get(shard):
                 pipe.zadd(key, {i: scores[i] for i in shards[shard]})

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from serving.live import LiveItems
-from serving.state import RedisState, shard_of
+from serving.state import SHARD_TAGS, RedisState, shard_of
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +86,7 @@ def test_a_reader_left_behind_by_trimming_reloads_and_agrees(artifacts, state, m
     for n in range(300):  # MAXLEN ~ trims whole nodes (100 entries): the reader's next is gone
         _interactions(state, [("1", T0 + n)])
     shard = shard_of("1")
-    first = state.client.xrange(state.key("changes", f"shard-{shard}"), count=1)[0][1]
+    first = state.client.xrange(state.key("changes", SHARD_TAGS[shard]), count=1)[0][1]
     assert int(first[b"n"]) > items._last[shard][1] + 1  # noqa: SLF001 - the test's premise
     items.sync()
     assert items.popularity[items.rows(["1", "2"])].tolist() == _zset(state, ["1", "2"])
