@@ -198,8 +198,9 @@ def _by_shard(items: Iterable[str]) -> dict[int, list[str]]:
     return out
 
 
-def _wait_aof(client, marker: str, timeout_ms: int) -> int:
-    """The marker write, then WAITAOF, on one connection; the count of local fsyncs (1 or 0).
+def _wait_aof(client, marker: str, replicas: int, timeout_ms: int) -> tuple[int, int]:
+    """The marker write, then WAITAOF (and WAIT for `replicas`), on one connection: (local
+    fsyncs, 1 or 0; replicas that have the write).
     Two round trips, not one pipeline: a WAITAOF that arrives with the write blocks until the
     server's next cron tick (100 ms), one that follows it finds the write already fsynced."""
     pool = client.connection_pool
@@ -209,7 +210,11 @@ def _wait_aof(client, marker: str, timeout_ms: int) -> int:
         connection.read_response()
         connection.send_command("WAITAOF", 1, 0, timeout_ms)
         local, _ = connection.read_response()
-        return local
+        copies = 0
+        if replicas:  # received, not fsynced: a replica fsyncs once a second, and WAITAOF waits
+            connection.send_command("WAIT", replicas, timeout_ms)
+            copies = connection.read_response()
+        return local, copies
     except BaseException:
         connection.disconnect()
         raise
@@ -218,10 +223,17 @@ def _wait_aof(client, marker: str, timeout_ms: int) -> int:
 
 
 class RedisState:
-    def __init__(self, redis_url: str, prefix: str = "streamrec", wait_aof: bool = True):
+    def __init__(
+        self,
+        redis_url: str,
+        prefix: str = "streamrec",
+        wait_aof: bool = True,
+        wait_replicas: int = 0,
+    ):
         self.redis_url = redis_url
         self.prefix = prefix
         self.wait_aof = wait_aof
+        self.wait_replicas = wait_replicas
         self._epoch: int | None = None
         self._loaded = False
 
@@ -472,7 +484,7 @@ class RedisState:
         args = [CHANGES_LIMIT, kind, json.dumps(data)]
         self._script("log", self._shard_keys(shard), args, pipe)
 
-    def wait_durable(self, timeout_ms: int = 5000) -> None:
+    def wait_durable(self, timeout_ms: int = int(TIMEOUT_S * 750)) -> None:
         """Block until every write made so far (by any client) is fsynced to the AOF of every
         primary.
 
@@ -487,13 +499,16 @@ class RedisState:
         markers = self._durability_markers()
         nodes = [(client, markers[n]) for client, [n] in self._by_node(markers)]
 
-        def wait(node: tuple) -> int:
-            return self._on_node(lambda: _wait_aof(*node, timeout_ms))
+        def wait(node: tuple) -> tuple[int, int]:
+            return self._on_node(lambda: _wait_aof(*node, self.wait_replicas, timeout_ms))
 
         # Several primaries fsync at the same time.
         replies = [wait(nodes[0])] if len(nodes) == 1 else list(self._pool.map(wait, nodes))
-        if min(replies) < 1:
-            raise NotDurable(f"Redis did not fsync its AOF within {timeout_ms} ms")
+        if any(local < 1 or copies < self.wait_replicas for local, copies in replies):
+            raise NotDurable(
+                f"Redis did not fsync its AOF (or reach {self.wait_replicas} replicas) "
+                f"within {timeout_ms} ms"
+            )
 
     @cached_property
     def _pool(self):

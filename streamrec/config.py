@@ -98,6 +98,15 @@ class Settings(BaseSettings):
     redis_wait_aof: bool = Field(
         True, description="Commit offsets only after Redis fsynced the effects (WAITAOF)"
     )
+    redis_wait_replicas: int = Field(
+        0,
+        ge=0,
+        description="Also wait for this many replicas of each primary to have the effects (WAIT) "
+        "before committing offsets: a failover to a replica then loses nothing acked",
+    )
+    redis_cluster_replicas: int = Field(
+        0, ge=0, description="The embedded Valkey cluster: replicas per primary"
+    )
     response_cache_ttl_s: int = Field(
         3600,
         ge=1,

@@ -117,9 +117,8 @@ class Runtime:
         self.processor("item_updates")
 
     def _state(self) -> RedisState:
-        return RedisState(
-            self.redis_url, self.settings.feast_project, wait_aof=self.settings.redis_wait_aof
-        )
+        s = self.settings
+        return RedisState(self.redis_url, s.feast_project, s.redis_wait_aof, s.redis_wait_replicas)
 
     def processor(self, name: str) -> InteractionProcessor | ItemUpdateProcessor:
         with self._lock:
@@ -133,7 +132,11 @@ class Runtime:
         s = self.settings
         if name == "item_updates":
             return ItemUpdateProcessor(
-                self.serdes["item_updates"], self.redis_url, s.feast_project, s.redis_wait_aof
+                self.serdes["item_updates"],
+                self.redis_url,
+                s.feast_project,
+                s.redis_wait_aof,
+                s.redis_wait_replicas,
             )
         return InteractionProcessor(
             self.serdes["interactions"],
@@ -142,6 +145,7 @@ class Runtime:
             current_artifacts(s.artifact_dir),
             s.feast_project,
             s.redis_wait_aof,
+            s.redis_wait_replicas,
         )
 
     @cached_property

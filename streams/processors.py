@@ -106,11 +106,12 @@ class InteractionProcessor:
         artifacts: Path,
         project: str = "streamrec",
         wait_aof: bool = True,
+        wait_replicas: int = 0,
     ):
         from models.feature_repo import OnlineReader, feature_store
 
         self.serde = serde
-        self.state = RedisState(redis_url, prefix=project, wait_aof=wait_aof)
+        self.state = RedisState(redis_url, project, wait_aof, wait_replicas)
         self.reader = OnlineReader(redis_url, project=project)
         self.store = feature_store(feature_repo, redis_url)
         manifest = json.loads((artifacts / "manifest.json").read_text())
@@ -248,10 +249,15 @@ class ItemUpdateProcessor:
     name = "item_updates"
 
     def __init__(
-        self, serde: Serde, redis_url: str, project: str = "streamrec", wait_aof: bool = True
+        self,
+        serde: Serde,
+        redis_url: str,
+        project: str = "streamrec",
+        wait_aof: bool = True,
+        wait_replicas: int = 0,
     ):
         self.serde = serde
-        self.state = RedisState(redis_url, prefix=project, wait_aof=wait_aof)
+        self.state = RedisState(redis_url, project, wait_aof, wait_replicas)
 
     def process(self, events: list[RawEvent]) -> BatchResult:
         good, dead = decode_all(self.serde, events, self.name, _check_item_update)

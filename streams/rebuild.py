@@ -506,13 +506,13 @@ def rebuild(
     progress("load", 0, 1)
     result.cleared_keys = clear_state(redis_url, project)
     repo = load_features(artifacts, redis_url, settings.feature_repo(), project)
-    wait_aof = settings.redis_wait_aof
+    wait = (settings.redis_wait_aof, settings.redis_wait_replicas)
     processors = {
         "interactions": InteractionProcessor(
-            serde_for(settings, "interactions"), redis_url, repo, artifacts, project, wait_aof
+            serde_for(settings, "interactions"), redis_url, repo, artifacts, project, *wait
         ),
         "item_updates": ItemUpdateProcessor(
-            serde_for(settings, "item_updates"), redis_url, project, wait_aof
+            serde_for(settings, "item_updates"), redis_url, project, *wait
         ),
     }
     result.load_seconds = time.monotonic() - started

@@ -59,7 +59,11 @@ class EmbeddedStack:
             # Triton's stages read the stack's Redis, whatever the exported configs say.
             extra = {"redis_url": self._redis(running)} if name == "triton" else {}
             if name == "redis":
-                extra = {"cluster_nodes": self.settings.redis_cluster_nodes}
+                s = self.settings
+                extra = {
+                    "cluster_nodes": s.redis_cluster_nodes,
+                    "cluster_replicas": s.redis_cluster_replicas,
+                }
             try:
                 running[name] = STARTERS[name](
                     self.root / name, timeout, recorded.get(name), **extra

@@ -145,14 +145,18 @@ def _valkey(port: int, data: Path, log: Path, *options: str) -> int:
 
 
 def start_redis(
-    root: Path, timeout: float, previous: Service | None = None, cluster_nodes: int = 0
+    root: Path,
+    timeout: float,
+    previous: Service | None = None,
+    cluster_nodes: int = 0,
+    cluster_replicas: int = 0,
 ) -> Service:
-    """One Valkey server, or with `cluster_nodes` a local Redis Cluster of that many primaries
-    (see `start_redis_cluster`)."""
+    """One Valkey server, or with `cluster_nodes` a local Redis Cluster of that many primaries,
+    each with `cluster_replicas` replicas (see `start_redis_cluster`)."""
     import redis
 
     if cluster_nodes:
-        return start_redis_cluster(root, timeout, previous, cluster_nodes)
+        return start_redis_cluster(root, timeout, previous, cluster_nodes, cluster_replicas)
     port = _reuse(previous)
     data, log = root / "valkey", root / "valkey.log"
     pid = _valkey(port, data, log)
@@ -162,24 +166,26 @@ def start_redis(
 
 
 def start_redis_cluster(
-    root: Path, timeout: float, previous: Service | None = None, nodes: int = 3
+    root: Path, timeout: float, previous: Service | None = None, nodes: int = 3, replicas: int = 0
 ) -> Service:
-    """A Redis Cluster of `nodes` Valkey primaries (no replicas), each with its AOF and
-    `nodes.conf` in `root/node-N`. A fresh cluster gets equal slot ranges and is joined with
-    CLUSTER MEET (what `valkey-cli --cluster create` sends; the wheel has no CLI). Healing a
-    recorded cluster starts only its dead nodes, on their ports and data: they rejoin from
-    their `nodes.conf`. The endpoint names the first node; clients discover the others."""
+    """A Redis Cluster of `nodes` Valkey primaries with `replicas` replicas each, every node
+    with its AOF and `nodes.conf` in `root/node-N`. A fresh cluster gets equal slot ranges and
+    is joined with CLUSTER MEET and CLUSTER REPLICATE (what `valkey-cli --cluster create` sends;
+    the wheel has no CLI). Healing a recorded cluster starts only its dead nodes, on their ports
+    and data: they rejoin from their `nodes.conf` (a primary that was failed over comes back as
+    a replica). The endpoint names the first node; clients discover the others."""
     import redis
 
     if nodes < 3:
         raise StartupError(f"a Redis Cluster needs at least 3 primaries, not {nodes}")
+    total = nodes * (1 + replicas)
     if previous is not None:
         ports, buses, pids = (
             [int(p) for p in previous.extra[k].split(",")] for k in ("ports", "buses", "pids")
         )
     else:  # the cluster bus's default port, port + 10000, may lie past 65535
-        free = free_ports(2 * nodes)
-        ports, buses, pids = free[:nodes], free[nodes:], [0] * nodes
+        free = free_ports(2 * total)
+        ports, buses, pids = free[:total], free[total:], [0] * total
     clients = [redis.Redis(host=HOST, port=p, socket_timeout=2) for p in ports]
     for n, port in enumerate(ports):
         if pids[n] and pid_alive(pids[n]):
@@ -193,18 +199,14 @@ def start_redis_cluster(
         pids[n] = _valkey(port, data, log, *options)
         wait_ready(f"Valkey cluster node {n}", pids[n], clients[n].ping, timeout, log)
     if previous is None:
-        per = 16384 // nodes
-        for n, client in enumerate(clients):
-            last = 16383 if n == nodes - 1 else (n + 1) * per - 1
-            client.execute_command("CLUSTER ADDSLOTSRANGE", n * per, last)
-            if n:
-                client.execute_command("CLUSTER MEET", HOST, ports[0], buses[0])
+        _form_cluster(clients, ports, buses, nodes, timeout, pids[0], root / "node-0.log")
 
-    def formed() -> bool:
+    def formed() -> bool:  # every slot served, every node known, every replica in sync
         infos = [c.cluster("INFO") for c in clients]
+        links = [c.info("replication") for c in clients]
         return all(
-            i["cluster_state"] == "ok" and int(i["cluster_known_nodes"]) == nodes for i in infos
-        )
+            i["cluster_state"] == "ok" and int(i["cluster_known_nodes"]) == total for i in infos
+        ) and all(r["role"] == "master" or r.get("master_link_status") == "up" for r in links)
 
     wait_ready("Valkey cluster", pids[0], formed, timeout, root / "node-0.log")
     extra = {
@@ -213,6 +215,27 @@ def start_redis_cluster(
     return Service(
         "redis", pids[0], f"redis://{HOST}:{ports[0]}/0", str(root / "node-0.log"), extra
     )
+
+
+def _form_cluster(clients, ports, buses, nodes: int, timeout: float, pid: int, log: Path) -> None:
+    """Slots to the first `nodes` clients in equal ranges, everyone met, the rest replicas of
+    the primaries in turn."""
+    per = 16384 // nodes
+    for n, client in enumerate(clients[:nodes]):
+        last = 16383 if n == nodes - 1 else (n + 1) * per - 1
+        client.execute_command("CLUSTER ADDSLOTSRANGE", n * per, last)
+    for client in clients[1:]:
+        client.execute_command("CLUSTER MEET", HOST, ports[0], buses[0])
+    if len(clients) == nodes:
+        return
+
+    def known() -> bool:
+        return all(int(c.cluster("INFO")["cluster_known_nodes"]) == len(clients) for c in clients)
+
+    wait_ready("Valkey cluster nodes to meet", pid, known, timeout, log)
+    ids = [c.execute_command("CLUSTER MYID") for c in clients[:nodes]]
+    for n, client in enumerate(clients[nodes:]):
+        client.execute_command("CLUSTER REPLICATE", ids[n % nodes])
 
 
 # --- Triton --------------------------------------------------------------------------------

@@ -57,6 +57,15 @@ def cluster_live(tmp_path_factory, base_settings, artifacts):
         yield live
 
 
+@pytest.fixture(scope="module")
+def replicated_live(tmp_path_factory, base_settings, artifacts):
+    """The same on a Valkey cluster of three primaries with a replica each; the workers wait
+    for the replica (WAIT) before they commit offsets."""
+    cluster = {"redis_cluster_nodes": 3, "redis_cluster_replicas": 1, "redis_wait_replicas": 1}
+    with _live(tmp_path_factory, base_settings, artifacts, **cluster) as live:
+        yield live
+
+
 def pytest_terminal_summary(terminalreporter):
     if not ROWS:
         return

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 
 import pytest
+import redis
 from fault_load import ROWS, Live, Load, wait_until
 
 from streamrec.stack.process import pid_alive
@@ -180,6 +181,24 @@ def test_cluster_primary_stopped_longer_than_every_client_timeout(cluster_live):
         return time.monotonic()
 
     run(cluster_live, "cluster-node-stop", inject)
+
+
+def test_cluster_failover_to_a_replica(replicated_live):
+    """A primary SIGKILLed: its replica takes over its slots after the node timeout (2 s), and
+    the dead node comes back as the new primary's replica. Offsets are committed only once a
+    replica has the effects, so the failover loses nothing acked; until a replica is back the
+    workers hold their batches."""
+
+    def inject(live: Live) -> float:
+        service = live.stack.services()["redis"]
+        _kill(service.pids[1])
+        replica = redis.Redis(port=int(service.extra["ports"].split(",")[4]))  # node 1's
+        wait_until(lambda: replica.info("replication")["role"] == "master", 30, "the failover")
+        live.stack.up(("redis",))  # the dead node rejoins, as a replica
+        return time.monotonic()
+
+    row = run(replicated_live, "cluster-failover", inject)
+    assert row["applied"] == row["events"]
 
 
 def test_tritonserver_sigkill_and_restart(live):
