@@ -4,13 +4,13 @@ additions, and the stream processors' authoritative user state. One place for th
 The layout runs unchanged on one Redis/Valkey server and on a Redis Cluster: every atomic write
 touches one hash slot, named by the `{...}` hash tag in its keys.
 
-Per user (hash tag: the user id), written together by one script (`apply_user`):
-- `{p}:user:{u}`       JSON `UserActivity`: the user's stream state (Feast gets a projection)
-- `{p}:seen:{u}`       ZSET item → last interaction ms (bounded to the newest `SEEN_LIMIT`)
-- `{p}:applied:{u}`    ZSET event id → event ms of the newest `APPLIED_LIMIT` applied events
-- `{p}:pending:{u}`    SET of event ids applied to the user but not yet counted on the item side
+Per user (hash tag: `@` and the user id), written together by one script (`apply_user`):
+- `{p}:user:{@u}`      JSON `UserActivity`: the user's stream state (Feast gets a projection)
+- `{p}:seen:{@u}`      ZSET item → last interaction ms (bounded to the newest `SEEN_LIMIT`)
+- `{p}:applied:{@u}`   ZSET event id → event ms of the newest `APPLIED_LIMIT` applied events
+- `{p}:pending:{@u}`   SET of event ids applied to the user but not yet counted on the item side
 
-Per item shard (hash tag `SHARD_TAGS[N]`, N = crc32(item) mod `SHARDS`), so that no slot is hot:
+Per item shard, `{s}` = `{@SHARD_TAGS[N]}` with N = crc32(item) mod `SHARDS` (no hot slot):
 - `{p}:popular:{s}`    ZSET item → Σ exp(k·(t_event − epoch)): ranking by it is ranking by
                        time-decayed popularity at any time; the decayed count at time t is
                        score · exp(−k·(t − epoch)) (see `popularity_at`)
@@ -26,7 +26,7 @@ Per item shard (hash tag `SHARD_TAGS[N]`, N = crc32(item) mod `SHARDS`), so that
                        read them (it then reloads a snapshot, see `snapshot`)
 
 Global: `{p}:popular:epoch`, the epoch (ms) of the popularity scale, set when the state is
-loaded; `{p}:response:{request id}`, the response cache.
+loaded; `{p}:response:{@request id}`, the response cache.
 
 An interaction takes effect once whatever fails: `apply_user` marks it applied and pending with
 the user's state (compare-and-set on that state); `count` adds its popularity and acks it, once
@@ -179,7 +179,11 @@ def _shard_tags() -> list[str]:
 
     span = 16384 // SHARDS
     return [
-        next(t for j in range(10_000) if key_slot((t := f"shard-{n}.{j}").encode()) // span == n)
+        next(
+            t
+            for j in range(10_000)
+            if key_slot(f"@{(t := f'shard-{n}.{j}')}".encode()) // span == n
+        )
         for n in range(SHARDS)
     ]
 
@@ -247,8 +251,10 @@ class RedisState:
         return is_cluster(self.redis_url)
 
     def key(self, name: str, tag: str | None = None) -> str:
-        """`{p}:name`, or `{p}:name:{tag}`: keys of one tag share a Redis Cluster slot."""
-        return f"{self.prefix}:{name}" if tag is None else f"{self.prefix}:{name}:{{{tag}}}"
+        """`{p}:name`, or `{p}:name:{@tag}`: keys of one tag share a Redis Cluster slot (the
+        `@` keeps the hash tag non-empty whatever the tag holds: an empty one, as in `{}x}`,
+        would hash the whole key)."""
+        return f"{self.prefix}:{name}" if tag is None else f"{self.prefix}:{name}:{{@{tag}}}"
 
     @cached_property
     def _scripts(self) -> dict:
