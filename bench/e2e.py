@@ -1736,12 +1736,13 @@ def start_services(
     with phases.phase("start broker and valkey"):
         kafka = start_kafka(tmp / "kafka", 60)
         services.append(kafka)
-        redis = start_redis(tmp / "valkey", 30)
+        cluster = getattr(args, "redis_cluster_nodes", 0)  # bench.scale's option
+        redis = start_redis(tmp / "valkey", 30, cluster_nodes=cluster)
         services.append(redis)
     phases.log(
         f"  broker {kafka.endpoint} (pid {kafka.pid}), valkey {redis.endpoint} (pid {redis.pid})"
     )
-    service_pids |= {"broker": kafka.pid, "valkey": redis.pid}
+    service_pids |= {"broker": kafka.pid, "valkey": redis.pids}
     project = "streamrec"
     prefix = f"e2e{uuid.uuid4().hex[:6]}"
     # the worker finds its artifacts as <artifact_dir>/current

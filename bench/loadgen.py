@@ -112,7 +112,7 @@ def schedule_start(n: int) -> float:
 
 
 def stack_processes(
-    services: dict[str, int], worker_pids: Sequence[int], generator_pid: int | None
+    services: dict[str, Any], worker_pids: Sequence[int], generator_pid: int | None
 ) -> dict[str, list[int]]:
     """PIDs by role: each stream worker with its children, the broker, Valkey, tritonserver,
     its Python-backend stubs (its children), the request generator and this process (the
@@ -128,7 +128,7 @@ def stack_processes(
     groups = {
         "stream worker": [p for w in worker_pids for p in tree(w)],
         "broker": [services["broker"]],
-        "valkey": [services["valkey"]],
+        "valkey": list(services["valkey"]),  # every node of a cluster
         "tritonserver": [services["triton"]],
         "triton stubs": tree(services["triton"])[1:],
         "bench consumer": [psutil.Process().pid],

@@ -61,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--steady-rate", type=float, default=100.0, help="req/s during events (default 100)")
     add("--leave-s", type=float, default=20.0, help="s until a replacement starts (default 20)")
     add("--tail-s", type=float, default=10.0, help="load after the last event (default 10 s)")
+    add(
+        "--redis-cluster-nodes",
+        type=int,
+        default=0,
+        help="Valkey: 0 one server (default), N a local cluster of N primaries",
+    )
     add("--label", help="result name suffix (default: from --data)")
     add("--keep", action="store_true", help="keep the temporary directory (worker logs)")
     add("--note", default="", help="a sentence for the report (what else ran, which code)")
