@@ -117,14 +117,10 @@ def item_table(
 
     get = profiles.get
     rows = [get(i) or {} for i in ids]
-    frame = pd.DataFrame(
-        {
-            "item_id": pd.Series(list(ids), dtype=object),
-            "genres": pd.Series([list(p.get("genres") or []) for p in rows], dtype=object),
-            "year": pd.Series([_none_if_null(p.get("year")) for p in rows], dtype=object),
-            "title": pd.Series([_none_if_null(p.get("title")) for p in rows], dtype=object),
-        }
-    )
+    columns = {"item_id": list(ids)}  # the ops treat None and NaN alike, as `item_row` does
+    for column in ("genres", "year", "title"):
+        columns[column] = [p.get(column) for p in rows]
+    frame = pd.DataFrame({k: pd.Series(v, dtype=object) for k, v in columns.items()})
     return workflow.transform(frame, outputs)
 
 

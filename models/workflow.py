@@ -547,7 +547,11 @@ class HashTokens(Op):
     def transform(self, values: Any) -> np.ndarray:
         cells = _as_series(values).tolist()
         out = np.zeros((len(cells), self.max_len), dtype=np.int64)
-        rows = [self._indices(v) for v in cells]
+        findall, cache, index, n = self._TOKEN.findall, self._cache, self._index, self.max_len
+        rows = [
+            [] if is_null(v) else [cache.get(t) or index(t) for t in findall(str(v).lower())[:n]]
+            for v in cells
+        ]
         lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
         if lengths.sum():
             flat = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
