@@ -345,10 +345,6 @@ class RedisState:
         values = self._per_item(items, "catalog", lambda p, k, m: p.hmget(k, m))
         return {i: json.loads(v) for i, v in zip(items, values, strict=True) if v is not None}
 
-    def update_times(self, items: Sequence[str]) -> list[int | None]:
-        values = self._per_item(items, "updated", lambda p, k, m: p.hmget(k, m))
-        return [None if v is None else int(v) for v in values]
-
     def seen_sets(self, user_ids: Sequence[str]) -> list[list[bytes]]:
         """Each user's seen items (raw ids), in one round trip."""
         pipe = self.pipeline()
