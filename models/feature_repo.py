@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 DEFAULT_PROJECT = "streamrec"
 TIMESTAMP = "event_timestamp"
-RECENT_ITEMS_MAX = 20  # user_activity.recent_items: most recent first, at most this many
 ENTITY_KEY_SERIALIZATION_VERSION = 3
 DEFINITIONS_FILE = "streamrec_features.py"
 REGISTRY_PATH = "data/registry.db"

@@ -5,7 +5,6 @@ the Redis layout fails here instead of silently in serving.
 
 from __future__ import annotations
 
-import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -317,38 +316,4 @@ def test_online_reader_conforms_to_get_online_features(loaded, redis_url, view):
     assert read(ids, view, some) == [r and {f: r[f] for f in some} for r in read(ids, view)]
     with pytest.raises(ValueError):
         read(ids, "item_profile" if entity == "user" else "user_profile")
-    reader.close()
-
-
-def _median_ms(fn, repeat: int = 30) -> float:
-    fn()
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return float(np.median(samples)) * 1e3
-
-
-def test_print_read_timings(loaded, redis_url, capsys):
-    """Prints (does not assert) direct reads vs get_online_features; benchmarks assert nothing."""
-    _, store, _ = loaded
-    reader = OnlineReader(redis_url, store.project)
-    items = [f"i{k}" for k in range(200)]
-    item_refs = [f"item_profile:{f}" for f in VIEWS["item_profile"].features]
-    user_refs = [f"user_activity:{f}" for f in VIEWS["user_activity"].features]
-    timings = {
-        "reader, 1 user (user_activity)": lambda: reader.users(["u1"], "user_activity"),
-        "get_online_features, 1 user": lambda: store.get_online_features(
-            user_refs, [{"user_id": "u1"}]
-        ).to_dict(),
-        "reader, 200 items (item_profile)": lambda: reader.items(items, "item_profile"),
-        "get_online_features, 200 items": lambda: store.get_online_features(
-            item_refs, [{"item_id": i} for i in items]
-        ).to_dict(),
-    }
-    with capsys.disabled():
-        print()
-        for name, fn in timings.items():
-            print(f"  {name:<48} {_median_ms(fn):7.3f} ms (median)")
     reader.close()

@@ -72,9 +72,6 @@ def test_the_vectorised_item_table_equals_the_row_by_row_one(fitted):
     assert len(titles) == 300  # ... and the titles tell them apart
 
 
-tf = pytest.importorskip("tensorflow")
-
-
 def test_unseen_items_get_distinct_vectors_from_their_content(fitted):
     """Two items the model never saw (OOV id) with different titles, or genres, or years, get
     different vectors; the same content gives the same vector. After training with item-id

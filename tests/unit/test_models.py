@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
-
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-pytest.importorskip("onnxruntime")
-pytest.importorskip("tf2onnx")
 
 from models.onnx_export import export_onnx, onnx_session, parity, run_onnx  # noqa: E402
 from models.ranking import (  # noqa: E402
