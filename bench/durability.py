@@ -15,8 +15,8 @@ import uuid
 from pathlib import Path
 
 from bench.common import console, machine_info, markdown_table, summarize, write_results
-from serving.state import RedisState
-from streamrec.config import Settings
+from schemas.settings import Settings
+from state.store import RedisState
 from streamrec.stack.servers import STARTERS, stop_service
 from streams.kafka import TransactionalPublisher
 from streams.topics import create_topics, topic_name
@@ -25,7 +25,7 @@ from streams.topics import create_topics, topic_name
 def redis_commit(state: RedisState, batch: int, wait_aof: bool) -> float:
     """One batch of one user as the interactions processor commits it: the user's script, the
     item side's count, the pending ids cleared, then the fsync."""
-    from models.features import UserActivity
+    from state.features import UserActivity
 
     started = time.perf_counter()
     user = uuid.uuid4().hex[:8]

@@ -1501,10 +1501,10 @@ def bucket_cell(h: dict[str, Any], name: str) -> Any:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.serving import artifact_meta, data_label, default_now_ms, ensure_artifacts
     from serving.client import LocalRecommender
-    from serving.state import RedisState
+    from state.store import RedisState
     from streamrec.stack.servers import stop_service
+    from streamrec.workers import Workers
     from streams.kafka import client_config
-    from streams.workers import Workers
 
     label = args.label or data_label(args.data) + ("-quick" if args.quick else "")
     started = datetime.now().astimezone().isoformat(timespec="seconds")
@@ -1726,10 +1726,10 @@ def start_services(
     and `service_pids` as it starts (the caller stops them), and the topics with
     `args.partitions` partitions. Returns the workers' settings and the serving config."""
     from bench.serving import data_dir
-    from models.feature_load import load_features
+    from schemas.settings import Settings, TopicNames
     from serving.client import serving_config
     from serving.triton_export import export_repository
-    from streamrec.config import Settings, TopicNames
+    from state.load import load_features
     from streamrec.stack.servers import start_kafka, start_redis, start_triton
     from streams.topics import create_topics
 

@@ -188,11 +188,11 @@ def under_load(ctx, name: str, actions: list, est_s: float) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.serving import artifact_meta, data_label, default_now_ms, ensure_artifacts
-    from serving.state import RedisState
+    from state.store import RedisState
     from streamrec.stack.process import stop
     from streamrec.stack.servers import stop_service
+    from streamrec.workers import Workers
     from streams.kafka import client_config
-    from streams.workers import Workers
 
     label, machine, phases = args.label or data_label(args.data), machine_info(), Phases()
     train = argparse.Namespace(artifacts=args.artifacts, retrain=False, data=args.data)

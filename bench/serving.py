@@ -966,22 +966,22 @@ def _pct(x: float | None) -> str:
 
 def load_features_timed(artifacts: Path, url: str, tmp: Path, phases: Phases) -> dict[str, float]:
     """Feast online load + seen/popularity state into Valkey, with its main calls timed."""
-    from models.feature_load import load_features
+    from state.load import load_features
 
     load_s: dict[str, float] = {}
     with phases.phase("load features", "(Feast online store + seen/popularity state)"):
         t0 = time.perf_counter()
         import feast
 
-        import models.feature_load
-        import models.feature_repo
-        from serving.state import RedisState
+        import state.feature_store
+        import state.load
+        from state.store import RedisState
 
         load_s["import feast"] = round(time.perf_counter() - t0, 2)
         timed = [
-            (models.feature_load, "load_offline", "load_offline (parquet, apply, write)"),
+            (state.load, "load_offline", "load_offline (parquet, apply, write)"),
             (feast.FeatureStore, "apply", "  feast apply"),
-            (models.feature_repo, "write_online_bulk", "  Feast layout bulk write (3 views)"),
+            (state.feature_store, "write_online_bulk", "  Feast layout bulk write (3 views)"),
             (RedisState, "load", "RedisState.load (seen sets, popularity)"),
         ]
         load_s.update({label: 0.0 for _, _, label in timed})
@@ -1246,7 +1246,7 @@ def startup_lines(r: dict[str, Any]) -> list[str]:
     ]
     if r.get("load_features_s"):
         lines += [
-            "`load features` broken down (calls timed inside models.feature_load.load_features):",
+            "`load features` broken down (calls timed inside state.load.load_features):",
             "",
             markdown_table(["call", "seconds"], list(r["load_features_s"].items())),
             "",

@@ -23,11 +23,11 @@ import pandas as pd
 from models.data import Dataset, temporal_split
 from models.evaluate import EvalConfig, Point, full_pipeline, replay_points, summarize
 from models.examples import PopularityClock, SeenBefore, build_examples, prepare
-from models.features import Replay, replay
 from models.index import ItemIndex
 from models.inputs import USER_OUTPUTS, item_tower_inputs
 from models.recommender import Catalog, Recommender
 from models.workflow import Workflow
+from state.features import Replay, replay
 
 ONNX_MODELS = ("user_tower", "item_tower", "ranker")
 

@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 
 from models.examples import Prepared
-from models.features import POPULARITY_HALF_LIFE_MS, update_user
 from models.inputs import idle_hours
 from models.metrics import coverage, ndcg_at_k, recall_at_k
 from models.recommender import Recommender, filter_candidates, order
+from state.features import POPULARITY_HALF_LIFE_MS, update_user
 
 METRICS = ("recall@10", "recall@50", "ndcg@10", "coverage@10")
 # Averaged per user first, then over users (with standard errors): `summarize`.

@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 
 from models.data import Dataset
-from models.features import (
+from models.index import ItemIndex
+from models.inputs import idle_hours, item_row, user_row
+from state.features import (
     POPULARITY_HALF_LIFE_MS,
     Replay,
     UserActivity,
@@ -17,8 +19,6 @@ from models.features import (
     genre_vocabulary,
     replay,
 )
-from models.index import ItemIndex
-from models.inputs import idle_hours, item_row, user_row
 
 
 class PopularityClock:

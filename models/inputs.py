@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from models.features import HISTORY_LEN
 from models.workflow import (
     Bucketize,
     Categorify,
@@ -22,6 +21,7 @@ from models.workflow import (
     Workflow,
     is_null,
 )
+from state.features import HISTORY_LEN
 
 USER_OUTPUTS = ("user_age", "user_gender", "user_occupation", "user_zip", "hist_items")
 ITEM_OUTPUTS = ("item_id", "item_genres", "item_year")  # the item tensors of the stages

@@ -36,7 +36,7 @@ from models.inputs import (
     recent_vector,
 )
 from models.recommender import Catalog, Recommender
-from models.versions import point_current
+from schemas.artifacts import point_current
 
 MANIFEST_VERSION = 1
 WEIGHTS = {
@@ -161,7 +161,7 @@ def train(dataset: Dataset, artifact_root: Path, cfg: TrainConfig, step: Step = 
         deep_lr_scale=cfg.ranker_deep_lr_scale,
         progress=lambda e, loss: step(f"  ranker epoch {e + 1}: loss {loss:.4f}"),
     )
-    from models.features import replay
+    from state.features import replay
 
     test_state = replay(split.test, prepared.vectors, prepared.state.users, prepared.state.items)
     tx, ty, in_candidates = ranker_set(

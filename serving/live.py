@@ -1,6 +1,6 @@
 """The catalog as the serving stages see it, in memory: one row per item (the retrieval index's
 row order, then items added after training), with the item features, the live time-decayed
-popularity and availability. Kept current from Redis's change stream (`serving.state`): one
+popularity and availability. Kept current from Redis's change stream (`state.store`): one
 read per batch applies what the stream processors changed since the last one, so no request
 decodes per-candidate state.
 
@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from models.features import POPULARITY_HALF_LIFE_MS
 from models.inputs import item_row, item_table, item_tower_inputs
 from models.workflow import Workflow
+from state.features import POPULARITY_HALF_LIFE_MS
 
 log = logging.getLogger(__name__)
 # What the table loads from the artifacts (the index and item tower only when retrieval asks).
@@ -47,7 +47,7 @@ class LiveItems:
         threadpool_limits(1)
         self.artifacts = artifacts
         self.version: str = json.loads((artifacts / "manifest.json").read_text())["version"]
-        self.state = state  # serving.state.RedisState
+        self.state = state  # state.store.RedisState
         self.ids: list[str] = json.loads((artifacts / "item_ids.json").read_text())
         self.row: dict[str, int] = {i: n for n, i in enumerate(self.ids)}
         self.raw_ids: list[bytes] = [i.encode() for i in self.ids]  # as they go on the wire

@@ -72,13 +72,13 @@ def _redis_url(config) -> str:
 
 
 def _reader(config):
-    from models.feature_repo import OnlineReader
+    from state.feature_store import OnlineReader
 
     return OnlineReader(_redis_url(config), project=config["feast_project"])
 
 
 def _state(config):
-    from serving.state import RedisState
+    from state.store import RedisState
 
     return RedisState(_redis_url(config), prefix=config["feast_project"])
 

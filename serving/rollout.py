@@ -4,7 +4,7 @@ A version is exported into the model repository as the next numbered version of 
 (`serving.triton_export.add_version`), loaded beside the one serving (Triton switches once it
 is ready: no request fails), and pinned in the models' configuration so that a restarted Triton
 serves it too. The artifact root's `current` link follows, and every change is logged with its
-reasons in `decisions.jsonl` (`models.versions`).
+reasons in `decisions.jsonl` (`schemas.artifacts`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from models.versions import decisions, log_decision, point_current
+from schemas.artifacts import decisions, log_decision, point_current
 from serving.arms import FILE, Arm, Arms
 from serving.client import EXECUTOR, TritonRecommender
 from serving.pool import TritonServers

@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # The modules the operators import, shipped with every model: nothing else of the app is needed.
 SHIPPED = (
     "models/__init__.py",
-    "models/features.py",
-    "models/feature_repo.py",
+    "state/features.py",
+    "state/feature_store.py",
     "models/index.py",
     "models/inputs.py",
     "models/onnx_export.py",
@@ -42,7 +42,7 @@ SHIPPED = (
     "serving/graph.py",
     "serving/live.py",
     "serving/operators.py",
-    "serving/state.py",
+    "state/store.py",
 )
 
 MODEL_PY = '''\

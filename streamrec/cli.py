@@ -21,7 +21,7 @@ from rich.table import Table
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 
 from schemas.records import EVENT_TYPES  # noqa: E402
-from streamrec.config import get_settings  # noqa: E402
+from schemas.settings import get_settings  # noqa: E402
 from streamrec.stack import SERVICES, EmbeddedStack, StackNotRunning  # noqa: E402
 from streamrec.stack.process import StartupError  # noqa: E402
 
@@ -119,7 +119,7 @@ def stack_status() -> None:
 @stack_app.command("down")
 def stack_down(services: ServiceNames = None) -> None:
     """Stop the embedded services by PID and remove their leftovers (data stays in run_dir)."""
-    from streams.workers import Workers
+    from streamrec.workers import Workers
 
     if Workers(get_settings()).stop_all():
         console.print("stopped the stream workers")
@@ -592,7 +592,7 @@ def evaluate_cmd(
     from rich.progress import Progress
 
     from models.evaluate import evaluate_artifacts, markdown_table
-    from models.versions import current_artifacts
+    from schemas.artifacts import current_artifacts
 
     settings = get_settings()
     try:
@@ -630,7 +630,7 @@ app.add_typer(serve_app, name="serve")
 
 
 def _artifacts():
-    from models.versions import current_artifacts
+    from schemas.artifacts import current_artifacts
 
     try:
         return current_artifacts(get_settings().artifact_dir)
@@ -712,8 +712,8 @@ def serve_workers(
 ) -> None:
     """Start stream workers: interactions → features/filters, item updates → catalog,
     requests → Triton → responses. They run until `streamrec serve stop` or `stack down`."""
+    from streamrec.workers import Workers
     from streams.topics import create_topics
-    from streams.workers import Workers
 
     settings = get_settings()
     _artifacts()
@@ -732,7 +732,7 @@ def serve_workers(
 @serve_app.command("stop")
 def serve_stop() -> None:
     """Stop the stream workers (by PID, gracefully: they commit their offsets)."""
-    from streams.workers import Workers
+    from streamrec.workers import Workers
 
     console.print(f"stopped {Workers(get_settings()).stop_all()} worker(s)")
 
@@ -741,7 +741,7 @@ def serve_stop() -> None:
 def serve_status() -> None:
     """Health of each stream worker, from its metrics: serving path (canary inference through
     Triton), processors waiting for a dependency, consumer lag, retries and dead letters."""
-    from streams.workers import Workers
+    from streamrec.workers import Workers
 
     table = Table("pid", "serving", "stalled", "lag", "retries", "dead letters", "log")
     rows = Workers(get_settings()).health()
@@ -836,7 +836,7 @@ app.add_typer(models_app, name="models")
 def models_list() -> None:
     """Every version under the artifact directory, the one Triton serves, and the decisions
     taken about each (with their NDCG@10 figures)."""
-    from models.versions import decisions, list_versions
+    from schemas.artifacts import decisions, list_versions
     from serving.pool import TritonServers
 
     settings = get_settings()
@@ -1184,7 +1184,7 @@ def replay_cmd(
 
     from rich.progress import Progress
 
-    from serving.state import RedisState
+    from state.store import RedisState
     from streams.replay import Recorder, build_timeline, produce_timeline
 
     settings = get_settings()
@@ -1371,8 +1371,8 @@ def state_rebuild(
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    from streamrec.workers import Workers
     from streams.rebuild import RetentionError, SnapshotError, rebuild
-    from streams.workers import Workers
 
     settings = get_settings()
     if running := Workers(settings).running():

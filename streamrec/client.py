@@ -33,7 +33,7 @@ from schemas.records import (
     RecommendationResponse,
     now_ms,
 )
-from streamrec.config import Settings, get_settings
+from schemas.settings import Settings, get_settings
 from streams.topics import role_for
 
 __all__ = ["AsyncClient", "Client", "RecommendationTimeout"]

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from streamrec.config import Settings
+from schemas.settings import Settings
 
 PAGE = Path(__file__).with_name("console.html")
 
@@ -46,7 +46,7 @@ class Console:
 
     @cached_property
     def reader(self):
-        from models.feature_repo import OnlineReader
+        from state.feature_store import OnlineReader
         from streamrec.stack import EmbeddedStack
 
         redis = EmbeddedStack(self.settings).endpoint("redis")
@@ -56,7 +56,7 @@ class Console:
     def titles(self) -> dict[str, dict]:
         import json
 
-        from models.versions import current_artifacts
+        from schemas.artifacts import current_artifacts
 
         try:
             return json.loads(
@@ -97,7 +97,7 @@ class Console:
     def _scrape(self) -> dict:
         from prometheus_client.parser import text_string_to_metric_families
 
-        from streams.workers import Workers
+        from streamrec.workers import Workers
 
         out: dict = {
             "workers": 0,

@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from streamrec.config import Settings
+from schemas.settings import Settings
 from streamrec.stack import EmbeddedStack
 
 DEMO_USERS = ("405", "655", "13")
@@ -26,9 +26,9 @@ def run_demo(settings: Settings, console: Console, keep: bool = False, retrain: 
     from models.evaluate import markdown_table
     from serving.client import serving_config
     from serving.triton_export import export_repository
+    from streamrec.workers import Workers
     from streams.rebuild import load_snapshot
     from streams.topics import create_topics
-    from streams.workers import Workers
 
     stack = EmbeddedStack(settings)
     workers = Workers(settings)
@@ -79,7 +79,7 @@ def run_demo(settings: Settings, console: Console, keep: bool = False, retrain: 
 
 def _artifacts(settings: Settings, dataset, console: Console, retrain: bool) -> Path:
     from models.train import TrainConfig, train
-    from models.versions import current_artifacts
+    from schemas.artifacts import current_artifacts
     from streamrec.quiet import load_tensorflow
 
     if not retrain:
@@ -104,7 +104,7 @@ def _artifacts(settings: Settings, dataset, console: Console, retrain: bool) -> 
 
 
 def _replay(settings, dataset, artifacts, bootstrap, redis_url, console) -> None:
-    from serving.state import RedisState
+    from state.store import RedisState
     from streams.replay import Recorder, build_timeline, produce_timeline, served_quality
 
     timeline = build_timeline(
@@ -129,7 +129,7 @@ def _replay(settings, dataset, artifacts, bootstrap, redis_url, console) -> None
 
 
 def _before_after(settings, artifacts, bootstrap, redis_url, console, now: int) -> None:
-    from serving.state import RedisState
+    from state.store import RedisState
     from streamrec.client import Client
 
     titles = json.loads((artifacts / "items.json").read_text())

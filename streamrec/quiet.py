@@ -8,7 +8,7 @@ import contextlib
 import os
 import sys
 
-from streamrec.config import get_settings
+from schemas.settings import get_settings
 
 
 @contextlib.contextmanager

@@ -30,11 +30,10 @@ import faust
 from aiokafka.errors import ProducerFenced
 
 from schemas.serde import Serde
+from schemas.settings import NotConfigured, Settings, get_settings
 from serving.arms import ArmsFile
-from serving.state import RedisState
-from streamrec.config import Settings, get_settings
-from streamrec.stack import EmbeddedStack, StackNotRunning
-from streams import metrics
+from state.store import RedisState
+from streams import FAILED, READY, metrics
 from streams.durable import Guard, until_sent
 from streams.kafka import (
     Batches,
@@ -53,7 +52,6 @@ from streams.processors import (
     ResponseCache,
 )
 from streams.topics import TOPICS, serde_for, topic_name
-from streams.workers import FAILED, READY
 
 log = logging.getLogger("streamrec.workers")
 # Merged into Faust's logging set-up: streamrec's own lines (ready, stalls, recoveries) at info
@@ -79,7 +77,6 @@ class Runtime:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.stack = EmbeddedStack(settings)
         self.serdes: dict[str, Serde] = {role: serde_for(settings, role) for role in TOPICS}
         self._lock = threading.Lock()
         self._processors: dict[str, InteractionProcessor | ItemUpdateProcessor] = {}
@@ -88,12 +85,12 @@ class Runtime:
 
     @cached_property
     def redis_url(self) -> str:
-        return self.stack.endpoint("redis")
+        return self.settings.endpoint("redis")
 
     def check(self) -> None:
         """Fail with a readable reason when something the worker needs is missing (cheap: runs
         before the worker joins its consumer group)."""
-        from models.versions import current_artifacts
+        from schemas.artifacts import current_artifacts
 
         current_artifacts(self.settings.artifact_dir)  # FileNotFoundError says what to run
         repo = self.settings.feature_repo()
@@ -127,7 +124,7 @@ class Runtime:
             return self._processors[name]
 
     def _build(self, name: str) -> InteractionProcessor | ItemUpdateProcessor:
-        from models.versions import current_artifacts
+        from schemas.artifacts import current_artifacts
 
         s = self.settings
         if name == "item_updates":
@@ -157,7 +154,7 @@ class Runtime:
         # dead worker's open transaction is aborted by its timeout (10 s).
         unique = f"{self.settings.worker_group}-{socket.gethostname()}-{os.getpid()}"
         name = self.settings.worker_instance_id or unique
-        return TransactionalPublisher(self.settings, self.stack.endpoint("kafka"), name)
+        return TransactionalPublisher(self.settings, self.settings.endpoint("kafka"), name)
 
     @property
     def requests_ready(self) -> RequestProcessor | None:
@@ -169,7 +166,7 @@ class Runtime:
                 from serving.pool import TritonPool
 
                 # One server or several (comma-separated), balanced by health.
-                url, timeout = self.stack.endpoint("triton"), self.settings.canary_timeout_s
+                url, timeout = self.settings.endpoint("triton"), self.settings.canary_timeout_s
                 triton = TritonPool(url, probe_timeout_s=timeout)
                 try:
                     await triton.connect()
@@ -199,7 +196,7 @@ def _raw(event) -> RawEvent:
 
 
 def create_app(settings: Settings) -> faust.App:
-    bootstrap = EmbeddedStack(settings).endpoint("kafka")
+    bootstrap = settings.endpoint("kafka")
     runtime = Runtime(settings)
     runtime.check()
     space_out_empty_fetches(settings.idle_fetch_backoff_ms / 1000)
@@ -501,14 +498,14 @@ def _latency(stage: str):
 
 
 def _exit_failed(reason: str) -> NoReturn:
-    """Say why on one line that `streams.workers` finds in the log, and exit at once."""
+    """Say why on one line that `streamrec.workers` finds in the log, and exit at once."""
     print(f"{FAILED}{reason}", file=sys.stderr, flush=True)
     os._exit(2)  # from any thread or task, without waiting for Faust's shutdown
 
 
 try:
     app = create_app(get_settings())
-except (StackNotRunning, FileNotFoundError, ConnectionError) as e:  # expected: say why
+except (NotConfigured, FileNotFoundError, ConnectionError) as e:  # expected: say why
     _exit_failed(str(e))
 except Exception as e:  # noqa: BLE001 - unexpected: the traceback goes to the log too
     import traceback

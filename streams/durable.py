@@ -39,7 +39,7 @@ def transient(error: BaseException) -> bool:
     import redis
     from aiokafka.errors import KafkaError, ProducerFenced
 
-    from serving.state import NotDurable
+    from state.store import NotDurable
     from streams.processors import Contention
 
     if isinstance(error, ProducerFenced):  # a newer worker holds our transactional id
@@ -53,7 +53,7 @@ def transient(error: BaseException) -> bool:
         redis.ConnectionError  # includes BusyLoadingError (a restarted server reading its AOF)
         | redis.exceptions.ClusterError  # includes ClusterDownError: a node is unreachable
         | redis.exceptions.AskError  # includes MovedError: slots moved between nodes
-        | redis.exceptions.NoScriptError  # a restarted node lost the scripts (`serving.state`)
+        | redis.exceptions.NoScriptError  # a restarted node lost the scripts (`state.store`)
         | redis.TimeoutError
         | redis.ReadOnlyError
         | OSError  # includes ConnectionError

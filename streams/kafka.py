@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from streamrec.config import Settings
+from schemas.settings import Settings
 from streams.topics import TOPICS, record_key, serde_for, topic_name
 
 

@@ -2,7 +2,7 @@
 
 - Interactions → the user's stream state, seen set and item popularity in Redis, atomically and
   once per event id; then a projection of the users' state into the Feast online store
-  (user_activity). Item popularity lives only in Redis (`serving.state`), not in Feast.
+  (user_activity). Item popularity lives only in Redis (`state.store`), not in Feast.
 - Item updates → availability and catalog additions (picked up by the serving stages).
 - Requests → the Triton ensemble → one response each; bad requests get an error response.
 Undecodable events become dead letters with the reason. A batch whose effects cannot be written
@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models.features import UserActivity, update_user
 from schemas.serde import DecodeError, Serde
 from serving.operators import (
     MAX_K,
@@ -32,7 +31,8 @@ from serving.operators import (
     response_record,
     validate_request,
 )
-from serving.state import RedisState, pending_id
+from state.features import UserActivity, update_user
+from state.store import RedisState, pending_id
 from streams import metrics
 
 
@@ -108,7 +108,7 @@ class InteractionProcessor:
         wait_aof: bool = True,
         wait_replicas: int = 0,
     ):
-        from models.feature_repo import OnlineReader, feature_store
+        from state.feature_store import OnlineReader, feature_store
 
         self.serde = serde
         self.state = RedisState(redis_url, project, wait_aof, wait_replicas)
@@ -226,7 +226,7 @@ class InteractionProcessor:
         second is not lost. Users replayed with no new event are written again too: a worker that
         died between the state commit and this write leaves nothing stale behind.
         """
-        from models.feature_repo import TIMESTAMP, write_online
+        from state.feature_store import TIMESTAMP, write_online
 
         if not users:
             return

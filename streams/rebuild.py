@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streamrec.config import Settings
+from schemas.settings import Settings
 from streams.kafka import client_config
 from streams.processors import RawEvent
 from streams.topics import topic_name
@@ -167,7 +167,7 @@ def load_snapshot(
     None or an error) the record says why, and a rebuild of this snapshot will refuse.
     Returns the record (also written to `snapshot_file`).
     """
-    from models.feature_load import load_features
+    from state.load import load_features
 
     offsets, error = None, None
     if bootstrap is None:
@@ -323,7 +323,7 @@ def _feast_prefix(join_key: str, project: str) -> bytes:
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import Value
 
-    from models.feature_repo import ENTITY_KEY_SERIALIZATION_VERSION
+    from state.feature_store import ENTITY_KEY_SERIALIZATION_VERSION
 
     a, b = (
         _redis_key(
@@ -342,8 +342,8 @@ def _feast_prefix(join_key: str, project: str) -> bytes:
 def clear_state(redis_url: str, project: str) -> int:
     """Delete streamrec's keys (`{project}:*`) and the Feast project's online rows; leave any
     other key alone. Returns the number of keys deleted."""
-    from models.feature_repo import ENTITIES
-    from serving.state import redis_client
+    from state.feature_store import ENTITIES
+    from state.store import redis_client
 
     name = project.encode()
     prefixes = [_feast_prefix(key, project) for key in ENTITIES.values()]
@@ -491,7 +491,7 @@ def rebuild(
     `on_progress(phase, done, total)` reports the phases "load" and "replay". Raises
     SnapshotError or RetentionError before touching Redis if the log cannot rebuild the state.
     """
-    from models.feature_load import load_features
+    from state.load import load_features
     from streams.processors import InteractionProcessor, ItemUpdateProcessor
     from streams.topics import serde_for
 

@@ -27,7 +27,7 @@ from models.metrics import ndcg_at_k, recall_at_k
 from models.recommender import Recommender
 from schemas.records import Interaction, RecommendationRequest
 from schemas.serde import SingleObjectSerde, schema_text
-from streamrec.config import Settings
+from schemas.settings import Settings
 from streams.kafka import EventProducer, ResponseStream
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from schemas.serde import Serde, make_serde
-from streamrec.config import Settings
+from schemas.settings import Settings
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from models.continual import ContinualConfig, Learner
 from models.data import Dataset
 from models.evaluate import EvalConfig
 from models.recommender import Recommender
-from models.versions import log_decision
+from schemas.artifacts import log_decision
 from serving.arms import Arms
 from serving.rollout import Triton, promote
 

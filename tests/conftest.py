@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from streamrec.config import Settings, TopicNames
+from schemas.settings import Settings, TopicNames
 from streamrec.stack import EmbeddedStack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,8 +87,8 @@ def artifacts(base_settings, movielens) -> Path:
 @pytest.fixture(scope="session")
 def serving_config(artifacts, redis_url, base_settings) -> dict:
     """Redis loaded with the trained model's feature and filter state."""
-    from models.feature_load import load_features
     from serving.client import serving_config
+    from state.load import load_features
 
     load_features(artifacts, redis_url, base_settings.feature_repo())
     return serving_config({"redis_url": redis_url})
@@ -141,8 +141,8 @@ def server_backend(base_settings, serving_config) -> Backend:
 
 @pytest.fixture(scope="session")
 def cluster_backend(cluster_stack, artifacts) -> Backend:
-    from models.feature_load import load_features
     from serving.client import serving_config
+    from state.load import load_features
 
     cluster_stack.up(("redis",))
     url = cluster_stack.endpoint("redis")

@@ -33,7 +33,7 @@ def request(user: str, k: int = 10, request_id: str | None = None, **extra) -> d
 
 def stack_settings(base_settings, kafka, redis_url, triton_url, artifacts, **extra):
     """Settings for a worker on the test stack, with fresh topics (created) and group."""
-    from streamrec.config import TopicNames
+    from schemas.settings import TopicNames
     from streams.topics import create_topics
 
     prefix = f"s{uuid.uuid4().hex[:6]}"

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 
-from streamrec.config import Settings
+from schemas.settings import ENDPOINTS, Settings
 from streamrec.stack.servers import STARTERS, Service, stop_service
 
 SERVICES = ("kafka", "redis", "triton")
-_ENV = {"kafka": "kafka_bootstrap", "redis": "redis_url", "triton": "triton_url"}
 
 
 class StackNotRunning(RuntimeError):
@@ -27,7 +26,7 @@ class EmbeddedStack:
         self.state_file = self.root / "stack.json"
 
     def external(self, name: str) -> str | None:
-        return getattr(self.settings, _ENV[name])
+        return getattr(self.settings, ENDPOINTS[name])
 
     def services(self) -> dict[str, Service]:
         """The embedded services recorded as started (alive or not)."""
@@ -102,7 +101,7 @@ class EmbeddedStack:
             return url
         service = self.services().get(name)
         if service is None or not service.alive():
-            env = "STREAMREC_" + _ENV[name].upper()
+            env = "STREAMREC_" + ENDPOINTS[name].upper()
             raise StackNotRunning(
                 f"no {name} service: run `streamrec stack up` or set {env} "
                 f"(run directory: {self.root})"

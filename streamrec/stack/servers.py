@@ -131,7 +131,7 @@ def _valkey(port: int, data: Path, log: Path, *options: str) -> int:
             "--appendonly",
             "yes",
             "--appendfsync",
-            "everysec",  # the workers' WAITAOF makes each batch durable (see serving.state)
+            "everysec",  # the workers' WAITAOF makes each batch durable (see state.store)
             "--save",
             "",
             "--daemonize",

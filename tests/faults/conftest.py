@@ -10,17 +10,17 @@ from contextlib import contextmanager
 import pytest
 from fault_load import ROWS, Live
 
-from streamrec.config import Settings
+from schemas.settings import Settings
 from streamrec.stack import EmbeddedStack
-from streams.workers import Workers
+from streamrec.workers import Workers
 
 
 @contextmanager
 def _live(tmp_path_factory, base_settings, artifacts, **settings):
     """A fresh stack, the trained model's state and ensemble, and one worker."""
-    from models.feature_load import load_features
     from serving.client import serving_config
     from serving.triton_export import export_repository
+    from state.load import load_features
     from streams.topics import create_topics
 
     run = tmp_path_factory.mktemp("faults")

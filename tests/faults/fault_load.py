@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import records
 from records import T0
 
-from streamrec.config import Settings
+from schemas.settings import Settings
 from streamrec.stack import EmbeddedStack
-from streams.workers import Workers
+from streamrec.workers import Workers
 
 ROWS: list[dict] = []
 REAL_USERS = ["196", "186", "22", "244", "166", "298", "115", "253"]  # personalized path
@@ -29,7 +29,7 @@ class Live:
     workers: Workers
 
     def state(self):
-        from serving.state import RedisState
+        from state.store import RedisState
 
         return RedisState(self.stack.endpoint("redis"), prefix=self.settings.feast_project)
 

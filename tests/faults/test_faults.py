@@ -20,7 +20,7 @@ import redis
 from fault_load import ROWS, Live, Load, wait_until
 
 from streamrec.stack.process import pid_alive
-from streams.workers import Workers
+from streamrec.workers import Workers
 
 pytestmark = pytest.mark.faults
 
@@ -74,7 +74,7 @@ def measure(live: Live, load: Load) -> dict:
     """The row: counts from Valkey and the topics. An event the broker acknowledged but lost
     in its own restart (`broker_lost`) may have been applied before it was lost, or not: it
     counts neither as lost nor as doubled; every other event must be applied exactly once."""
-    from models.feature_repo import OnlineReader
+    from state.feature_store import OnlineReader
 
     state = live.state()
     accepted = [e for e in load.sent + load.unconfirmed if e["event_id"] in load.kept]

@@ -17,7 +17,7 @@ from test_faults import measure
 
 from models.continual import ContinualConfig
 from models.data import temporal_split
-from models.versions import decisions
+from schemas.artifacts import decisions
 from serving.client import TritonRecommender
 from serving.rollout import rollback
 from streams.kafka import EventConsumer, EventProducer

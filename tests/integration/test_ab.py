@@ -11,12 +11,12 @@ import urllib.request
 import pytest
 from records import stack_settings
 
-from models.versions import point_current
+from schemas.artifacts import point_current
 from serving.arms import Arms
 from serving.client import TritonRecommender
 from serving.rollout import ExperimentRunning, promote, start_test, stop_test
 from streamrec.client import Client
-from streams.workers import Workers
+from streamrec.workers import Workers
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ from records import T0, stack_settings
 
 from schemas.records import Interaction
 from streamrec.client import AsyncClient, Client, RecommendationTimeout
-from streams.workers import Workers
+from streamrec.workers import Workers
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +66,7 @@ def test_track_changes_the_next_recommendation(client):
 
 
 def test_a_request_nobody_answers_times_out_with_a_clear_error(base_settings, kafka):
-    from streamrec.config import TopicNames
+    from schemas.settings import TopicNames
     from streams.topics import create_topics
 
     prefix = f"nobody-{uuid.uuid4().hex[:6]}"
@@ -98,7 +98,7 @@ def test_the_registry_wire_format(base_settings, kafka):
     Registry runs here, and a mock's schemas live in its own client.)"""
     from confluent_kafka import Consumer
 
-    from streamrec.config import TopicNames
+    from schemas.settings import TopicNames
     from streams.topics import create_topics, topic_name
 
     prefix = f"registry-{uuid.uuid4().hex[:6]}"

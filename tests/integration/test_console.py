@@ -17,7 +17,7 @@ from records import T0, stack_settings
 
 from streamrec.client import Client
 from streamrec.stack.process import free_port, spawn, stop, wait_ready
-from streams.workers import Workers, worker_env
+from streamrec.workers import Workers, worker_env
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.feature_repo import (
+from state.feature_store import (
     ENTITIES,
     TIMESTAMP,
     VIEWS,
@@ -131,7 +131,7 @@ def loaded(tmp_path_factory, redis_url):
         users=frames["user_profile"],
         items=frames["item_profile"],
         user_activity=frames["user_activity"],
-        redis_url=redis_url,  # the bulk write of Feast's layout, as models.feature_load loads
+        redis_url=redis_url,  # the bulk write of Feast's layout, as state.load loads
     )
     store = feature_store(repo)
     return repo, store, frames
@@ -149,7 +149,7 @@ def _hashes(client, project: str) -> dict[bytes, dict]:
 def test_the_bulk_write_is_byte_for_byte_what_materialize_writes(loaded, tmp_path, redis_url):
     """`load_offline(redis_url=...)` writes Feast's layout itself (minutes → seconds at 1M
     items): the same keys, fields and bytes as Feast's own materialize."""
-    from serving.state import redis_client
+    from state.store import redis_client
 
     repo, store, frames = loaded
     project = f"mat_{uuid.uuid4().hex[:8]}"
@@ -203,7 +203,7 @@ def test_repo_layout(loaded):
 
 def test_a_view_dropped_from_the_definitions_leaves_the_registry(fresh_store, monkeypatch):
     """An existing repo's registry loses what VIEWS no longer defines (as `item_stats` went)."""
-    from models import feature_repo
+    from state import feature_store as feature_repo
 
     dropped = feature_repo.ViewSpec("item", {"score": "Float32"}, push_source="dropped_push")
     monkeypatch.setitem(feature_repo.VIEWS, "dropped", dropped)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from serving.live import LiveItems
-from serving.state import SHARD_TAGS, RedisState, shard_of
+from state.store import SHARD_TAGS, RedisState, shard_of
 
 pytestmark = pytest.mark.integration
 
@@ -79,10 +79,10 @@ def test_availability_and_catalog_additions_reach_the_table(artifacts, state):
 
 
 def test_a_reader_left_behind_by_trimming_reloads_and_agrees(artifacts, state, monkeypatch):
-    import serving.state
+    import state.store
 
     items = LiveItems(artifacts, state)
-    monkeypatch.setattr(serving.state, "CHANGES_LIMIT", 1)
+    monkeypatch.setattr(state.store, "CHANGES_LIMIT", 1)
     for n in range(300):  # MAXLEN ~ trims whole nodes (100 entries): the reader's next is gone
         _interactions(state, [("1", T0 + n)])
     shard = shard_of("1")

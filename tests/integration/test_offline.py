@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from models.evaluate import evaluate_artifacts
-from models.feature_load import load_features
-from models.feature_repo import OnlineReader, feature_store
+from state.feature_store import OnlineReader, feature_store
+from state.load import load_features
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from records import T0, interaction, item_update, request
 
 from schemas.serde import make_serde
 from serving.client import LocalRecommender
-from serving.state import RedisState, redis_client
+from state.store import RedisState, redis_client
 from streams.processors import (
     Answer,
     Contention,

@@ -19,7 +19,7 @@ import pytest
 from records import T0, interaction, item_update, produce, stack_settings
 from typer.testing import CliRunner
 
-from streamrec.config import get_settings
+from schemas.settings import get_settings
 from streams.kafka import client_config
 from streams.processors import InteractionProcessor, ItemUpdateProcessor, RawEvent
 from streams.rebuild import (
@@ -120,7 +120,7 @@ def dump(redis_url: str, artifacts, users: list[str], items: list[str]) -> dict:
     """Everything streamrec keeps in Redis, by key, and the Feast rows of every user and item."""
     import redis
 
-    from models.feature_repo import OnlineReader
+    from state.feature_store import OnlineReader
 
     client = redis.Redis.from_url(redis_url)
     keys: dict[str, object] = {}

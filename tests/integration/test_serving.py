@@ -11,7 +11,7 @@ import pytest
 from schemas.records import RecommendationRequest
 from serving.client import AsyncTritonRecommender, LocalRecommender, TritonRecommender
 from serving.operators import request_tensors
-from serving.state import RedisState
+from state.store import RedisState
 
 pytestmark = pytest.mark.integration
 
@@ -102,10 +102,10 @@ def test_the_served_ranking_is_the_offline_pipeline_on_the_same_state(
     from types import SimpleNamespace
 
     from models.evaluate import Point, full_pipeline
-    from models.features import UserActivity
     from models.recommender import Recommender
     from serving.live import LiveItems
     from serving.operators import _reader
+    from state.features import UserActivity
 
     rec = Recommender.load(artifacts)
     live = LiveItems(artifacts, state)

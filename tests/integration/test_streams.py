@@ -8,10 +8,10 @@ import uuid
 import pytest
 from records import T0, interaction, produce, request, stack_settings
 
-from models.feature_repo import feature_store
-from serving.state import RedisState
+from state.feature_store import feature_store
+from state.store import RedisState
+from streamrec.workers import Workers, log_of
 from streams.kafka import EventConsumer
-from streams.workers import Workers, log_of
 
 pytestmark = pytest.mark.integration
 

@@ -22,8 +22,8 @@ from serving.operators import request_tensors, response_record
 from serving.pool import TritonPool
 from streamrec.stack.process import pid_alive
 from streamrec.stack.servers import start_triton, stop_service
+from streamrec.workers import Workers
 from streams.kafka import EventProducer, ResponseStream
-from streams.workers import Workers
 
 pytestmark = pytest.mark.integration
 

@@ -11,16 +11,16 @@ import uuid
 import numpy as np
 import pytest
 
-from models.feature_load import load_features
+from schemas.settings import TopicNames
 from serving.client import serving_config
-from serving.state import RedisState
 from serving.triton_export import export_repository
-from streamrec.config import TopicNames
+from state.load import load_features
+from state.store import RedisState
 from streamrec.stack.servers import start_redis, start_triton, stop_service
+from streamrec.workers import Workers
 from streams.kafka import EventConsumer
 from streams.replay import Recorder, build_timeline, produce_timeline, served_quality
 from streams.topics import create_topics
-from streams.workers import Workers
 
 pytestmark = pytest.mark.replay
 

@@ -15,7 +15,7 @@ def test_help_lists_the_commands():
 def test_a_missing_broker_is_a_readable_error_not_a_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("STREAMREC_RUN_DIR", str(tmp_path))
     monkeypatch.delenv("STREAMREC_KAFKA_BOOTSTRAP", raising=False)
-    from streamrec.config import get_settings
+    from schemas.settings import get_settings
 
     get_settings.cache_clear()
     try:
@@ -29,7 +29,7 @@ def test_a_missing_broker_is_a_readable_error_not_a_traceback(tmp_path, monkeypa
 
 def test_unknown_topic_is_a_readable_error(tmp_path, monkeypatch):
     monkeypatch.setenv("STREAMREC_KAFKA_BOOTSTRAP", "127.0.0.1:1")
-    from streamrec.config import get_settings
+    from schemas.settings import get_settings
 
     get_settings.cache_clear()
     try:
@@ -45,7 +45,7 @@ def _isolated(tmp_path, monkeypatch, *args: str):
     monkeypatch.setenv("STREAMREC_RUN_DIR", str(tmp_path / "run"))
     monkeypatch.setenv("STREAMREC_ARTIFACT_DIR", str(tmp_path / "artifacts"))
     monkeypatch.delenv("STREAMREC_TRITON_URL", raising=False)
-    from streamrec.config import get_settings
+    from schemas.settings import get_settings
 
     get_settings.cache_clear()
     try:
@@ -72,7 +72,7 @@ def test_a_bad_line_in_a_file_is_named_and_nothing_is_produced(tmp_path, monkeyp
     monkeypatch.delenv("STREAMREC_KAFKA_BOOTSTRAP", raising=False)
     events = tmp_path / "events.jsonl"
     events.write_text('{"user_id": "1", "item_id": "2"}\n{"user_id": "1"}\n')
-    from streamrec.config import get_settings
+    from schemas.settings import get_settings
 
     get_settings.cache_clear()
     try:

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from streamrec.config import Settings
+from schemas.settings import Settings
 from streams.kafka import client_config
 from streams.topics import TOPICS, role_of, topic_name
 

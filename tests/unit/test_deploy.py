@@ -19,7 +19,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from streamrec.config import Settings
+from schemas.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -155,7 +155,7 @@ def test_every_streamrec_variable_is_a_setting(compose):
     }
     assert names, "no STREAMREC_* variable in docker-compose.yml"
     unknown = sorted(f"{service}: {var}" for service, var in names if settings_path(var) is None)
-    assert not unknown, f"not fields of streamrec.config.Settings: {unknown}"
+    assert not unknown, f"not fields of schemas.settings.Settings: {unknown}"
 
 
 def test_app_services_environment_round_trips_through_settings(compose, monkeypatch):

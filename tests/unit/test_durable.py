@@ -7,7 +7,7 @@ import asyncio
 
 import redis
 
-from serving.state import NotDurable
+from state.store import NotDurable
 from streams import metrics
 from streams.durable import Backoff, Guard, transient
 from streams.processors import Contention, RawEvent

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.features import (
+from state.features import (
     HISTORY_LEN,
     POPULARITY_HALF_LIFE_MS,
     ItemStats,

@@ -14,9 +14,9 @@ import redis
 import yaml
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
-from models.feature_repo import redis_connection_string
-from serving.state import RedisState
-from streamrec.config import Settings
+from schemas.settings import Settings
+from state.feature_store import redis_connection_string
+from state.store import RedisState
 from streams.kafka import client_config, faust_broker_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,10 +197,10 @@ def test_rediss_url_gives_password_and_tls_to_redis_py():
 
 
 def test_app_redis_clients_parse_the_url(clean_env, monkeypatch):
-    """serving/state.py's client (the stage models' and the workers') and settings from env."""
-    import serving.state
+    """state/store.py's client (the stage models' and the workers') and settings from env."""
+    import state.store
 
-    monkeypatch.setattr(serving.state, "is_cluster", lambda url: False)  # asks the server
+    monkeypatch.setattr(state.store, "is_cluster", lambda url: False)  # asks the server
     clean_env.setenv("STREAMREC_REDIS_URL", TLS_URL + "?ssl_ca_certs=/etc/redis/ca.pem")
     settings = Settings()
     pool = RedisState(settings.redis_url, prefix="streamrec").client.connection_pool

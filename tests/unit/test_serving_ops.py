@@ -184,7 +184,7 @@ def test_request_tensors_carry_defaults_for_missing_options():
 
 
 class FakeState:
-    """The reads of `serving.state.RedisState` that the item table and filtering make, over
+    """The reads of `state.store.RedisState` that the item table and filtering make, over
     plain data: popularity by rank (first = most popular), seen items, unavailable items."""
 
     def __init__(self, popular=(), seen=(), unavailable=()):

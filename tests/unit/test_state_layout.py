@@ -7,7 +7,7 @@ from collections import Counter
 
 from redis.crc import key_slot
 
-from serving.state import SHARDS, RedisState, shard_of
+from state.store import SHARDS, RedisState, shard_of
 
 STATE = RedisState("redis://127.0.0.1:1/0", prefix="streamrec")  # never connects
 

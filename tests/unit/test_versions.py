@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from models.versions import current_artifacts, decisions, list_versions, log_decision, point_current
+from schemas.artifacts import (
+    current_artifacts,
+    decisions,
+    list_versions,
+    log_decision,
+    point_current,
+)
 from serving.live import FILES
 from serving.operators import GRAPH
 from serving.triton_export import (

@@ -24,6 +24,13 @@ class TopicNames(BaseModel):
     dead_letter: str = "dead-letter"
 
 
+ENDPOINTS = {"kafka": "kafka_bootstrap", "redis": "redis_url", "triton": "triton_url"}
+
+
+class NotConfigured(RuntimeError):
+    """A process that does not start servers needs an endpoint that is not set."""
+
+
 class KafkaSecurity(BaseModel):
     """Passed through to every Kafka client (librdkafka and aiokafka names differ; see streams)."""
 
@@ -135,6 +142,15 @@ class Settings(BaseSettings):
     kafka_start_timeout: float = 30.0
     redis_start_timeout: float = 15.0
     triton_start_timeout: float = 90.0
+
+    def endpoint(self, name: str) -> str:
+        """A service's configured URL (`streamrec serve workers` sets every one it resolved)."""
+        if url := getattr(self, ENDPOINTS[name]):
+            return url
+        raise NotConfigured(
+            f"STREAMREC_{ENDPOINTS[name].upper()} is not set: start workers with "
+            "`streamrec serve workers`, which resolves the embedded stack, or set it"
+        )
 
     def feature_repo(self) -> Path:
         """The Feast repository of this deployment (its Redis and project)."""

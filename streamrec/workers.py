@@ -8,12 +8,10 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from streamrec.config import Settings
+from schemas.settings import Settings
 from streamrec.stack import EmbeddedStack
 from streamrec.stack.process import StartupError, free_port, pid_alive, spawn, stop, wait_ready
-
-READY = "streamrec worker ready"
-FAILED = "streamrec worker failed to start: "  # followed by the reason, on one line
+from streams import FAILED, READY
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Load an artifact version's state: Feast features (offline parquet + Redis online store),
-and the filter/popularity state of `serving.state` (item popularity is not a Feast feature: the
+and the filter/popularity state of `state.store` (item popularity is not a Feast feature: the
 artifacts' `state/item_stats.parquet` loads the `popular` sorted set and its epoch)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from models.feature_repo import TIMESTAMP, load_offline, write_repo
-from serving.state import RedisState
+from state.feature_store import TIMESTAMP, load_offline, write_repo
+from state.store import RedisState
 
 
 def load_features(

@@ -45,7 +45,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from functools import cached_property, lru_cache
 
-from models.features import POPULARITY_HALF_LIFE_MS, UserActivity
+from state.features import POPULARITY_HALF_LIFE_MS, UserActivity
 
 SEEN_LIMIT = 1000
 APPLIED_LIMIT = 1000

@@ -66,7 +66,7 @@ def decay(count: float, from_ms: int, to_ms: int) -> float:
 @dataclass
 class ItemStats:
     """One item's popularity, offline (training's replay, the artifacts' `item_stats.parquet`).
-    Online it lives only in the `popular` sorted set of `serving.state`, on another scale."""
+    Online it lives only in the `popular` sorted set of `state.store`, on another scale."""
 
     popularity: float = 0.0  # time-decayed interaction count as of `popularity_ms`
     popularity_ms: int = 0
