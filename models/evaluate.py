@@ -20,6 +20,7 @@ from models.examples import Prepared
 from models.inputs import idle_hours
 from models.metrics import coverage, ndcg_at_k, recall_at_k
 from models.recommender import Recommender, filter_candidates, order
+from schemas.settings import CANDIDATES
 from state.features import POPULARITY_HALF_LIFE_MS, update_user
 
 METRICS = ("recall@10", "recall@50", "ndcg@10", "coverage@10")
@@ -32,7 +33,7 @@ class EvalConfig:
     points_per_user: int = 3
     horizon: int = 10  # the user's next `horizon` interactions are the relevant items
     max_users: int = 2000  # test users sampled for evaluation (all of ML-100K's ~300)
-    candidates: int = 300
+    candidates: int = CANDIDATES
     seed: int = 0
 
 

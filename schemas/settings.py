@@ -24,6 +24,8 @@ class TopicNames(BaseModel):
     dead_letter: str = "dead-letter"
 
 
+# Items retrieval hands to ranking: served and offline results match only with the same number.
+CANDIDATES = 300
 ENDPOINTS = {"kafka": "kafka_bootstrap", "redis": "redis_url", "triton": "triton_url"}
 
 
@@ -71,6 +73,7 @@ class Settings(BaseSettings):
     partitions: int = Field(4, ge=1)
     replication_factor: int = Field(1, ge=1)
 
+    candidates: int = Field(CANDIDATES, ge=1, description="Items retrieval hands to ranking")
     feast_project: str = Field("streamrec", description="Feast project; also the Redis key prefix")
     worker_group: str = Field("streamrec-workers", description="Consumer group of the workers")
     worker_instance_id: str | None = Field(

@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from schemas.settings import CANDIDATES
 from serving.graph import LocalRuntime
-from serving.operators import DEFAULTS, GRAPH, decode, request_tensors, response_record
+from serving.operators import GRAPH, decode, request_tensors, response_record
 from serving.triton_export import ENSEMBLE, LAYOUTS
 
 _NP_TO_TRITON = {np.object_: "BYTES", np.int64: "INT64", np.int32: "INT32", np.float32: "FP32"}
@@ -278,6 +279,15 @@ class LocalRecommender:
 
     def recommend(self, request: dict) -> dict:
         return response_record(request, self.run(request_tensors(request)))
+
+
+DEFAULTS: dict[str, Any] = {
+    "redis_url": "redis://127.0.0.1:6379/0",
+    "feast_project": "streamrec",
+    "candidates": CANDIDATES,
+    "temperature": 0.0,
+    "max_per_genre": 0,  # 0 = no limit
+}
 
 
 def serving_config(overrides: dict[str, Any]) -> dict[str, Any]:

@@ -48,14 +48,6 @@ PERSONALIZED, COLD_START = "personalized", "cold_start"
 # filters is smaller does the list come back short, and the response says so.
 MAX_K = 1000
 
-DEFAULTS: dict[str, Any] = {
-    "redis_url": "redis://127.0.0.1:6379/0",
-    "feast_project": "streamrec",
-    "candidates": 300,
-    "temperature": 0.0,
-    "max_per_genre": 0,  # 0 = no limit
-}
-
 
 def strings(values) -> np.ndarray:
     return np.array([v.encode() if isinstance(v, str) else v for v in values], dtype=np.object_)

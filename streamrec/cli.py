@@ -520,21 +520,16 @@ def train_cmd(
 
 
 def _load_features(artifact_dir) -> None:
-    from streams.rebuild import load_snapshot
+    from streamrec.deploy import deploy
 
     stack = _stack()
     try:
-        with console.status("starting Valkey"):
-            stack.up(("redis",))
-        try:
-            bootstrap = stack.endpoint("kafka")
-        except StackNotRunning:
-            bootstrap = None
         with console.status("loading features into Feast (offline store + Redis)"):
-            record = load_snapshot(get_settings(), artifact_dir, stack.endpoint("redis"), bootstrap)
+            done = deploy(get_settings(), stack, artifact_dir, start=False)
     except (StartupError, StackNotRunning) as e:
         fail(str(e))
     console.print(f"features loaded into Feast, online store {stack.endpoint('redis')}")
+    record = done.snapshot
     if record["error"]:
         err.print(
             f"[yellow]warning:[/] {record['error']}: stream offsets not recorded, so "
@@ -652,7 +647,10 @@ def serve_triton(
     queue_delay_us: Annotated[
         int, typer.Option(help="How long Triton waits to fill a batch (microseconds).")
     ] = 200,
-    candidates: Annotated[int, typer.Option(help="Items retrieval hands to ranking.")] = 300,
+    candidates: Annotated[
+        int | None,
+        typer.Option(help="Items retrieval hands to ranking (default: STREAMREC_CANDIDATES, 300)."),
+    ] = None,
     temperature: Annotated[
         float, typer.Option(help="Default sampling temperature (0 = greedy).")
     ] = 0.0,
@@ -664,46 +662,38 @@ def serve_triton(
 
     With STREAMREC_TRITON_URL set, only exports: point that server at the printed repository.
     """
-    from serving.client import serving_config
-    from serving.triton_export import ENSEMBLE, LAYOUTS, export_repository
+    from serving.triton_export import ENSEMBLE, LAYOUTS
+    from streamrec.deploy import deploy
 
     if layout not in LAYOUTS:
         fail(f"unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     settings = get_settings()
-    stack = _stack()
+    if candidates is not None:
+        settings = settings.model_copy(update={"candidates": candidates})
     artifacts = _artifacts()
     try:
-        stack.up(("redis",))
-        config = serving_config(
-            {
-                "redis_url": stack.endpoint("redis"),
-                "feast_project": settings.feast_project,
-                "candidates": candidates,
-                "temperature": temperature,
-                "max_per_genre": max_per_genre,
-            }
-        )
-        repository = export_repository(
-            artifacts,
-            stack.root / "triton" / "models",
-            config,
-            instances=instances,
-            layout=layout,
-            max_batch=max_batch,
-            queue_delay_us=queue_delay_us,
-        )
-        console.print(f"exported {artifacts.name} to {repository}")
-        if settings.triton_url:
-            console.print(
-                f"Triton is external ({settings.triton_url}): load model '{ENSEMBLE}' "
-                "from that repository there."
+        with console.status(f"exporting {artifacts.name}, (re)starting tritonserver"):
+            done = deploy(
+                settings,
+                _stack(),
+                artifacts,
+                load=False,
+                serving={"temperature": temperature, "max_per_genre": max_per_genre},
+                instances=instances,
+                layout=layout,
+                max_batch=max_batch,
+                queue_delay_us=queue_delay_us,
             )
-            return
-        with console.status("(re)starting tritonserver"):
-            stack.restart(("triton",))
     except (StartupError, StackNotRunning) as e:
         fail(str(e))
-    console.print(f"[green]Triton serving '{ENSEMBLE}'[/] at {stack.endpoint('triton')} (gRPC)")
+    console.print(f"exported {artifacts.name} to {done.repository}")
+    if done.triton is None:
+        console.print(
+            f"Triton is external ({settings.triton_url}): load model '{ENSEMBLE}' "
+            "from that repository there."
+        )
+        return
+    console.print(f"[green]Triton serving '{ENSEMBLE}'[/] at {done.triton} (gRPC)")
 
 
 @serve_app.command("workers")

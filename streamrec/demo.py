@@ -24,10 +24,8 @@ DEMO_USERS = ("405", "655", "13")
 def run_demo(settings: Settings, console: Console, keep: bool = False, retrain: bool = False):
     from models.data import load_movielens_100k
     from models.evaluate import markdown_table
-    from serving.client import serving_config
-    from serving.triton_export import export_repository
+    from streamrec.deploy import deploy
     from streamrec.workers import Workers
-    from streams.rebuild import load_snapshot
     from streams.topics import create_topics
 
     stack = EmbeddedStack(settings)
@@ -52,13 +50,8 @@ def run_demo(settings: Settings, console: Console, keep: bool = False, retrain: 
         console.print(markdown_table(manifest["metrics"]["evaluation"]))
 
         step("3. features into Feast (Redis online store), the ensemble onto Triton, a worker")
-        with console.status("loading features"):
-            load_snapshot(settings, artifacts, redis_url, bootstrap)  # + the topics' offsets
-        config = serving_config({"redis_url": redis_url, "feast_project": settings.feast_project})
-        export_repository(artifacts, stack.root / "triton" / "models", config)
-        with console.status("starting tritonserver (the executor model + ensemble)"):
-            stack.down(("triton",))
-            stack.up(("triton",))
+        with console.status("loading features, starting tritonserver (executor model + ensemble)"):
+            deploy(settings, stack, artifacts)
         with console.status("starting a stream worker"):
             workers.start(1)
         console.print(f"Triton {stack.endpoint('triton')}, worker pid {workers.running()[0].pid}")

@@ -30,6 +30,7 @@ def base_settings(tmp_path_factory) -> Settings:
         artifact_dir=run / "artifacts",
         data_dir=data,
         partitions=4,
+        triton_start_timeout=120,
     )
 
 
@@ -85,26 +86,20 @@ def artifacts(base_settings, movielens) -> Path:
 
 
 @pytest.fixture(scope="session")
-def serving_config(artifacts, redis_url, base_settings) -> dict:
+def serving_config(artifacts, redis_url, base_settings, stack) -> dict:
     """Redis loaded with the trained model's feature and filter state."""
-    from serving.client import serving_config
-    from state.load import load_features
+    from streamrec.deploy import deploy
 
-    load_features(artifacts, redis_url, base_settings.feature_repo())
-    return serving_config({"redis_url": redis_url})
+    return deploy(base_settings, stack, artifacts, start=False).config
 
 
 @pytest.fixture(scope="session")
-def triton_url(artifacts, serving_config, tmp_path_factory):
+def triton_url(artifacts, serving_config, base_settings, stack):
     """A real tritonserver serving the exported four-stage ensemble."""
-    from serving.triton_export import export_repository
-    from streamrec.stack.servers import start_triton, stop_service
+    from streamrec.deploy import deploy
 
-    root = tmp_path_factory.mktemp("triton")
-    repository = export_repository(artifacts, root / "models", serving_config)
-    service = start_triton(root, timeout=120, repository=repository)
-    yield service.endpoint
-    stop_service(service)
+    yield deploy(base_settings, stack, artifacts, load=False).triton
+    stack.down(("triton",))
 
 
 # --- the state on one Valkey server and on a local Valkey cluster ----------------------------
@@ -141,13 +136,10 @@ def server_backend(base_settings, serving_config) -> Backend:
 
 @pytest.fixture(scope="session")
 def cluster_backend(cluster_stack, artifacts) -> Backend:
-    from serving.client import serving_config
-    from state.load import load_features
+    from streamrec.deploy import deploy
 
-    cluster_stack.up(("redis",))
-    url = cluster_stack.endpoint("redis")
-    load_features(artifacts, url, cluster_stack.settings.feature_repo())
-    return Backend("cluster", cluster_stack.settings, serving_config({"redis_url": url}))
+    config = deploy(cluster_stack.settings, cluster_stack, artifacts, start=False).config
+    return Backend("cluster", cluster_stack.settings, config)
 
 
 @pytest.fixture(scope="module", params=["server", "cluster"])
@@ -157,16 +149,12 @@ def backend(request) -> Backend:
 
 
 @pytest.fixture(scope="session")
-def cluster_triton_url(artifacts, cluster_backend, tmp_path_factory):
+def cluster_triton_url(artifacts, cluster_backend, cluster_stack):
     """A real tritonserver whose stages read the cluster."""
-    from serving.triton_export import export_repository
-    from streamrec.stack.servers import start_triton, stop_service
+    from streamrec.deploy import deploy
 
-    root = tmp_path_factory.mktemp("triton-cluster")
-    repository = export_repository(artifacts, root / "models", cluster_backend.config)
-    service = start_triton(root, timeout=120, repository=repository)
-    yield service.endpoint
-    stop_service(service)
+    yield deploy(cluster_stack.settings, cluster_stack, artifacts, load=False).triton
+    cluster_stack.down(("triton",))
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,7 @@ from streamrec.workers import Workers
 @contextmanager
 def _live(tmp_path_factory, base_settings, artifacts, **settings):
     """A fresh stack, the trained model's state and ensemble, and one worker."""
-    from serving.client import serving_config
-    from serving.triton_export import export_repository
-    from state.load import load_features
+    from streamrec.deploy import deploy
     from streams.topics import create_topics
 
     run = tmp_path_factory.mktemp("faults")
@@ -30,12 +28,8 @@ def _live(tmp_path_factory, base_settings, artifacts, **settings):
     stack = EmbeddedStack(settings)
     try:
         stack.up(("kafka", "redis"))
-        redis_url = stack.endpoint("redis")
-        load_features(artifacts, redis_url, settings.feature_repo(), settings.feast_project)
-        config = serving_config({"redis_url": redis_url, "feast_project": settings.feast_project})
-        export_repository(artifacts, stack.root / "triton" / "models", config)
-        stack.up(("triton",))
         create_topics(settings, stack.endpoint("kafka"))
+        deploy(settings, stack, artifacts)
         workers = Workers(settings)
         workers.start(1)
         yield Live(settings, stack, workers)

@@ -79,10 +79,10 @@ def test_availability_and_catalog_additions_reach_the_table(artifacts, state):
 
 
 def test_a_reader_left_behind_by_trimming_reloads_and_agrees(artifacts, state, monkeypatch):
-    import state.store
+    from state import store
 
     items = LiveItems(artifacts, state)
-    monkeypatch.setattr(state.store, "CHANGES_LIMIT", 1)
+    monkeypatch.setattr(store, "CHANGES_LIMIT", 1)
     for n in range(300):  # MAXLEN ~ trims whole nodes (100 entries): the reader's next is gone
         _interactions(state, [("1", T0 + n)])
     shard = shard_of("1")
