@@ -4,12 +4,15 @@ folder), chained by an ensemble named `streamrec`."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
 
 from serving.graph import Graph, Tensor
 from serving.operators import GRAPH
@@ -28,22 +31,6 @@ LAYOUTS: dict[str, dict[str, list[str]]] = {
 }
 DEFAULT_LAYOUT = "executor"
 ROOT = Path(__file__).resolve().parents[1]
-# The modules the operators import, shipped with every model: nothing else of the app is needed.
-SHIPPED = (
-    "models/__init__.py",
-    "state/features.py",
-    "state/feature_store.py",
-    "models/index.py",
-    "models/inputs.py",
-    "models/onnx_export.py",
-    "models/recommender.py",
-    "models/workflow.py",
-    "serving/__init__.py",
-    "serving/graph.py",
-    "serving/live.py",
-    "serving/operators.py",
-    "state/store.py",
-)
 
 MODEL_PY = '''\
 """Triton Python-backend model running streamrec operators {names} (generated)."""
@@ -86,22 +73,23 @@ class TritonPythonModel:
 '''
 
 
-def _tensor(name: str, spec: Tensor, ragged: bool = False) -> str:
-    dims = ", ".join(str(d) for d in spec.dims)
-    extra = " allow_ragged_batch: true" if ragged and -1 in spec.dims else ""
-    return f'  {{ name: "{name}" data_type: {spec.wire_dtype} dims: [ {dims} ]{extra} }}'
+def _inputs(tensors: dict[str, Tensor], ragged: bool = False) -> list[pb.ModelInput]:
+    return [
+        pb.ModelInput(
+            name=name,
+            data_type=spec.wire_dtype,
+            dims=spec.dims,
+            allow_ragged_batch=ragged and -1 in spec.dims,
+        )
+        for name, spec in tensors.items()
+    ]
 
 
-def _tensors(kind: str, tensors: dict[str, Tensor], ragged: bool = False) -> str:
-    lines = ",\n".join(_tensor(n, s, ragged) for n, s in tensors.items())
-    return f"{kind} [\n{lines}\n]\n"
-
-
-def _batching(max_batch: int, queue_delay_us: int) -> str:
-    return (
-        f"max_batch_size: {max_batch}\n"
-        f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}\n"
-    )
+def _outputs(tensors: dict[str, Tensor]) -> list[pb.ModelOutput]:
+    return [
+        pb.ModelOutput(name=name, data_type=spec.wire_dtype, dims=spec.dims)
+        for name, spec in tensors.items()
+    ]
 
 
 def group_tensors(graph: Graph, names: list[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -117,39 +105,55 @@ def group_tensors(graph: Graph, names: list[str]) -> tuple[dict[str, Tensor], di
 
 def model_config(
     name: str, graph: Graph, names: list[str], config: dict[str, Any], settings: dict[str, int]
-) -> str:
+) -> pb.ModelConfig:
     inputs, outputs = group_tensors(graph, names)
-    quoted = json.dumps(json.dumps(config))  # a JSON document as one pbtxt string
-    return (
-        f'name: "{name}"\nbackend: "python"\n'
-        + _batching(settings["max_batch"], settings["queue_delay_us"])
-        + _tensors("input", inputs, ragged=True)
-        + _tensors("output", outputs)
-        + f"instance_group [ {{ kind: KIND_CPU count: {settings['instances']} }} ]\n"
-        + _version_policy(1)
-        + f'parameters {{ key: "config" value {{ string_value: {quoted} }} }}\n'
+    return pb.ModelConfig(
+        name=name,
+        backend="python",
+        max_batch_size=settings["max_batch"],
+        dynamic_batching=pb.ModelDynamicBatching(
+            max_queue_delay_microseconds=settings["queue_delay_us"]
+        ),
+        input=_inputs(inputs, ragged=True),
+        output=_outputs(outputs),
+        instance_group=[pb.ModelInstanceGroup(kind="KIND_CPU", count=settings["instances"])],
+        version_policy=_version_policy(1),
+        parameters={"config": pb.ModelParameter(string_value=json.dumps(config))},
     )
 
 
 def ensemble_config(
     graph: Graph, groups: dict[str, list[str]], version: str, max_batch: int
-) -> str:
-    steps = []
-    for name, names in groups.items():
-        inputs, outputs = group_tensors(graph, names)
-        ins = "".join(f' input_map {{ key: "{n}" value: "{n}" }}' for n in inputs)
-        outs = "".join(f' output_map {{ key: "{n}" value: "{n}" }}' for n in outputs)
-        steps.append(f'  {{ model_name: "{name}" model_version: -1{ins}{outs} }}')
-    response = {name: graph.tensors[name] for name in graph.response}
-    return (
-        f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: {max_batch}\n'
-        + _tensors("input", graph.request)
-        + _tensors("output", response)
-        + "ensemble_scheduling {\n step [\n"
-        + ",\n".join(steps)
-        + "\n ]\n}\n"
-        + f'parameters {{ key: "artifact_version" value {{ string_value: "{version}" }} }}\n'
+) -> pb.ModelConfig:
+    steps = [_step(graph, name, names) for name, names in groups.items()]
+    return pb.ModelConfig(
+        name=ENSEMBLE,
+        platform="ensemble",
+        max_batch_size=max_batch,
+        input=_inputs(graph.request),
+        output=_outputs({name: graph.tensors[name] for name in graph.response}),
+        ensemble_scheduling=pb.ModelEnsembling(step=steps),
+        parameters={"artifact_version": pb.ModelParameter(string_value=version)},
     )
+
+
+def _step(graph: Graph, name: str, names: list[str]) -> pb.ModelEnsembling.Step:
+    """The ensemble's step running model `name`: the graph's tensors keep their names."""
+    inputs, outputs = group_tensors(graph, names)
+    return pb.ModelEnsembling.Step(
+        model_name=name,
+        model_version=-1,
+        input_map={n: n for n in inputs},
+        output_map={n: n for n in outputs},
+    )
+
+
+def write_config(path: Path, config: pb.ModelConfig) -> None:
+    path.write_text(text_format.MessageToString(config, use_short_repeated_primitives=True))
+
+
+def read_config(path: Path) -> pb.ModelConfig:
+    return text_format.Parse(path.read_text(), pb.ModelConfig())
 
 
 def export_repository(
@@ -172,13 +176,13 @@ def export_repository(
         shutil.rmtree(repository / name, ignore_errors=True)
     for name, names in groups.items():
         _write_version(artifacts, repository / name / "1", names, graph)
-        (repository / name / "config.pbtxt").write_text(
-            model_config(name, graph, names, config, settings)
+        write_config(
+            repository / name / "config.pbtxt", model_config(name, graph, names, config, settings)
         )
     ensemble = repository / ENSEMBLE
     shutil.rmtree(ensemble, ignore_errors=True)
     (ensemble / "1").mkdir(parents=True)
-    (ensemble / "config.pbtxt").write_text(ensemble_config(graph, groups, version, max_batch))
+    write_config(ensemble / "config.pbtxt", ensemble_config(graph, groups, version, max_batch))
     return repository
 
 
@@ -186,7 +190,7 @@ def _write_version(artifacts: Path, folder: Path, names: list[str], graph: Graph
     """One numbered version of a model: its code and the artifacts its operators read."""
     from serving.live import FILES
 
-    for rel in SHIPPED:
+    for rel in shipped_code(graph):
         (folder / "code" / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, folder / "code" / rel)
     (folder / "artifacts").mkdir(parents=True)
@@ -196,9 +200,45 @@ def _write_version(artifacts: Path, folder: Path, names: list[str], graph: Graph
     (folder / "model.py").write_text(MODEL_PY.format(names=names))
 
 
-def _version_policy(*numbers: int) -> str:
-    listed = ", ".join(str(n) for n in numbers)
-    return f"version_policy: {{ specific: {{ versions: [ {listed} ] }} }}\n"
+def shipped_code(graph: Graph) -> list[Path]:
+    """The app's source files a model runs: the modules of the graph and its operators and all
+    of the app they import, at the top or inside a function, with their packages' __init__.py
+    (paths relative to ROOT)."""
+    todo = [type(graph).__module__, graph.items.__module__]
+    todo += [op.__module__ for op in graph.operators]
+    found: set[Path] = set()
+    while todo:
+        path = _source(todo.pop())
+        if path is not None and path not in found:
+            found.add(path)
+            todo += _imported(path)
+    return sorted(path.relative_to(ROOT) for path in found)
+
+
+def _source(module: str) -> Path | None:
+    """The file of one of the app's modules or packages; None for other modules."""
+    base = ROOT.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imported(path: Path) -> set[str]:
+    """Every module the file names in an import, and the packages above them (`from a import b`
+    gives a, a.b: b may be a module)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    parts = [name.split(".") for name in names]
+    return {".".join(p[:i]) for p in parts for i in range(1, len(p) + 1)}
+
+
+def _version_policy(*numbers: int) -> pb.ModelVersionPolicy:
+    return pb.ModelVersionPolicy(specific=pb.ModelVersionPolicy.Specific(versions=numbers))
 
 
 def pin_version(repository: Path, *numbers: int) -> None:
@@ -206,8 +246,9 @@ def pin_version(repository: Path, *numbers: int) -> None:
     during an A/B test; the ensemble chains the newest)."""
     for name in exported_layout(repository):
         path = repository / name / "config.pbtxt"
-        text = re.sub(r"version_policy: .*\n", _version_policy(*numbers), path.read_text())
-        path.write_text(text)
+        config = read_config(path)
+        config.version_policy.CopyFrom(_version_policy(*numbers))
+        write_config(path, config)
 
 
 def exported_layout(repository: Path) -> dict[str, list[str]]:

@@ -8,7 +8,7 @@ import pytest
 
 from models.recommender import filter_candidates, order
 from serving.graph import Graph, Operator, Tensor
-from serving.live import LiveItems
+from serving.live import FILES, LiveItems
 from serving.operators import (
     GRAPH,
     MAX_K,
@@ -20,6 +20,14 @@ from serving.operators import (
     response_record,
     strings,
     validate_request,
+)
+from serving.triton_export import (
+    ENSEMBLE,
+    LAYOUTS,
+    export_repository,
+    pin_version,
+    read_config,
+    shipped_code,
 )
 
 
@@ -45,6 +53,52 @@ def test_a_graph_reading_an_unproduced_tensor_is_rejected():
 
     with pytest.raises(ValueError, match="reads 'nowhere'"):
         Graph({"x": Tensor("TYPE_FP32", (1,))}, [Reads], response=(), items=None)
+
+
+def _export(tmp_path, config, layout="executor"):
+    """A model repository exported from fake artifacts (every file "{}", version v1)."""
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    for file in {*FILES, *(f for op in GRAPH.operators for f in op.files)}:
+        (artifacts / file).write_text("{}")
+    (artifacts / "manifest.json").write_text(json.dumps({"version": "v1"}))
+    return export_repository(artifacts, tmp_path / "models", config, layout=layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_exported_ensemble_chains_the_models_of_the_layout(tmp_path, layout):
+    config = {"redis_url": 'redis://user:"p\\w"@host:6379/0', "candidates": 300}
+    repository = _export(tmp_path, config, layout)
+    ensemble = read_config(repository / ENSEMBLE / "config.pbtxt")
+    steps = ensemble.ensemble_scheduling.step
+    assert [step.model_name for step in steps] == list(LAYOUTS[layout])
+    available = {t.name for t in ensemble.input}
+    for step in steps:  # each model reads what the request or an earlier model carries
+        model = read_config(repository / step.model_name / "config.pbtxt")
+        assert set(step.input_map) == {t.name for t in model.input} <= available
+        assert set(step.output_map) == {t.name for t in model.output}
+        assert json.loads(model.parameters["config"].string_value) == config
+        available |= set(step.output_map)
+    assert {t.name for t in ensemble.output} <= available
+    assert ensemble.parameters["artifact_version"].string_value == "v1"
+
+
+def test_pinning_versions_changes_only_the_version_policy(tmp_path):
+    repository = _export(tmp_path, {"candidates": 300}, "fused")
+    before = {name: read_config(repository / name / "config.pbtxt") for name in LAYOUTS["fused"]}
+    pin_version(repository, 1, 2)
+    for name, config in before.items():
+        pinned = read_config(repository / name / "config.pbtxt")
+        assert pinned.version_policy.specific.versions == [1, 2]
+        config.version_policy.specific.versions[:] = [1, 2]
+        assert pinned == config
+
+
+def test_models_ship_the_app_code_the_operators_import_even_in_a_function():
+    shipped = {str(path) for path in shipped_code(GRAPH)}
+    assert {"serving/graph.py", "serving/operators.py", "serving/__init__.py"} <= shipped
+    assert {"state/store.py", "state/feature_store.py", "models/recommender.py"} <= shipped
+    assert not any(path.startswith(("streamrec/", "streams/", "tests/")) for path in shipped)
 
 
 def test_filter_rules_remove_and_count_each_reason():
