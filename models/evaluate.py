@@ -8,7 +8,6 @@ the cut ("cold at cut", most of ML-100K's later traffic) are reported apart from
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from models.inputs import idle_hours
 from models.metrics import coverage, ndcg_at_k, recall_at_k
 from models.recommender import Recommender, filter_candidates, order
 from schemas.settings import CANDIDATES
-from state.features import POPULARITY_HALF_LIFE_MS, update_user
+from state.features import decay, update_user
 
 METRICS = ("recall@10", "recall@50", "ndcg@10", "coverage@10")
 # Averaged per user first, then over users (with standard errors): `summarize`.
@@ -77,7 +76,6 @@ def replay_points(
                 stats.popularity,
                 stats.popularity_ms,
             )
-    k = math.log(2) / POPULARITY_HALF_LIFE_MS
 
     chosen = _choose_points(test, cfg.points_per_user, cfg.max_users, rng)
     users_items = test.groupby("user_id", sort=False)["item_id"].apply(list).to_dict()
@@ -91,7 +89,7 @@ def replay_points(
             future = users_items[u][position[u] :]
             relevant = [x for x in dict.fromkeys(future) if x not in seen[u]][: cfg.horizon]
             if relevant:
-                decayed = pop * np.exp(-np.maximum(t - pop_ms, 0) * k)
+                decayed = pop * decay(np.maximum(t - pop_ms, 0))
                 state, past = users.get(u), list(history[u])
                 points.append(
                     Point(u, t, state, set(seen[u]), decayed, set(relevant), u in warm, n, past)
@@ -102,7 +100,7 @@ def replay_points(
         seen[u].add(i)
         if i in catalog.row:
             r = catalog.row[i]
-            pop[r] = pop[r] * math.exp(-max(t - pop_ms[r], 0) * k) + 1.0
+            pop[r] = pop[r] * float(decay(max(t - pop_ms[r], 0))) + 1.0
             pop_ms[r] = max(t, pop_ms[r])
     return points
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,12 +10,11 @@ import pandas as pd
 from models.data import Dataset
 from models.index import ItemIndex
 from models.inputs import idle_hours, item_row, user_row
+from models.workflow import MultiHot
 from state.features import (
-    POPULARITY_HALF_LIFE_MS,
     Replay,
     UserActivity,
-    genre_vectors,
-    genre_vocabulary,
+    decay,
     replay,
 )
 
@@ -28,7 +26,6 @@ class PopularityClock:
     """
 
     def __init__(self, item_ids: np.ndarray, timestamps_ms: np.ndarray):
-        self._k = math.log(2) / POPULARITY_HALF_LIFE_MS
         self._t0 = int(timestamps_ms.min()) if len(timestamps_ms) else 0
         order = np.lexsort((timestamps_ms, item_ids))
         items, times = item_ids[order], timestamps_ms[order]
@@ -38,7 +35,7 @@ class PopularityClock:
         for s, e in zip(starts, ends, strict=True):
             self._bounds[items[s]] = (int(s), int(e))
         self._times = times
-        self._cum = np.cumsum(np.exp((times - self._t0) * self._k))
+        self._cum = np.cumsum(decay(self._t0 - times))  # grown from t0: see `decay`
 
     def at(self, item_ids: np.ndarray, ts_ms: np.ndarray) -> np.ndarray:
         ts_ms = np.broadcast_to(np.asarray(ts_ms, dtype=np.int64), (len(item_ids),))
@@ -51,7 +48,7 @@ class PopularityClock:
             j = s + int(np.searchsorted(self._times[s:e], t, side="left"))
             if j > s:
                 total = self._cum[j - 1] - (self._cum[s - 1] if s > 0 else 0.0)
-                out[n] = total * math.exp(-(t - self._t0) * self._k)
+                out[n] = total * decay(t - self._t0)
         return out.astype(np.float32)
 
 
@@ -75,14 +72,15 @@ class Prepared:
 
 
 def prepare(dataset: Dataset, train: pd.DataFrame) -> Prepared:
-    genres = genre_vocabulary(dataset.items["genres"])
-    vectors = genre_vectors(dataset.items, genres)
+    multi_hot = MultiHot().fit(dataset.items["genres"])
+    rows = multi_hot.transform(dataset.items["genres"])
+    vectors = dict(zip(dataset.items["item_id"], rows, strict=True))
     users = dataset.users.set_index("user_id").to_dict("index")
     items = {
         r.item_id: {"title": r.title, "year": _int_or_none(r.year), "genres": list(r.genres)}
         for r in dataset.items.itertuples()
     }
-    return Prepared(genres, vectors, users, items, replay(train, vectors))
+    return Prepared(multi_hot.vocab, vectors, users, items, replay(train, vectors))
 
 
 def build_examples(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from functools import cached_property
 from itertools import repeat
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 
 from models.inputs import item_row, item_table, item_tower_inputs
 from models.workflow import Workflow
-from state.features import POPULARITY_HALF_LIFE_MS
+from state.features import decay
 
 log = logging.getLogger(__name__)
 # What the table loads from the artifacts (the index and item tower only when retrieval asks).
@@ -35,7 +34,6 @@ FILES = (
     "items.faiss",
     "item_tower.onnx",
 )
-_K = math.log(2) / POPULARITY_HALF_LIFE_MS
 
 
 class LiveItems:
@@ -79,7 +77,7 @@ class LiveItems:
 
     def popularity_at(self, rows: np.ndarray, now_ms: int) -> np.ndarray:
         """Time-decayed interaction counts of these rows at `now_ms`."""
-        return self.popularity[rows] * math.exp(-(now_ms - self.epoch) * _K)
+        return self.popularity[rows] * float(decay(now_ms - self.epoch))
 
     def top(self, n: int) -> np.ndarray:
         """The first `n` rows in backfill order: by live popularity, then the artifacts'

@@ -9,7 +9,6 @@ its first events.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -18,6 +17,7 @@ import pandas as pd
 HISTORY_LEN = 20
 GENRE_DECAY = 0.8  # weight of the past in the genre-affinity moving average
 POPULARITY_HALF_LIFE_MS = 7 * 24 * 3600 * 1000
+DECAY_PER_MS = math.log(2) / POPULARITY_HALF_LIFE_MS
 
 
 @dataclass
@@ -56,11 +56,11 @@ def update_user(
     )
 
 
-def decay(count: float, from_ms: int, to_ms: int) -> float:
-    """A time-decayed count carried forward from `from_ms` to `to_ms`."""
-    if count <= 0 or to_ms <= from_ms:
-        return count
-    return count * math.exp(-(to_ms - from_ms) * math.log(2) / POPULARITY_HALF_LIFE_MS)
+def decay(elapsed_ms):
+    """The share of a time-decayed count left after `elapsed_ms` (a number or an array): the
+    one definition of popularity's decay. A negative time grows the count, which is how
+    `state.store` keeps popularity on a scale that never needs rewriting."""
+    return np.exp(-DECAY_PER_MS * np.asarray(elapsed_ms, dtype=np.float64))
 
 
 @dataclass
@@ -72,7 +72,7 @@ class ItemStats:
     popularity_ms: int = 0
 
     def at(self, ts_ms: int) -> float:
-        return decay(self.popularity, self.popularity_ms, ts_ms)
+        return self.popularity * float(decay(max(ts_ms - self.popularity_ms, 0)))
 
 
 def update_item(stats: ItemStats | None, ts_ms: int) -> ItemStats:
@@ -118,19 +118,3 @@ def replay(
         users[user] = update_user(state, item, genre_vectors.get(item, no_genres), ts_ms)
         items[item] = update_item(stats, ts_ms)
     return Replay(before, pop, users, items)
-
-
-def genre_vocabulary(genres: Iterable[list[str]]) -> list[str]:
-    return sorted({g for gs in genres for g in gs})
-
-
-def genre_vectors(items: pd.DataFrame, vocabulary: list[str]) -> dict[str, np.ndarray]:
-    index = {g: i for i, g in enumerate(vocabulary)}
-    out = {}
-    for item_id, genres in zip(items["item_id"], items["genres"], strict=True):
-        v = np.zeros(len(vocabulary), dtype=np.float32)
-        for g in genres:
-            if g in index:
-                v[index[g]] = 1.0
-        out[item_id] = v
-    return out

@@ -39,13 +39,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from functools import cached_property, lru_cache
 
-from state.features import POPULARITY_HALF_LIFE_MS, UserActivity
+from state.features import DECAY_PER_MS, UserActivity, decay
 
 SEEN_LIMIT = 1000
 APPLIED_LIMIT = 1000
@@ -53,7 +52,6 @@ COUNTED_LIMIT = 100_000  # per shard: far more than a batch retried after a cras
 CHANGES_LIMIT = 100_000  # entries kept per `{p}:changes:{s}` (approximately: MAXLEN ~)
 SHARDS = 16
 TIMEOUT_S = 2.0  # socket timeouts of every streamrec Redis client
-_K = math.log(2) / POPULARITY_HALF_LIFE_MS
 
 # Appends one numbered entry to a shard's change stream. KEYS: changes, changes-n.
 _LOG_LUA = """
@@ -313,10 +311,10 @@ class RedisState:
     def popularity_weight(self, ts_ms: int) -> float:
         """One event's weight on the `popular` scale. float64 holds ~1000 half-lives past the
         epoch (19 years at 7 days); beyond that the weight saturates instead of overflowing."""
-        return math.exp(min((ts_ms - self.epoch) * _K, 700.0))
+        return float(decay(max(self.epoch - ts_ms, -700.0 / DECAY_PER_MS)))
 
     def popularity_at(self, score: float, ts_ms: int) -> float:
-        return score * math.exp(-(ts_ms - self.epoch) * _K)
+        return score * float(decay(ts_ms - self.epoch))
 
     # --- reads (hot path) ----------------------------------------------------------------------
     def _per_item(self, items: Sequence[str], name: str, read) -> list:

@@ -20,6 +20,7 @@ from models.data import temporal_split
 from schemas.artifacts import decisions
 from serving.client import TritonRecommender
 from serving.rollout import rollback
+from serving.triton_export import read_config
 from streams.kafka import EventConsumer, EventProducer
 from streams.trainer import Trainer, TrainerConfig
 
@@ -131,4 +132,5 @@ def test_the_trainer_promotes_a_better_candidate_and_rejects_a_worse_one(live, m
     )
     answered_by = _versions_answered(load)  # versions may interleave while one switches
     assert answered_by[0] == base and candidate in answered_by and answered_by[-1] == base
-    assert (repository / "executor" / "config.pbtxt").read_text().count("versions: [ 1 ]") == 1
+    pinned = read_config(repository / "executor" / "config.pbtxt").version_policy.specific.versions
+    assert pinned == [1]

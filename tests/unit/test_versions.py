@@ -22,6 +22,7 @@ from serving.triton_export import (
     add_version,
     exported_layout,
     pin_version,
+    read_config,
     versions,
 )
 
@@ -39,12 +40,11 @@ def _version(root: Path, name: str, created: str, parent: str | None = None) -> 
 @pytest.fixture()
 def repository(tmp_path) -> Path:
     """An exported executor-layout repository holding version 1 (config only: no Triton)."""
-    from serving.triton_export import _version_policy
-
     repo = tmp_path / "models"
     for name in LAYOUTS["executor"]:
         (repo / name).mkdir(parents=True)
-        (repo / name / "config.pbtxt").write_text(f'name: "{name}"\n' + _version_policy(1))
+        policy = "version_policy { specific { versions: 1 } }"
+        (repo / name / "config.pbtxt").write_text(f'name: "{name}"\n{policy}\n')
     (repo / ENSEMBLE).mkdir()
     return repo
 
@@ -62,8 +62,9 @@ def test_new_versions_are_numbered_after_the_last_and_reused_when_exported(tmp_p
 
 def test_pinning_rewrites_only_the_version_policy(repository):
     pin_version(repository, 7)
-    text = (repository / "executor" / "config.pbtxt").read_text()
-    assert text == 'name: "executor"\nversion_policy: { specific: { versions: [ 7 ] } }\n'
+    config = read_config(repository / "executor" / "config.pbtxt")
+    assert [field.name for field, _ in config.ListFields()] == ["name", "version_policy"]
+    assert config.name == "executor" and config.version_policy.specific.versions == [7]
 
 
 def test_current_and_the_decision_log(tmp_path):
