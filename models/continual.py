@@ -27,6 +27,7 @@ from models.index import ItemIndex
 from models.inputs import USER_OUTPUTS, item_tower_inputs
 from models.recommender import Catalog, Recommender
 from models.workflow import Workflow
+from schemas.artifacts import Artifacts
 from state.features import Replay, replay
 
 ONNX_MODELS = ("user_tower", "item_tower", "ranker")
@@ -60,14 +61,14 @@ class Learner:
         keras.utils.set_random_seed(cfg.seed)
         self.base = artifacts
         self.cfg = cfg
-        self.manifest = json.loads((artifacts / "manifest.json").read_text())
+        self.manifest = Artifacts(artifacts).manifest
         self.parent = self.manifest["version"]  # the version the current models come from
         self.train_cfg = TrainConfig(**self.manifest["config"])
         split = temporal_split(dataset.interactions, self.train_cfg.split_quantile)
         self.prepared = prepare(dataset, split.train)
         self.users, self.items = dict(self.prepared.state.users), dict(self.prepared.state.items)
         self.log = split.train[["user_id", "item_id", "timestamp"]].reset_index(drop=True)
-        self.workflow = Workflow.load(artifacts / "workflow.json")
+        self.workflow = Workflow.load(artifacts / Artifacts.WORKFLOW)
         self.catalog = Catalog.build(self.workflow, self.prepared.item_profiles)
         self.tower, self.ranker = load_models(artifacts, self.workflow)
         self.index = ItemIndex.load(artifacts)
@@ -235,7 +236,7 @@ class Learner:
             "parent": self.parent,
             "continual": {"config": asdict(self.cfg), "cycles": self.cycles},
         }
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        (out / Artifacts.MANIFEST).write_text(json.dumps(manifest, indent=2))
         self.parent = version
         return out
 

@@ -19,6 +19,7 @@ from models.examples import Prepared
 from models.inputs import idle_hours
 from models.metrics import coverage, ndcg_at_k, recall_at_k
 from models.recommender import Recommender, filter_candidates, order
+from schemas.artifacts import Artifacts
 from schemas.settings import CANDIDATES
 from state.features import decay, update_user
 
@@ -217,12 +218,11 @@ def _metrics(recs, points, idx, catalog_size) -> dict[str, float]:
 
 def evaluate_artifacts(artifact_dir, dataset, progress=None) -> dict:
     """Evaluate a trained artifact version on the split it was trained with."""
-    import json
 
     from models.data import temporal_split
     from models.examples import prepare
 
-    manifest = json.loads((artifact_dir / "manifest.json").read_text())
+    manifest = Artifacts(artifact_dir).manifest
     cfg = manifest["config"]
     split = temporal_split(dataset.interactions, cfg["split_quantile"])
     prepared = prepare(dataset, split.train)

@@ -19,6 +19,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from schemas.artifacts import Artifacts
+
 EXACT_LIMIT = 200_000
 NPROBE = 64  # lists searched per query (of ~2·sqrt(n)): recall@100 >= 0.95 (tests/unit)
 TRAIN_PER_LIST = 64  # k-means points per list (a seeded sample of the catalog)
@@ -120,10 +122,10 @@ class ItemIndex:
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(self.index, str(directory / "items.faiss"))
-        (directory / "item_ids.json").write_text(json.dumps(self.ids))
+        faiss.write_index(self.index, str(directory / Artifacts.INDEX))
+        (directory / Artifacts.ITEM_IDS).write_text(json.dumps(self.ids))
 
     @classmethod
     def load(cls, directory: Path) -> ItemIndex:
-        index = faiss.read_index(str(directory / "items.faiss"))
-        return cls(index, json.loads((directory / "item_ids.json").read_text()))
+        index = faiss.read_index(str(directory / Artifacts.INDEX))
+        return cls(index, Artifacts(directory).read(Artifacts.ITEM_IDS))

@@ -22,7 +22,6 @@ with the first one by the paired per-user difference.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -46,6 +45,7 @@ from models.evaluate import (
 from models.examples import prepare
 from models.recommender import Recommender
 from models.sasrec import SASRec, SASRecConfig
+from schemas.artifacts import Artifacts
 
 TOP = 10
 SEGMENTS = ("all", "warm", "cold-at-cut")
@@ -70,7 +70,7 @@ def prequential(
 ) -> dict:
     """The table's figures: {"results": {recommender: {segment: {...}}}, "chosen": {...}}."""
     started = time.time()
-    manifest = json.loads((artifact_dir / "manifest.json").read_text())
+    manifest = Artifacts(artifact_dir).manifest
     split = temporal_split(dataset.interactions, manifest["config"]["split_quantile"])
     rec = Recommender.load(artifact_dir)
     items = list(rec.catalog.ids)

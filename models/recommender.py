@@ -25,6 +25,7 @@ from models.inputs import (
 )
 from models.onnx_export import onnx_session, run_onnx
 from models.workflow import Workflow
+from schemas.artifacts import Artifacts
 
 
 @dataclass
@@ -68,14 +69,13 @@ class Recommender:
 
     @classmethod
     def load(cls, artifact_dir: Path) -> Recommender:
-        import json
 
-        workflow = Workflow.load(artifact_dir / "workflow.json")
-        profiles = json.loads((artifact_dir / "items.json").read_text())
+        workflow = Workflow.load(artifact_dir / Artifacts.WORKFLOW)
+        profiles = Artifacts(artifact_dir).read(Artifacts.ITEMS)
         return cls(
             workflow,
-            onnx_session(artifact_dir / "user_tower.onnx"),
-            onnx_session(artifact_dir / "ranker.onnx"),
+            onnx_session(artifact_dir / Artifacts.USER_TOWER),
+            onnx_session(artifact_dir / Artifacts.RANKER),
             ItemIndex.load(artifact_dir),
             Catalog.build(workflow, profiles),
         )

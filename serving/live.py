@@ -21,18 +21,19 @@ import numpy as np
 
 from models.inputs import item_row, item_table, item_tower_inputs
 from models.workflow import Workflow
+from schemas.artifacts import Artifacts
 from state.features import decay
 
 log = logging.getLogger(__name__)
 # What the table loads from the artifacts (the index and item tower only when retrieval asks).
 FILES = (
-    "manifest.json",
-    "workflow.json",
-    "item_ids.json",
-    "items.json",
-    "popular.json",
-    "items.faiss",
-    "item_tower.onnx",
+    Artifacts.MANIFEST,
+    Artifacts.WORKFLOW,
+    Artifacts.ITEM_IDS,
+    Artifacts.ITEMS,
+    Artifacts.POPULAR,
+    Artifacts.INDEX,
+    Artifacts.ITEM_TOWER,
 )
 
 
@@ -44,15 +45,15 @@ class LiveItems:
         # sched_yield between calls (half of a Triton stub's CPU at 150 req/s went there).
         threadpool_limits(1)
         self.artifacts = artifacts
-        self.version: str = json.loads((artifacts / "manifest.json").read_text())["version"]
+        self.version: str = Artifacts(artifacts).version
         self.state = state  # state.store.RedisState
-        self.ids: list[str] = json.loads((artifacts / "item_ids.json").read_text())
+        self.ids: list[str] = Artifacts(artifacts).read(Artifacts.ITEM_IDS)
         self.row: dict[str, int] = {i: n for n, i in enumerate(self.ids)}
         self.raw_ids: list[bytes] = [i.encode() for i in self.ids]  # as they go on the wire
         self.raw_row: dict[bytes, int] = {i: n for n, i in enumerate(self.raw_ids)}
         self._profiles: dict[str, dict] = {}  # items changed after training, until `features`
         # Backfill order after the live ranking: the artifacts' popular list, then row order.
-        popular = json.loads((artifacts / "popular.json").read_text())
+        popular = Artifacts(artifacts).read(Artifacts.POPULAR)
         fallback = {i: n for n, i in enumerate(popular)}
         self.fallback_rank = np.array(
             [fallback.get(i, len(fallback) + n) for n, i in enumerate(self.ids)], dtype=np.float64
@@ -92,13 +93,13 @@ class LiveItems:
 
     @cached_property
     def workflow(self) -> Workflow:
-        return Workflow.load(self.artifacts / "workflow.json")
+        return Workflow.load(self.artifacts / Artifacts.WORKFLOW)
 
     @cached_property
     def features(self) -> dict[str, np.ndarray]:
         """The item tower's inputs of every item (the stages' item tensors among them), loaded
         by the first stage that asks for them, in one batch transform of the workflow."""
-        profiles = json.loads((self.artifacts / "items.json").read_text()) | self._profiles
+        profiles = Artifacts(self.artifacts).read(Artifacts.ITEMS) | self._profiles
         return item_table(self.workflow, self.ids, profiles, self._inputs)
 
     @cached_property
@@ -236,7 +237,7 @@ class LiveItems:
     def _item_tower(self):
         from models.onnx_export import onnx_session
 
-        return onnx_session(self.artifacts / "item_tower.onnx")
+        return onnx_session(self.artifacts / Artifacts.ITEM_TOWER)
 
     def _features(self, item: str, profile: dict | None) -> dict[str, np.ndarray]:
         return self.workflow.transform_one(item_row(item, profile), self._inputs)

@@ -15,6 +15,7 @@ import numpy as np
 
 from models.inputs import ITEM_OUTPUTS, USER_OUTPUTS
 from models.workflow import Workflow
+from schemas.artifacts import Artifacts
 from serving.graph import Graph, Operator, Tensor
 
 STRING, INT64, INT32, FP32 = "TYPE_STRING", "TYPE_INT64", "TYPE_INT32", "TYPE_FP32"
@@ -94,11 +95,11 @@ class UserFeatures(Operator):
         "recent": Tensor(INT64, ANY, items=True),  # the last RECENT_ITEMS known items
         "path": Tensor(STRING, ONE),
     }
-    files = ("workflow.json",)
+    files = (Artifacts.WORKFLOW,)
 
     def __init__(self, artifacts: Path, config: dict[str, Any], items):
         super().__init__(artifacts, config, items)
-        self.workflow = Workflow.load(artifacts / "workflow.json")
+        self.workflow = Workflow.load(artifacts / Artifacts.WORKFLOW)
         self.reader = _reader(config)
         self.n_genres = self.workflow.output_spec()["item_genres"][1]
 
@@ -134,14 +135,14 @@ class Retrieval(Operator):
     name = "retrieval"
     inputs = {**USER_TENSORS, "path": UserFeatures.outputs["path"]}
     outputs = {"candidates": Tensor(INT64, ANY, items=True), "candidate_scores": Tensor(FP32, ANY)}
-    files = ("user_tower.onnx",)
+    files = (Artifacts.USER_TOWER,)
     count_out = "candidates"
 
     def __init__(self, artifacts: Path, config: dict[str, Any], items):
         super().__init__(artifacts, config, items)
         from models.onnx_export import onnx_session
 
-        self.user_tower = onnx_session(artifacts / "user_tower.onnx")
+        self.user_tower = onnx_session(artifacts / Artifacts.USER_TOWER)
         self.n = int(config["candidates"])
         self.items.index  # noqa: B018 - load it now, not on the first request
 
@@ -301,7 +302,7 @@ class Scoring(Operator):
         "scores": Tensor(FP32, ANY),
         "features": Tensor(FP32, (-1, -1)),  # explain: the ranker's dense inputs, per candidate
     }
-    files = ("ranker.onnx",)
+    files = (Artifacts.RANKER,)
     count_in, count_out = "item_id", "scores"
 
     def __init__(self, artifacts: Path, config: dict[str, Any], items):
@@ -309,7 +310,7 @@ class Scoring(Operator):
         from models.onnx_export import onnx_session, per_user
 
         # The user's history is pooled once per user, not once per candidate (40% of the work).
-        self.ranker = onnx_session(per_user(artifacts / "ranker.onnx", {"hist_items"}))
+        self.ranker = onnx_session(per_user(artifacts / Artifacts.RANKER, {"hist_items"}))
 
     def compute(self, batch):
         return [self._score(t) for t in batch]

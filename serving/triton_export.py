@@ -14,6 +14,7 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
+from schemas.artifacts import Artifacts
 from serving.graph import Graph, Tensor
 from serving.operators import GRAPH
 
@@ -170,7 +171,7 @@ def export_repository(
     there are removed, anything else is left alone."""
     groups = LAYOUTS[layout]
     settings = {"instances": instances, "max_batch": max_batch, "queue_delay_us": queue_delay_us}
-    version = json.loads((artifacts / "manifest.json").read_text())["version"]
+    version = Artifacts(artifacts).version
     repository.mkdir(parents=True, exist_ok=True)
     for name in {n for groups in LAYOUTS.values() for n in groups}:
         shutil.rmtree(repository / name, ignore_errors=True)
@@ -265,7 +266,7 @@ def versions(repository: Path) -> dict[int, str]:
     model = repository / next(iter(exported_layout(repository)))
     out = {}
     for folder in model.iterdir():
-        manifest = folder / "artifacts" / "manifest.json"
+        manifest = folder / "artifacts" / Artifacts.MANIFEST
         if folder.name.isdigit() and manifest.exists():
             out[int(folder.name)] = json.loads(manifest.read_text())["version"]
     return dict(sorted(out.items()))
@@ -275,7 +276,7 @@ def add_version(artifacts: Path, repository: Path, graph: Graph = GRAPH) -> int:
     """Export `artifacts` as the next numbered version of every model of the repository's
     layout (nothing is loaded); the number, or the existing one for an exported version."""
     existing = versions(repository)
-    version = json.loads((artifacts / "manifest.json").read_text())["version"]
+    version = Artifacts(artifacts).version
     for number, name in existing.items():
         if name == version:
             return number

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from schemas.artifacts import Artifacts
 from state.feature_store import TIMESTAMP, load_offline, write_repo
 from state.store import RedisState
 
@@ -19,20 +20,22 @@ def load_features(
 ) -> Path:
     """Write the Feast repo (in `repo_dir`) for `redis_url`, its offline sources from the
     artifacts, and materialize them; load the Redis state (seen sets, popularity)."""
-    state = artifact_dir / "state"
+    artifacts = Artifacts(artifact_dir)
     repo = write_repo(repo_dir, redis_url, project)
-    stats = pd.read_parquet(state / "item_stats.parquet")
-    _load_feast(repo, state, first_ms=int(stats["popularity_ms"].min()), redis_url=redis_url)
-    _load_redis(state, stats, redis_url, project)
+    stats = pd.read_parquet(artifacts.state("item_stats"))
+    _load_feast(repo, artifacts, first_ms=int(stats["popularity_ms"].min()), redis_url=redis_url)
+    _load_redis(artifacts, stats, redis_url, project)
     return repo
 
 
-def _load_feast(repo: Path, state: Path, first_ms: int, redis_url: str | None = None) -> None:
+def _load_feast(
+    repo: Path, artifacts: Artifacts, first_ms: int, redis_url: str | None = None
+) -> None:
     """The users' stream state after the training period is stamped with its own last-event
     time; static profiles with the start of the data (`first_ms` at the latest)."""
-    users = pd.read_parquet(state / "user_profile.parquet")
-    items = pd.read_parquet(state / "item_profile.parquet")
-    activity = pd.read_parquet(state / "user_activity.parquet")
+    users = pd.read_parquet(artifacts.state("user_profile"))
+    items = pd.read_parquet(artifacts.state("item_profile"))
+    activity = pd.read_parquet(artifacts.state("user_activity"))
     start = pd.Timestamp(min(activity["last_event_ms"].min(), first_ms), unit="ms", tz="UTC")
     users[TIMESTAMP] = start
     items[TIMESTAMP] = start
@@ -43,9 +46,9 @@ def _load_feast(repo: Path, state: Path, first_ms: int, redis_url: str | None = 
         load_offline(repo, users, items, activity, redis_url=redis_url)
 
 
-def _load_redis(state: Path, stats: pd.DataFrame, redis_url: str, project: str) -> None:
+def _load_redis(artifacts: Artifacts, stats: pd.DataFrame, redis_url: str, project: str) -> None:
     """Seen sets and the `popular` sorted set, on a scale whose epoch is the last event."""
-    seen = pd.read_parquet(state / "seen.parquet")
+    seen = pd.read_parquet(artifacts.state("seen"))
     RedisState(redis_url, prefix=project).load(
         zip(seen["user_id"], seen["item_id"], seen["ts_ms"].astype(int), strict=True),
         dict(zip(stats["item_id"], stats["popularity"], strict=True)),

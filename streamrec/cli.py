@@ -20,6 +20,7 @@ from rich.table import Table
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 
+from schemas.artifacts import Artifacts
 from schemas.records import EVENT_TYPES  # noqa: E402
 from schemas.settings import get_settings  # noqa: E402
 from streamrec.stack import SERVICES, EmbeddedStack, StackNotRunning  # noqa: E402
@@ -511,7 +512,7 @@ def train_cmd(
             status.update(message.strip())
 
         out = train(dataset, settings.artifact_dir, cfg, step)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = Artifacts(out).manifest
     if features:
         _load_features(out)
     _print_summary(manifest)
@@ -587,7 +588,7 @@ def evaluate_cmd(
     from rich.progress import Progress
 
     from models.evaluate import evaluate_artifacts, markdown_table
-    from schemas.artifacts import current_artifacts
+    from schemas.artifacts import Artifacts, current_artifacts
 
     settings = get_settings()
     try:
@@ -602,7 +603,7 @@ def evaluate_cmd(
         load_tensorflow()
 
         result = pq.prequential(artifacts, dataset, pq.PrequentialConfig(), console.print)
-        path = Path(output) if output else artifacts / "prequential.json"
+        path = Path(output) if output else artifacts / Artifacts.PREQUENTIAL
         path.write_text(json.dumps(result, indent=2))
         console.print(pq.markdown_table(result), soft_wrap=True)
         console.print(f"written to {path}")
@@ -612,7 +613,7 @@ def evaluate_cmd(
         result = evaluate_artifacts(
             artifacts, dataset, lambda n: progress.update(task, completed=n)
         )
-    path = Path(output) if output else artifacts / "evaluation.json"
+    path = Path(output) if output else artifacts / Artifacts.EVALUATION
     path.write_text(json.dumps(result, indent=2))
     console.print(markdown_table(result))
     console.print(f"written to {path}")
@@ -861,7 +862,7 @@ def models_promote(
     from serving.rollout import ExperimentRunning, promote
 
     root = get_settings().artifact_dir
-    if not (root / version / "manifest.json").exists():
+    if not (root / version / Artifacts.MANIFEST).exists():
         fail(f"no version {version!r} under {root} (see `streamrec models list`)")
     triton, repository = _serving()
     try:
@@ -910,7 +911,7 @@ def ab_start(
 
     root = get_settings().artifact_dir
     for version in (control, treatment):
-        if not (root / version / "manifest.json").exists():
+        if not (root / version / Artifacts.MANIFEST).exists():
             fail(f"no version {version!r} under {root} (see `streamrec models list`)")
     if not 0 < treatment_share < 1:
         fail("--treatment-share must be strictly between 0 and 1")
@@ -1112,7 +1113,7 @@ def print_explanations(response: dict, items: dict[str, dict]) -> None:
 
 def _titles() -> dict[str, dict]:
     try:
-        return json.loads((_artifacts() / "items.json").read_text())
+        return Artifacts(_artifacts()).read(Artifacts.ITEMS)
     except (OSError, typer.Exit):
         return {}
 

@@ -56,11 +56,11 @@ class Console:
     def titles(self) -> dict[str, dict]:
         import json
 
-        from schemas.artifacts import current_artifacts
+        from schemas.artifacts import Artifacts, current_artifacts
 
         try:
             return json.loads(
-                (current_artifacts(self.settings.artifact_dir) / "items.json").read_text()
+                (current_artifacts(self.settings.artifact_dir) / Artifacts.ITEMS).read_text()
             )
         except FileNotFoundError:
             return {}

