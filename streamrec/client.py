@@ -18,12 +18,13 @@ moment the client first asks (no consumer group to join).
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from schemas.records import (
     EventType,
@@ -101,46 +102,17 @@ class _Base:
         """Produce any typed record to its topic (a request's answer is not awaited)."""
         self._producer.send(role_for(record.SCHEMA), record.to_record())
 
-    def _track(
-        self,
-        user: str,
-        item: str,
-        event_type: EventType,
-        value: float | None,
-        ts: int | None,
-        request_id: str | None,
-        session_id: str | None,
-        context: dict[str, str] | None,
-    ) -> Interaction:
-        context = dict(context or {})
-        if request_id:  # the response this interaction follows from (A/B attribution)
-            context["request_id"] = request_id
-        event = Interaction(
-            str(user),
-            str(item),
-            event_type,
-            value,
-            ts if ts is not None else now_ms(),
-            session_id=session_id,
-            context=context,
-        )
-        self.send(event)
-        return event
-
-    def _update_item(self, item: str, **fields: Any) -> ItemUpdate:
-        ts = fields.pop("ts", None)
-        update = ItemUpdate(str(item), timestamp_ms=ts if ts is not None else now_ms(), **fields)
-        self.send(update)
-        return update
-
     def _request(
         self,
         user: str,
         k: int,
         exclude: Iterable[str],
         timeout: float,
+        temperature: float | None,
+        seed: int | None,
+        context: dict[str, str] | None,
         ts: int | None,
-        **fields: Any,
+        explain: bool,
     ) -> RecommendationRequest:
         at = now_ms()
         return RecommendationRequest(
@@ -149,7 +121,10 @@ class _Base:
             [str(i) for i in exclude],
             timestamp_ms=ts if ts is not None else at,
             deadline_ms=at + int(timeout * 1000),  # wall clock: when the client stops waiting
-            **fields,
+            temperature=temperature,
+            seed=seed,
+            context=context or {},
+            explain=explain,
         )
 
     def _responses_started(self) -> _Responses:
@@ -176,8 +151,9 @@ class Client(_Base):
     """Blocking client. `track` and `update_item` return at once (delivery is asynchronous;
     `flush` waits for it); `recommend` waits for the answer."""
 
+    # `self: _Base`: AsyncClient offers these two as they are, as coroutines (neither waits).
     def track(
-        self,
+        self: _Base,
         user: str,
         item: str,
         event_type: EventType = "view",
@@ -189,10 +165,23 @@ class Client(_Base):
         context: dict[str, str] | None = None,
     ) -> Interaction:
         """Record that `user` interacted with `item` (at `ts`, epoch ms; default now)."""
-        return self._track(user, item, event_type, value, ts, request_id, session_id, context)
+        context = dict(context or {})
+        if request_id:  # the response this interaction follows from (A/B attribution)
+            context["request_id"] = request_id
+        event = Interaction(
+            str(user),
+            str(item),
+            event_type,
+            value,
+            ts if ts is not None else now_ms(),
+            session_id=session_id,
+            context=context,
+        )
+        self.send(event)
+        return event
 
     def update_item(
-        self,
+        self: _Base,
         item: str,
         *,
         available: bool = True,
@@ -203,15 +192,17 @@ class Client(_Base):
         ts: int | None = None,
     ) -> ItemUpdate:
         """Add an item to the catalog, change its attributes, or make it (un)available."""
-        return self._update_item(
-            item,
+        update = ItemUpdate(
+            str(item),
             available=available,
             title=title,
             year=year,
             genres=list(genres),
             attributes=dict(attributes or {}),
-            ts=ts,
+            timestamp_ms=ts if ts is not None else now_ms(),
         )
+        self.send(update)
+        return update
 
     def recommend(
         self,
@@ -233,17 +224,7 @@ class Client(_Base):
         Raises `RecommendationTimeout` when none arrives within `timeout` seconds.
         """
         timeout = self.timeout if timeout is None else timeout
-        request = self._request(
-            user,
-            k,
-            exclude,
-            timeout,
-            ts,
-            temperature=temperature,
-            seed=seed,
-            context=context or {},
-            explain=explain,
-        )
+        request = self._request(user, k, exclude, timeout, temperature, seed, context, ts, explain)
         answer: Future[RecommendationResponse] = Future()
         self._send_request(request, answer.set_result)
         try:
@@ -266,43 +247,25 @@ class Client(_Base):
         self.close()
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _coroutine(method: Callable[_P, _R]) -> Callable[_P, Coroutine[Any, Any, _R]]:
+    """`method` as a coroutine function, with its signature and docstring."""
+
+    @functools.wraps(method)
+    async def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return method(*args, **kwargs)
+
+    return call
+
+
 class AsyncClient(_Base):
     """The same for asyncio: every method is a coroutine."""
 
-    async def track(
-        self,
-        user: str,
-        item: str,
-        event_type: EventType = "view",
-        value: float | None = None,
-        ts: int | None = None,
-        *,
-        request_id: str | None = None,
-        session_id: str | None = None,
-        context: dict[str, str] | None = None,
-    ) -> Interaction:
-        return self._track(user, item, event_type, value, ts, request_id, session_id, context)
-
-    async def update_item(
-        self,
-        item: str,
-        *,
-        available: bool = True,
-        title: str | None = None,
-        year: int | None = None,
-        genres: Iterable[str] = (),
-        attributes: dict[str, str] | None = None,
-        ts: int | None = None,
-    ) -> ItemUpdate:
-        return self._update_item(
-            item,
-            available=available,
-            title=title,
-            year=year,
-            genres=list(genres),
-            attributes=dict(attributes or {}),
-            ts=ts,
-        )
+    track = _coroutine(Client.track)
+    update_item = _coroutine(Client.update_item)
 
     async def recommend(
         self,
@@ -318,17 +281,7 @@ class AsyncClient(_Base):
         explain: bool = False,
     ) -> RecommendationResponse:
         timeout = self.timeout if timeout is None else timeout
-        request = self._request(
-            user,
-            k,
-            exclude,
-            timeout,
-            ts,
-            temperature=temperature,
-            seed=seed,
-            context=context or {},
-            explain=explain,
-        )
+        request = self._request(user, k, exclude, timeout, temperature, seed, context, ts, explain)
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[RecommendationResponse] = loop.create_future()
 

@@ -28,6 +28,7 @@ from typing import NoReturn
 
 import faust
 from aiokafka.errors import ProducerFenced
+from faust.types import EventT, StreamT, TopicT
 
 from schemas.serde import Serde
 from schemas.settings import NotConfigured, Settings, get_settings
@@ -196,11 +197,26 @@ def _raw(event) -> RawEvent:
 
 
 def create_app(settings: Settings) -> faust.App:
+    """The worker: an agent per input topic, the serving canary, lag metrics and the warm-up."""
     bootstrap = settings.endpoint("kafka")
     runtime = Runtime(settings)
     runtime.check()
     space_out_empty_fetches(settings.idle_fetch_backoff_ms / 1000)
-    app = faust.App(
+    app = _faust_app(settings, bootstrap)
+    topics = {role: _topic(app, settings, role) for role in TOPICS}
+    out = _Publisher(topics, runtime)
+    for role in ("interactions", "item_updates"):
+        _batch_agent(app, topics[role], role, settings, runtime, out)
+    _requests_agent(app, topics["requests"], settings, runtime, out)
+    _serving_canary(app, settings, runtime)
+    _log_assignments(app)
+    _consumer_lag(app)
+    _warm_up(app, settings, runtime)
+    return app
+
+
+def _faust_app(settings: Settings, bootstrap: str) -> faust.App:
+    return faust.App(
         settings.worker_group,
         broker=[f"kafka://{b}" for b in bootstrap.split(",")],
         value_serializer="raw",
@@ -227,25 +243,30 @@ def create_app(settings: Settings) -> faust.App:
         logging_config=LOGGING,
         **faust_broker_settings(settings),
     )
-    topics = {
-        role: app.topic(
-            topic_name(settings, role),
-            value_type=bytes,
-            key_type=bytes,
-            value_serializer="raw",
-            key_serializer="raw",
-        )
-        for role in TOPICS
-    }
-    serdes = runtime.serdes
-    # Requests are guarded one by one, in RequestProcessor.
-    guards = {name: Guard(name) for name in ("interactions", "item_updates")}
 
-    async def publish(role: str, messages: list[tuple[bytes | None, bytes]]) -> None:
+
+def _topic(app: faust.App, settings: Settings, role: str) -> TopicT:
+    return app.topic(
+        topic_name(settings, role),
+        value_type=bytes,
+        key_type=bytes,
+        value_serializer="raw",
+        key_serializer="raw",
+    )
+
+
+class _Publisher:
+    """What the agents produce (responses, dead letters), sent until the broker has it."""
+
+    def __init__(self, topics: dict[str, TopicT], runtime: Runtime):
+        self.topics = topics
+        self.runtime = runtime
+
+    async def publish(self, role: str, messages: list[tuple[bytes | None, bytes]]) -> None:
         """Produce and wait until the broker has every message (retried while it is away)."""
 
         async def send_all() -> None:
-            sent = [await topics[role].send(key=k, value=v) for k, v in messages]
+            sent = [await self.topics[role].send(key=k, value=v) for k, v in messages]
             # Bounded: a send caught in a broker restart may never resolve, and a stuck agent
             # stalls Faust's fetcher for every topic. On time-out the batch is sent again.
             await asyncio.wait_for(asyncio.gather(*sent), SEND_TIMEOUT_S)
@@ -253,86 +274,81 @@ def create_app(settings: Settings) -> faust.App:
         if messages:
             await until_sent(send_all, role)
 
-    async def dead_letters(letters: list[dict], processor: str) -> None:
-        await publish("dead_letter", [(d["key"], serdes["dead_letter"].encode(d)) for d in letters])
+    async def dead_letters(self, letters: list[dict], processor: str) -> None:
+        await self.publish("dead_letter", self._encoded(letters))
         if letters:
             metrics.DEAD_LETTERS.labels(processor).inc(len(letters))
 
-    async def publish_atomically(answers, letters: list[dict], events) -> None:
+    async def atomically(self, answers, letters: list[dict], events: list[EventT]) -> None:
         """Responses, dead letters and the requests' offsets in one transaction."""
         offsets: dict[tuple[str, int], int] = {}
         for e in events:
             tp = (e.message.topic, e.message.partition)
             offsets[tp] = max(offsets.get(tp, 0), e.message.offset + 1)
-        messages = {
-            "recommendations": answers,
-            "dead_letter": [(d["key"], serdes["dead_letter"].encode(d)) for d in letters],
-        }
+        messages = {"recommendations": answers, "dead_letter": self._encoded(letters)}
         try:
-            await until_sent(lambda: runtime.transactions.publish(messages, offsets), "requests")
+            await until_sent(
+                lambda: self.runtime.transactions.publish(messages, offsets), "requests"
+            )
         except ProducerFenced:
             log.error("another worker took over this worker's transactional id; exiting")
             os._exit(3)
         metrics.DEAD_LETTERS.labels("requests").inc(len(letters))
 
-    async def ack(stream, events) -> None:
-        for event in events:
-            await stream.ack(event)
+    def _encoded(self, letters: list[dict]) -> list[tuple[bytes | None, bytes]]:
+        serde = self.runtime.serdes["dead_letter"]
+        return [(d["key"], serde.encode(d)) for d in letters]
 
-    async def run_batch(stream, processor, events) -> None:
-        """Apply a batch until durable, publish its dead letters, then ack its offsets."""
-        results = await guards[processor.name].run(
-            lambda batch: asyncio.to_thread(processor.process, batch),
-            [_raw(e) for e in events],
-            lambda letter: BatchResult(dead_letters=[letter]),
-        )
-        await dead_letters([d for r in results for d in r.dead_letters], processor.name)
-        await ack(stream, events)
-        metrics.BATCH_SIZE.labels(processor.name).observe(len(events))
-        for r in results:
-            metrics.EVENTS.labels(processor.name, "applied").inc(r.applied)
-            metrics.EVENTS.labels(processor.name, "duplicate").inc(r.duplicates)
-            for seconds in r.freshness_s:
-                metrics.FRESHNESS.observe(seconds)
 
-    # noack_take: an event is acked by `ack` above, after its effects are durable, never by
+def _batch_agent(
+    app: faust.App,
+    topic: TopicT,
+    role: str,
+    settings: Settings,
+    runtime: Runtime,
+    out: _Publisher,
+) -> None:
+    """The agent of interactions or of item updates, named by its role."""
+    guard = Guard(role)  # requests are guarded one by one, in RequestProcessor
+
+    # noack_take: an event is acked by `_run_batch`, after its effects are durable, never by
     # Faust when the agent stops or fails (take_events acks the batch in a finally block).
-    @app.agent(topics["interactions"])
-    async def interactions(stream):
+    @app.agent(topic, name=f"{__name__}.{role}")
+    async def agent(stream: StreamT) -> None:
         async for events in stream.noack_take(settings.interaction_batch, within=0.02):
-            await run_batch(
-                stream, await asyncio.to_thread(runtime.processor, "interactions"), events
-            )
+            processor = await asyncio.to_thread(runtime.processor, role)
+            await _run_batch(stream, processor, events, guard, out)
 
-    @app.agent(topics["item_updates"])
-    async def item_updates(stream):
-        async for events in stream.noack_take(settings.interaction_batch, within=0.02):
-            await run_batch(
-                stream, await asyncio.to_thread(runtime.processor, "item_updates"), events
-            )
 
-    async def answer(processor: RequestProcessor, events, acks: InOrderAcks) -> None:
-        """Publish each answer as soon as it is ready, then ack its request (in offset order)."""
-        async for ready in processor.answers([_raw(e) for e in events]):
-            outcomes = [o for _, o in ready]
-            await publish("recommendations", [(o.key, o.value) for o in outcomes if _is_answer(o)])
-            await dead_letters([o for o in outcomes if not _is_answer(o)], processor.name)
-            await acks.done([events[n] for n, _ in ready])
-            _observe([(o, events[n]) for n, o in ready])
+async def _run_batch(
+    stream: StreamT,
+    processor: InteractionProcessor | ItemUpdateProcessor,
+    events: list[EventT],
+    guard: Guard,
+    out: _Publisher,
+) -> None:
+    """Apply a batch until durable, publish its dead letters, then ack its offsets."""
+    results = await guard.run(
+        lambda batch: asyncio.to_thread(processor.process, batch),
+        [_raw(e) for e in events],
+        lambda letter: BatchResult(dead_letters=[letter]),
+    )
+    await out.dead_letters([d for r in results for d in r.dead_letters], processor.name)
+    for event in events:
+        await stream.ack(event)
+    metrics.BATCH_SIZE.labels(processor.name).observe(len(events))
+    for r in results:
+        metrics.EVENTS.labels(processor.name, "applied").inc(r.applied)
+        metrics.EVENTS.labels(processor.name, "duplicate").inc(r.duplicates)
+        for seconds in r.freshness_s:
+            metrics.FRESHNESS.observe(seconds)
 
-    async def answer_atomically(processor, events, acks: InOrderAcks, previous) -> None:
-        """The batch's answers, dead letters and offsets in one transaction, committed after the
-        previous batch's: offsets only move forward."""
-        out = await processor.handle_batch([_raw(e) for e in events])
-        if previous is not None and not await previous:
-            raise RuntimeError("an earlier batch of requests failed; not committing past it")
-        answers = [(o.key, o.value) for o in out if _is_answer(o)]
-        await publish_atomically(answers, [o for o in out if not _is_answer(o)], events)
-        await acks.done(events)
-        _observe(list(zip(out, events, strict=True)))
 
-    @app.agent(topics["requests"])
-    async def requests(stream):
+def _requests_agent(
+    app: faust.App, topic: TopicT, settings: Settings, runtime: Runtime, out: _Publisher
+) -> None:
+    @app.agent(topic)
+    async def requests(stream: StreamT) -> None:
         """Takes requests while earlier ones are in flight (at most `request_concurrency`).
 
         Without transactions each answer is published as soon as it is ready. With them, one
@@ -344,14 +360,14 @@ def create_app(settings: Settings) -> faust.App:
         in_flight: set[asyncio.Task] = set()
         last: asyncio.Task | None = None
 
-        async def serve(events, previous: asyncio.Task | None) -> None:
+        async def serve(events: list[EventT], previous: asyncio.Task | None) -> None:
             processor = await runtime.requests()
             if runtime.transactions is None:
-                await answer(processor, events, acks)
+                await _answer(processor, events, acks, out)
             else:
-                await answer_atomically(processor, events, acks, previous)
+                await _answer_atomically(processor, events, acks, previous, out)
 
-        def launch(events: list) -> None:
+        def launch(events: list[EventT]) -> None:
             nonlocal last
             acks.taken(events)
             last = asyncio.create_task(_releasing(serve(events, last), slots, len(events)))
@@ -368,10 +384,42 @@ def create_app(settings: Settings) -> faust.App:
             for task in in_flight:
                 task.cancel()
 
-    canary_failures: Counter[str] = Counter()  # in a row, per Triton server
+
+async def _answer(
+    processor: RequestProcessor, events: list[EventT], acks: InOrderAcks, out: _Publisher
+) -> None:
+    """Publish each answer as soon as it is ready, then ack its request (in offset order)."""
+    async for ready in processor.answers([_raw(e) for e in events]):
+        outcomes = [o for _, o in ready]
+        await out.publish("recommendations", [(o.key, o.value) for o in outcomes if _is_answer(o)])
+        await out.dead_letters([o for o in outcomes if not _is_answer(o)], processor.name)
+        await acks.done([events[n] for n, _ in ready])
+        _observe([(o, events[n]) for n, o in ready])
+
+
+async def _answer_atomically(
+    processor: RequestProcessor,
+    events: list[EventT],
+    acks: InOrderAcks,
+    previous: asyncio.Task | None,
+    out: _Publisher,
+) -> None:
+    """The batch's answers, dead letters and offsets in one transaction, committed after the
+    previous batch's: offsets only move forward."""
+    outcomes = await processor.handle_batch([_raw(e) for e in events])
+    if previous is not None and not await previous:
+        raise RuntimeError("an earlier batch of requests failed; not committing past it")
+    answers = [(o.key, o.value) for o in outcomes if _is_answer(o)]
+    await out.atomically(answers, [o for o in outcomes if not _is_answer(o)], events)
+    await acks.done(events)
+    _observe(list(zip(outcomes, events, strict=True)))
+
+
+def _serving_canary(app: faust.App, settings: Settings, runtime: Runtime) -> None:
+    failures: Counter[str] = Counter()  # in a row, per Triton server
 
     @app.timer(interval=settings.canary_interval_s)
-    async def serving_canary():
+    async def serving_canary() -> None:
         """Judge each Triton server by a real inference; reload stages that look dead.
 
         Triton's ready flag stays up when a stage's stub process dies, so only an inference
@@ -385,43 +433,48 @@ def create_app(settings: Settings) -> faust.App:
         results = await triton.canaries(timeout=settings.canary_timeout_s)
         metrics.SERVING_READY.set(1 if any(r.ok for r in results.values()) else 0)
         for server, result in results.items():
-            await judge(triton, server, result, len(results) > 1)
+            await _judge(triton, server, result, len(results) > 1, failures)
 
-    async def judge(triton, server: str, result, named: bool) -> None:
-        where = f" on {server}" if named else ""
-        if result.ok:
-            if canary_failures[server]:
-                log.warning(
-                    "serving path healthy again%s (canary %.0f ms)", where, result.seconds * 1000
-                )
-            canary_failures[server] = 0
-            return
-        canary_failures[server] += 1
-        log.warning(
-            "serving path failed its canary%s (%d in a row): %s",
-            where,
-            canary_failures[server],
-            result.reason.splitlines()[0][:300],
-        )
-        # A stage that answers with its own error (Redis down, say) is alive: reloading it
-        # would not help. A dead stub is named by Triton, or only times out.
-        dead = "not healthy" in result.reason or "DEADLINE_EXCEEDED" in result.reason
-        if canary_failures[server] >= 2 and result.suspects and dead:
-            log.warning("reloading stage(s) %s%s", ", ".join(result.suspects), where)
-            try:
-                await triton.heal(result.suspects, server=server)
-            except Exception as e:  # noqa: BLE001 - Triton itself may be down; try again later
-                log.warning("reload failed: %s", e)
 
+async def _judge(triton, server: str, result, named: bool, failures: Counter[str]) -> None:
+    where = f" on {server}" if named else ""
+    if result.ok:
+        if failures[server]:
+            log.warning(
+                "serving path healthy again%s (canary %.0f ms)", where, result.seconds * 1000
+            )
+        failures[server] = 0
+        return
+    failures[server] += 1
+    log.warning(
+        "serving path failed its canary%s (%d in a row): %s",
+        where,
+        failures[server],
+        result.reason.splitlines()[0][:300],
+    )
+    # A stage that answers with its own error (Redis down, say) is alive: reloading it
+    # would not help. A dead stub is named by Triton, or only times out.
+    dead = "not healthy" in result.reason or "DEADLINE_EXCEEDED" in result.reason
+    if failures[server] >= 2 and result.suspects and dead:
+        log.warning("reloading stage(s) %s%s", ", ".join(result.suspects), where)
+        try:
+            await triton.heal(result.suspects, server=server)
+        except Exception as e:  # noqa: BLE001 - Triton itself may be down; try again later
+            log.warning("reload failed: %s", e)
+
+
+def _log_assignments(app: faust.App) -> None:
     @app.on_partitions_assigned.connect
-    async def assigned(app, assigned, **kwargs):  # noqa: ARG001 - Faust's signal signature
+    async def assigned(sender, assigned, **kwargs):  # noqa: ARG001 - Faust's signal signature
         by_topic: dict[str, list[int]] = {}
         for tp in sorted(assigned):
             by_topic.setdefault(tp.topic, []).append(tp.partition)
         log.info("partitions assigned: %s", by_topic or "none")
 
+
+def _consumer_lag(app: faust.App) -> None:
     @app.timer(interval=5.0)
-    async def consumer_lag():
+    async def consumer_lag() -> None:
         consumer = app.consumer
         metrics.CONSUMER_LAG.clear()  # partitions revoked since the last tick report nothing
         for tp in consumer.assignment():
@@ -429,8 +482,10 @@ def create_app(settings: Settings) -> faust.App:
             lag = consumer.highwater(tp) - (committed or 0)
             metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(lag, 0))
 
+
+def _warm_up(app: faust.App, settings: Settings, runtime: Runtime) -> None:
     @app.task
-    async def warm_up():
+    async def warm_up() -> None:
         """Build the processors before traffic (Feast and ONNX imports take seconds); a worker
         that cannot do so exits at once with the reason (the CLI prints it)."""
         if settings.metrics_port is not None:
@@ -447,8 +502,6 @@ def create_app(settings: Settings) -> faust.App:
         gc.collect()
         gc.freeze()
         log.info(READY)
-
-    return app
 
 
 async def _releasing(work, slots: asyncio.Semaphore, n: int) -> bool:
