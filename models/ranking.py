@@ -22,7 +22,6 @@ Only the offline side imports this module (it imports TensorFlow).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 
 import keras
@@ -31,13 +30,14 @@ import tensorflow as tf
 from keras import layers, ops
 
 from models.retrieval import (
+    SeededLayers,
     _as_inputs,
     _check_rows,
     _predict,
-    _seeded,
     check_cardinalities,
     masked_mean,
     safe_index,
+    train_epochs,
 )
 
 CATEGORICAL: tuple[str, ...] = (
@@ -113,16 +113,7 @@ def build_dlrm(
     bottom = tuple(int(b) for b in bottom)
     if not bottom or bottom[-1] != emb_dim:
         raise ValueError(f"the last bottom layer must have emb_dim={emb_dim} units: {bottom}")
-    nxt = _seeded(seed)
-
-    def dense(units: int, name: str, activation=None) -> layers.Dense:
-        return layers.Dense(
-            units,
-            activation=activation,
-            name=name,
-            kernel_initializer=keras.initializers.GlorotUniform(seed=nxt()),
-        )
-
+    make = SeededLayers(seed)
     inputs = {n: keras.Input(shape=(), dtype="int64", name=n) for n in CATEGORICAL}
     inputs["dense"] = keras.Input(shape=(n_dense,), dtype="float32", name="dense")
     inputs["hist_items"] = keras.Input(shape=(hist_len,), dtype="int64", name="hist_items")
@@ -130,17 +121,12 @@ def build_dlrm(
     # bottom MLP over standardised dense features
     x = normed = Standardize(name=DENSE_NORM_LAYER)(inputs["dense"])
     for i, units in enumerate(bottom):
-        x = dense(units, f"bottom_{i}", "relu")(x)
+        x = make.dense(units, f"bottom_{i}", "relu")(x)
     vectors = [x]
 
     tables = {}
     for n in CATEGORICAL:
-        tables[n] = layers.Embedding(
-            int(cardinalities[n]),
-            emb_dim,
-            name=f"{n}_emb",
-            embeddings_initializer=keras.initializers.RandomNormal(stddev=0.05, seed=nxt()),
-        )
+        tables[n] = make.embedding(n, cardinalities[n], emb_dim)
         vectors.append(tables[n](safe_index(inputs[n], cardinalities[n])))
     hist = safe_index(inputs["hist_items"], cardinalities["item_id"])
     pooled, _ = masked_mean(tables["item_id"](hist), hist)
@@ -156,12 +142,12 @@ def build_dlrm(
 
     z = layers.Concatenate(name="interaction")([x, pairs])
     for i, units in enumerate(top):
-        z = dense(int(units), f"top_{i}", "relu")(z)
+        z = make.dense(int(units), f"top_{i}", "relu")(z)
     if wide:
         logit = layers.Dense(1, name="logit", kernel_initializer="zeros")(z)
-        logit = layers.Add(name="wide_deep")([dense(1, WIDE_LAYER)(normed), logit])
+        logit = layers.Add(name="wide_deep")([make.dense(1, WIDE_LAYER)(normed), logit])
     else:
-        logit = dense(1, "logit")(z)
+        logit = make.dense(1, "logit")(z)
     score = layers.Activation("sigmoid", name=RANKER_OUTPUT)(logit)
     return keras.Model(inputs, score, name="dlrm")
 
@@ -187,29 +173,57 @@ def fit_ranker(
     """
     x = _as_inputs(inputs, RANKER_INPUTS)
     n = _check_rows(x)
+    y = _labels(labels, n)
+    norm = model.get_layer(DENSE_NORM_LAYER)
+    if adapt_dense or (adapt_dense is None and not norm.adapted):
+        norm.set_stats(x["dense"])
+    step = _train_step(model, x, _variable_groups(model, learning_rate, deep_lr_scale))
+
+    def train_batch(idx: np.ndarray) -> float:
+        return float(step({k: v[idx] for k, v in x.items()}, y[idx]))
+
+    def on_epoch(epoch: int, mean: float, seconds: float) -> None:
+        if verbose:
+            print(f"dlrm epoch {epoch + 1}/{epochs} loss {mean:.4f} ({n / seconds:,.0f} rows/s)")
+        if progress is not None:
+            progress(epoch, mean)
+
+    rng = np.random.default_rng(seed)
+    return train_epochs(train_batch, n, epochs, batch_size, rng, on_epoch)
+
+
+def _labels(labels: np.ndarray, n: int) -> np.ndarray:
     y = np.asarray(labels, dtype=np.float32).reshape(-1)
     if y.shape[0] != n:
         raise ValueError(f"labels have {y.shape[0]} rows, inputs have {n}")
     if np.any((y < 0) | (y > 1)):
         raise ValueError("labels must be in [0, 1]")
+    return y
 
-    norm = model.get_layer(DENSE_NORM_LAYER)
-    if adapt_dense or (adapt_dense is None and not norm.adapted):
-        norm.set_stats(x["dense"])
 
+VariableGroups = list[tuple[list, float]]
+
+
+def _variable_groups(
+    model: keras.Model, learning_rate: float, deep_lr_scale: float
+) -> VariableGroups:
+    """The trainable variables in groups with their learning rate: the wide path at
+    ``learning_rate`` and the rest at ``deep_lr_scale`` times it (left out at 0)."""
     if deep_lr_scale < 0:
         raise ValueError("deep_lr_scale must be >= 0")
-    has_wide = any(layer.name == WIDE_LAYER for layer in model.layers)
-    wide_ids = (
-        {id(v) for v in model.get_layer(WIDE_LAYER).trainable_variables} if has_wide else set()
-    )
-    groups = [(list(model.trainable_variables), learning_rate)]
-    if has_wide and deep_lr_scale != 1.0:
-        wide_vars = [v for v in model.trainable_variables if id(v) in wide_ids]
-        deep_vars = [v for v in model.trainable_variables if id(v) not in wide_ids]
-        groups = [(wide_vars, learning_rate)]
-        if deep_lr_scale > 0:
-            groups.append((deep_vars, learning_rate * deep_lr_scale))
+    variables = list(model.trainable_variables)
+    if deep_lr_scale == 1.0 or all(layer.name != WIDE_LAYER for layer in model.layers):
+        return [(variables, learning_rate)]
+    wide_ids = {id(v) for v in model.get_layer(WIDE_LAYER).trainable_variables}
+    groups = [([v for v in variables if id(v) in wide_ids], learning_rate)]
+    if deep_lr_scale > 0:
+        deep = [v for v in variables if id(v) not in wide_ids]
+        groups.append((deep, learning_rate * deep_lr_scale))
+    return groups
+
+
+def _train_step(model: keras.Model, x: Mapping[str, np.ndarray], groups: VariableGroups):
+    """A compiled step: binary cross-entropy on the logit, one Adam per variable group."""
     optimizers = [keras.optimizers.Adam(learning_rate=lr) for _, lr in groups]
     variables = [v for vs, _ in groups for v in vs]
     logit_model = keras.Model(model.inputs, model.get_layer(RANKER_OUTPUT).input)
@@ -230,24 +244,7 @@ def fit_ranker(
             start += len(vs)
         return loss
 
-    rng = np.random.default_rng(seed)
-    losses: list[float] = []
-    for epoch in range(epochs):
-        t0 = time.perf_counter()
-        order = rng.permutation(n)
-        total, batches = 0.0, 0
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            total += float(step({k: v[idx] for k, v in x.items()}, y[idx]))
-            batches += 1
-        mean = total / max(batches, 1)
-        losses.append(mean)
-        if verbose:
-            dt = time.perf_counter() - t0
-            print(f"dlrm epoch {epoch + 1}/{epochs} loss {mean:.4f} ({n / dt:,.0f} rows/s)")
-        if progress is not None:
-            progress(epoch, mean)
-    return losses
+    return step
 
 
 def predict_ranker(

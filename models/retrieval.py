@@ -18,6 +18,7 @@ export (:mod:`models.onnx_export`).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -83,14 +84,68 @@ def check_cardinalities(cardinalities: Mapping[str, int], names) -> None:
         raise ValueError(f"cardinalities must be >= 2 (0 = pad, 1 = OOV): {small}")
 
 
-def _seeded(seed: int):
-    """Seed generator for initialisers, so a build is reproducible without global seeding."""
-    counter = iter(range(1_000_000))
+# --------------------------------------------------------------------------------------------
+# building and training helpers shared with models.ranking
+# --------------------------------------------------------------------------------------------
 
-    def nxt() -> int:
-        return int(seed) * 1000 + next(counter)
 
-    return nxt
+class SeededLayers:
+    """Makes layers whose initialisers take successive seeds from ``seed``, so a build is
+    reproducible without global seeding (as long as the layers are made in the same order)."""
+
+    def __init__(self, seed: int) -> None:
+        self._seeds = itertools.count(int(seed) * 1000)
+
+    def next_seed(self) -> int:
+        return next(self._seeds)
+
+    def embedding(self, name: str, cardinality: int, dim: int) -> layers.Embedding:
+        return layers.Embedding(
+            int(cardinality),
+            dim,
+            name=f"{name}_emb",
+            embeddings_initializer=keras.initializers.RandomNormal(
+                stddev=0.05, seed=self.next_seed()
+            ),
+        )
+
+    def dense(self, units: int, name: str, activation: str | None = None) -> layers.Dense:
+        return layers.Dense(
+            units,
+            activation=activation,
+            name=name,
+            kernel_initializer=keras.initializers.GlorotUniform(seed=self.next_seed()),
+        )
+
+
+def train_epochs(
+    train_batch: Callable[[np.ndarray], float | None],
+    n: int,
+    epochs: int,
+    batch_size: int,
+    rng: np.random.Generator,
+    on_epoch: Callable[[int, float, float], None],
+) -> list[float]:
+    """Mini-batch epochs over ``n`` rows in a fresh shuffled order each; returns the mean loss
+    per epoch.
+
+    ``train_batch(rows)`` trains on one batch of row indices and returns its loss (None: batch
+    skipped); ``on_epoch(epoch, mean_loss, seconds)`` runs after each epoch.
+    """
+    losses: list[float] = []
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        order = rng.permutation(n)
+        total, batches = 0.0, 0
+        for start in range(0, n, batch_size):
+            loss = train_batch(order[start : start + batch_size])
+            if loss is not None:
+                total += loss
+                batches += 1
+        mean = total / max(batches, 1)
+        losses.append(mean)
+        on_epoch(epoch, mean, time.perf_counter() - t0)
+    return losses
 
 
 @keras.saving.register_keras_serializable(package="streamrec")
@@ -250,34 +305,28 @@ class TwoTower:
             self._step = self._make_step(u, it)
 
         rng = np.random.default_rng(self.seed + len(self.history))
-        losses: list[float] = []
-        for epoch in range(epochs):
-            t0 = time.perf_counter()
-            order = rng.permutation(n)
-            total, batches = 0.0, 0
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                if idx.shape[0] < 2:
-                    continue
-                batch = {k: v[idx] for k, v in it.items()}
-                ids = batch["item_id"]
-                if self.item_id_dropout > 0:
-                    drop = rng.random(len(idx)) < self.item_id_dropout
-                    batch["item_id"] = np.where(drop, OOV_INDEX, ids)
-                loss = self._step({k: v[idx] for k, v in u.items()}, batch, log_q[idx], ids)
-                total += float(loss)
-                batches += 1
-            mean = total / max(batches, 1)
-            losses.append(mean)
+
+        def train_batch(idx: np.ndarray) -> float | None:
+            if idx.shape[0] < 2:
+                return None
+            batch = {k: v[idx] for k, v in it.items()}
+            ids = batch["item_id"]
+            if self.item_id_dropout > 0:
+                drop = rng.random(len(idx)) < self.item_id_dropout
+                batch["item_id"] = np.where(drop, OOV_INDEX, ids)
+            return float(self._step({k: v[idx] for k, v in u.items()}, batch, log_q[idx], ids))
+
+        def on_epoch(epoch: int, mean: float, seconds: float) -> None:
             self.history.append(mean)
             if verbose:
-                dt = time.perf_counter() - t0
                 print(
-                    f"two-tower epoch {epoch + 1}/{epochs} loss {mean:.4f} ({n / dt:,.0f} pairs/s)"
+                    f"two-tower epoch {epoch + 1}/{epochs} loss {mean:.4f} "
+                    f"({n / seconds:,.0f} pairs/s)"
                 )
             if progress is not None:
                 progress(epoch, mean)
-        return losses
+
+        return train_epochs(train_batch, n, epochs, batch_size, rng, on_epoch)
 
     # ---------------------------------------------------------------- inference
     def embed_users(self, user_inputs: Mapping[str, np.ndarray], batch_size: int = 8192):
@@ -318,75 +367,17 @@ def build_two_tower(
     check_cardinalities(cardinalities, (*USER_FEATURES, "item_id", "item_year"))
     if n_genres < 1 or hist_len < 1 or dim < 1:
         raise ValueError("n_genres, hist_len and dim must be >= 1")
-    attr_dim = attr_dim or max(8, dim // 4)
-    hidden = hidden or 2 * dim
-    nxt = _seeded(seed)
-
-    def emb(name: str, card: int, d: int) -> layers.Embedding:
-        return layers.Embedding(
-            int(card),
-            d,
-            name=f"{name}_emb",
-            embeddings_initializer=keras.initializers.RandomNormal(stddev=0.05, seed=nxt()),
-        )
-
-    def dense(units: int, name: str, activation=None) -> layers.Dense:
-        return layers.Dense(
-            units,
-            activation=activation,
-            name=name,
-            kernel_initializer=keras.initializers.GlorotUniform(seed=nxt()),
-        )
-
-    item_card = int(cardinalities["item_id"])
-    item_emb = emb("item_id", item_card, dim)  # shared by both towers
-
-    # ---- user tower
-    u_in = {n: keras.Input(shape=(), dtype="int64", name=n) for n in USER_FEATURES}
-    u_in["hist_items"] = keras.Input(shape=(hist_len,), dtype="int64", name="hist_items")
-    parts = [
-        emb(n, cardinalities[n], attr_dim)(safe_index(u_in[n], cardinalities[n]))
-        for n in USER_FEATURES
-    ]
-    hist = safe_index(u_in["hist_items"], item_card)
-    hist_emb = item_emb(hist)
-    pooled, count = masked_mean(hist_emb, hist)
-    hist_frac = count / float(hist_len)
-    if sequence:
-        parts.append(RecentSequence(seed=nxt(), name="recent_sequence")(hist_emb, hist))
-    x = layers.Concatenate(name="user_concat")([*parts, pooled, hist_frac])
-    x = dense(hidden, "user_hidden", "relu")(x)
-    x = dense(dim, "user_out")(x)
-    # residual from the pooled history: an item-to-item term that works for cold users
-    user_vec = l2_normalize(x + pooled)
-    user_vec = layers.Identity(name=USER_OUTPUT)(user_vec)
-    user_tower = keras.Model(u_in, user_vec, name="user_tower")
-
-    # ---- item tower
-    i_in = {
-        "item_id": keras.Input(shape=(), dtype="int64", name="item_id"),
-        "item_genres": keras.Input(shape=(n_genres,), dtype="float32", name="item_genres"),
-        "item_year": keras.Input(shape=(), dtype="int64", name="item_year"),
-    }
-    id_vec = item_emb(safe_index(i_in["item_id"], item_card))
-    genres = dense(attr_dim, "genres_proj")(i_in["item_genres"])
-    year = emb("item_year", cardinalities["item_year"], attr_dim)(
-        safe_index(i_in["item_year"], cardinalities["item_year"])
+    make = SeededLayers(seed)
+    towers = _Towers(
+        cardinalities=cardinalities,
+        dim=dim,
+        attr_dim=attr_dim or max(8, dim // 4),
+        hidden=hidden or 2 * dim,
+        make=make,
+        item_emb=make.embedding("item_id", cardinalities["item_id"], dim),
     )
-    item_parts = [id_vec, genres, year]
-    if title_len:
-        check_cardinalities(cardinalities, (TITLE_INPUT,))
-        i_in[TITLE_INPUT] = keras.Input(shape=(title_len,), dtype="int64", name=TITLE_INPUT)
-        tokens = safe_index(i_in[TITLE_INPUT], cardinalities[TITLE_INPUT])
-        token_emb = emb(TITLE_INPUT, cardinalities[TITLE_INPUT], attr_dim)(tokens)
-        item_parts.append(masked_mean(token_emb, tokens)[0])
-    y = layers.Concatenate(name="item_concat")(item_parts)
-    y = dense(hidden, "item_hidden", "relu")(y)
-    y = dense(dim, "item_out")(y)
-    item_vec = l2_normalize(y + id_vec)
-    item_vec = layers.Identity(name=ITEM_OUTPUT)(item_vec)
-    item_tower = keras.Model(i_in, item_vec, name="item_tower")
-
+    user_tower = _user_tower(towers, hist_len, sequence)
+    item_tower = _item_tower(towers, n_genres, title_len)
     return TwoTower(
         user_tower=user_tower,
         item_tower=item_tower,
@@ -395,9 +386,73 @@ def build_two_tower(
         n_genres=n_genres,
         temperature=temperature,
         seed=seed,
-        item_inputs=tuple(i_in),
+        item_inputs=tuple(item_tower.input),
         item_id_dropout=item_id_dropout,
     )
+
+
+@dataclass(frozen=True)
+class _Towers:
+    """What both towers are built from. The layers' seeds follow the order they are made in,
+    so the towers must be built in the same order (user, then item) for the same weights."""
+
+    cardinalities: Mapping[str, int]
+    dim: int
+    attr_dim: int
+    hidden: int
+    make: SeededLayers
+    item_emb: layers.Embedding  # the item-id table both towers share
+
+    def categorical(self, name: str, x):
+        """The ``attr_dim`` embedding of categorical input ``x`` called ``name``."""
+        card = self.cardinalities[name]
+        return self.make.embedding(name, card, self.attr_dim)(safe_index(x, card))
+
+    def item_ids(self, x):
+        return safe_index(x, int(self.cardinalities["item_id"]))
+
+    def head(self, parts: list, residual, prefix: str, output: str):
+        """Concatenated parts -> hidden ReLU layer -> ``dim`` units, plus ``residual``,
+        L2-normalised."""
+        x = layers.Concatenate(name=f"{prefix}_concat")(parts)
+        x = self.make.dense(self.hidden, f"{prefix}_hidden", "relu")(x)
+        x = self.make.dense(self.dim, f"{prefix}_out")(x)
+        return layers.Identity(name=output)(l2_normalize(x + residual))
+
+
+def _user_tower(towers: _Towers, hist_len: int, sequence: bool) -> keras.Model:
+    inputs = {n: keras.Input(shape=(), dtype="int64", name=n) for n in USER_FEATURES}
+    inputs["hist_items"] = keras.Input(shape=(hist_len,), dtype="int64", name="hist_items")
+    parts = [towers.categorical(n, inputs[n]) for n in USER_FEATURES]
+    hist = towers.item_ids(inputs["hist_items"])
+    hist_emb = towers.item_emb(hist)
+    pooled, count = masked_mean(hist_emb, hist)
+    if sequence:
+        recent = RecentSequence(seed=towers.make.next_seed(), name="recent_sequence")
+        parts.append(recent(hist_emb, hist))
+    # residual from the pooled history: an item-to-item term that works for cold users
+    user_vec = towers.head([*parts, pooled, count / float(hist_len)], pooled, "user", USER_OUTPUT)
+    return keras.Model(inputs, user_vec, name="user_tower")
+
+
+def _item_tower(towers: _Towers, n_genres: int, title_len: int | None) -> keras.Model:
+    inputs = {
+        "item_id": keras.Input(shape=(), dtype="int64", name="item_id"),
+        "item_genres": keras.Input(shape=(n_genres,), dtype="float32", name="item_genres"),
+        "item_year": keras.Input(shape=(), dtype="int64", name="item_year"),
+    }
+    id_vec = towers.item_emb(towers.item_ids(inputs["item_id"]))
+    genres = towers.make.dense(towers.attr_dim, "genres_proj")(inputs["item_genres"])
+    parts = [id_vec, genres, towers.categorical("item_year", inputs["item_year"])]
+    if title_len:
+        check_cardinalities(towers.cardinalities, (TITLE_INPUT,))
+        inputs[TITLE_INPUT] = keras.Input(shape=(title_len,), dtype="int64", name=TITLE_INPUT)
+        card = towers.cardinalities[TITLE_INPUT]
+        tokens = safe_index(inputs[TITLE_INPUT], card)
+        token_emb = towers.make.embedding(TITLE_INPUT, card, towers.attr_dim)(tokens)
+        parts.append(masked_mean(token_emb, tokens)[0])
+    item_vec = towers.head(parts, id_vec, "item", ITEM_OUTPUT)
+    return keras.Model(inputs, item_vec, name="item_tower")
 
 
 # --------------------------------------------------------------------------------------------

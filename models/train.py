@@ -13,14 +13,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from models.data import Dataset, temporal_split
+from models.data import Dataset, Split, temporal_split
 from models.evaluate import EvalConfig, evaluate
 from models.examples import (
+    Examples,
     PopularityClock,
+    Prepared,
     SeenBefore,
     build_examples,
     hard_negatives,
@@ -36,7 +39,15 @@ from models.inputs import (
     recent_vector,
 )
 from models.recommender import Catalog, Recommender
+from models.workflow import Workflow
 from schemas.artifacts import point_current
+from schemas.settings import CANDIDATES
+from state.features import UserActivity, replay
+
+if TYPE_CHECKING:
+    import keras
+
+    from models.retrieval import TwoTower
 
 MANIFEST_VERSION = 1
 WEIGHTS = {
@@ -69,7 +80,7 @@ class TrainConfig:
     ranker_wide: bool = True
     ranker_deep_lr_scale: float = 0.1
     negatives: int = 4
-    candidates: int = 300
+    candidates: int = CANDIDATES
     eval_points_per_user: int = 3
     eval_max_users: int = 2000
     seed: int = 0
@@ -81,189 +92,36 @@ Step = Callable[[str], None]
 def train(dataset: Dataset, artifact_root: Path, cfg: TrainConfig, step: Step = print) -> Path:
     import keras
 
-    from models.onnx_export import export_onnx, onnx_session, parity
-    from models.ranking import fit_ranker
-
     keras.utils.set_random_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     started = time.time()
-    version = time.strftime("%Y%m%d-%H%M%S") + f"-{dataset.name}"
-    out = artifact_root / version
+    out = artifact_root / (time.strftime("%Y%m%d-%H%M%S") + f"-{dataset.name}")
     out.mkdir(parents=True)
+    run = _Run(dataset, cfg, out, step, started)
 
-    step(
-        f"splitting {len(dataset.interactions):,} interactions at the {cfg.split_quantile:.0%} "
-        "time quantile"
+    data = _split(run)
+    pairs = _fit_workflow(run, data)
+    tower, ranker = build_models(pairs.workflow.output_spec(), cfg)
+    tower_loss = _train_two_tower(run, data, pairs, tower)
+    catalog, index, index_summary = _build_index(run, data, pairs, tower)
+    rows = RankerRows(data.prepared, data.clock, data.seen, pairs.workflow, tower, index, cfg, rng)
+    rx, ranker_metrics = _train_ranker(run, data, pairs, rows, ranker)
+    onnx_parity = _export_onnx(
+        run,
+        {
+            "user_tower": (tower.user_tower, {k: pairs.x[k] for k in USER_OUTPUTS}),
+            "item_tower": (tower.item_tower, catalog.inputs),
+            "ranker": (ranker, rx),
+        },
     )
-    split = temporal_split(dataset.interactions, cfg.split_quantile)
-    prepared = prepare(dataset, split.train)
-    all_events = pd.concat([split.train, split.test])
-    clock = PopularityClock(
-        all_events["item_id"].to_numpy(), all_events["timestamp"].to_numpy().astype(np.int64) * 1000
-    )
-    seen = SeenBefore(all_events["user_id"].to_numpy(), all_events["item_id"].to_numpy())
-
-    step("building training examples (features as of each interaction)")
-    train_ex = build_examples(split.train, prepared.state.users_before, prepared, clock)
-    workflow = make_workflow(cfg.title_tokens)
-    workflow.fit(train_ex.frame)
-    workflow.save(out / "workflow.json")
-    x = workflow.transform(train_ex.frame)
-    spec = workflow.output_spec()
-    tower, ranker = build_models(spec, cfg)
-
-    step(f"training the two-tower model on {len(train_ex.frame):,} pairs")
-    counts = split.train["item_id"].value_counts()
-    log_q = np.log(counts.reindex(train_ex.frame["item_id"]).to_numpy() / counts.sum())
-    tower_loss = tower.fit(
-        {k: x[k] for k in USER_OUTPUTS},
-        {k: x[k] for k in item_tower_inputs(workflow)},
-        log_q,
-        epochs=cfg.retrieval_epochs,
-        batch_size=cfg.retrieval_batch,
-        progress=lambda e, loss: step(f"  retrieval epoch {e + 1}: loss {loss:.4f}"),
-    )
-
-    step("embedding the catalog and building the ANN index")
-    catalog = Catalog.build(workflow, prepared.item_profiles)
-    item_emb = tower.embed_items(catalog.inputs)
-    built = time.perf_counter()
-    index = ItemIndex.build(item_emb, catalog.ids)
-    build_seconds = time.perf_counter() - built
-    index.save(out)
-    queries = tower.embed_users({k: x[k][: min(500, len(x[k]))] for k in USER_OUTPUTS})
-    index_recall = index.recall_vs_exact(queries, 100)
-
-    step(
-        f"training the DLRM ranker ({cfg.negatives} negatives per positive from the unseen "
-        "retrieval candidates)"
-    )
-    rx, ry, _ = ranker_set(
-        split.train,
-        prepared.state.users_before,
-        prepared,
-        clock,
-        workflow,
-        tower,
-        index,
-        cfg,
-        rng,
-        seen,
-        offset=0,
-        positives=(train_ex, x),
-    )
-    fit_ranker(
-        ranker,
-        rx,
-        ry,
-        epochs=cfg.ranker_epochs,
-        seed=cfg.seed,
-        deep_lr_scale=cfg.ranker_deep_lr_scale,
-        progress=lambda e, loss: step(f"  ranker epoch {e + 1}: loss {loss:.4f}"),
-    )
-    from state.features import replay
-
-    test_state = replay(split.test, prepared.vectors, prepared.state.users, prepared.state.items)
-    tx, ty, in_candidates = ranker_set(
-        split.test,
-        test_state.users_before,
-        prepared,
-        clock,
-        workflow,
-        tower,
-        index,
-        cfg,
-        rng,
-        seen,
-        offset=len(split.train),
-    )
-    ranker_metrics = _ranker_metrics(ranker, tx, ty, in_candidates)
-
-    step("exporting ONNX models and checking parity with Keras")
-    sample_user = {k: x[k][:64] for k in USER_OUTPUTS}
-    sample_rank = {k: v[:64] for k, v in rx.items()}
-    onnx_parity = {}
-    for name, model, sample in (
-        ("user_tower", tower.user_tower, sample_user),
-        ("item_tower", tower.item_tower, {k: v[:64] for k, v in catalog.inputs.items()}),
-        ("ranker", ranker, sample_rank),
-    ):
-        export_onnx(model, out / f"{name}.onnx")
-        onnx_parity[name] = parity(model, out / f"{name}.onnx", sample)
     save_weights(out, tower, ranker)
-    (out / "items.json").write_text(json.dumps(prepared.item_profiles))
-    _write_state(out, dataset, split.train, prepared)
+    (out / "items.json").write_text(json.dumps(data.prepared.item_profiles))
+    _write_state(out, dataset, data.split.train, data.prepared)
+    evaluation = _evaluate(run, data, pairs.workflow, index, catalog)
 
-    step("evaluating on the temporal hold-out (most-popular vs retrieval vs four-stage)")
-    rec = Recommender(
-        workflow,
-        onnx_session(out / "user_tower.onnx"),
-        onnx_session(out / "ranker.onnx"),
-        index,
-        catalog,
-    )
-    evaluation = evaluate(
-        rec,
-        prepared,
-        split.train,
-        split.test,
-        EvalConfig(
-            cfg.eval_points_per_user,
-            max_users=cfg.eval_max_users,
-            candidates=cfg.candidates,
-            seed=cfg.seed,
-        ),
-    )
     manifest = {
-        "format_version": MANIFEST_VERSION,
-        "version": version,
-        "dataset": dataset.name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "train_seconds": round(time.time() - started, 1),
-        "config": asdict(cfg),
-        "data": {
-            "interactions": len(dataset.interactions),
-            "train": len(split.train),
-            "test": len(split.test),
-            "cut_timestamp": int(split.cut_timestamp),
-            "train_range": [
-                int(split.train["timestamp"].min()),
-                int(split.train["timestamp"].max()),
-            ],
-            "users": int(dataset.interactions["user_id"].nunique()),
-            "items": len(catalog.ids),
-        },
-        "inputs": {
-            name: {"dtype": d, "width": w, "cardinality": c} for name, (d, w, c) in spec.items()
-        },
-        "dense_features": list(DENSE_FEATURES),
-        "genres": prepared.genres,
-        "models": {
-            "user_tower": {
-                "file": "user_tower.onnx",
-                "inputs": list(USER_OUTPUTS),
-                "output": "user_embedding",
-                "dim": cfg.dim,
-            },
-            "item_tower": {
-                "file": "item_tower.onnx",
-                "inputs": list(tower.item_inputs),
-                "output": "item_embedding",
-                "dim": cfg.dim,
-            },
-            "ranker": {
-                "file": "ranker.onnx",
-                "inputs": [*USER_OUTPUTS, "item_id", "item_year", "dense"],
-                "output": "score",
-            },
-        },
-        "index": {
-            "type": type(index.index).__name__,
-            "items": len(index),
-            "recall_vs_exact@100": index_recall,
-            "build_seconds": round(build_seconds, 2),
-            "duplicate_vectors": duplicate_share(item_emb),
-        },
+        **_describe(run, data, pairs.workflow, tower, len(catalog.ids)),
+        "index": index_summary,
         "metrics": {
             "retrieval_loss": tower_loss,
             "ranker": ranker_metrics,
@@ -275,6 +133,226 @@ def train(dataset: Dataset, artifact_root: Path, cfg: TrainConfig, step: Step = 
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=_json))
     point_current(artifact_root, out)
     return out
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One training run: its data set, settings, output folder, progress callback and start
+    time."""
+
+    dataset: Dataset
+    cfg: TrainConfig
+    out: Path
+    step: Step
+    started: float
+
+
+@dataclass(frozen=True)
+class _Data:
+    """The temporal split, the state after its training period, and the popularity clock and
+    seen pairs of the whole log (features and negatives as of each interaction)."""
+
+    split: Split
+    prepared: Prepared
+    clock: PopularityClock
+    seen: SeenBefore
+
+
+@dataclass(frozen=True)
+class _Pairs:
+    """The training interactions as examples, the workflow fitted on them and its outputs."""
+
+    examples: Examples
+    workflow: Workflow
+    x: dict[str, np.ndarray]
+
+
+def _split(run: _Run) -> _Data:
+    interactions = run.dataset.interactions
+    run.step(
+        f"splitting {len(interactions):,} interactions at the {run.cfg.split_quantile:.0%} "
+        "time quantile"
+    )
+    split = temporal_split(interactions, run.cfg.split_quantile)
+    prepared = prepare(run.dataset, split.train)
+    events = pd.concat([split.train, split.test])
+    clock = PopularityClock(
+        events["item_id"].to_numpy(), events["timestamp"].to_numpy().astype(np.int64) * 1000
+    )
+    seen = SeenBefore(events["user_id"].to_numpy(), events["item_id"].to_numpy())
+    return _Data(split, prepared, clock, seen)
+
+
+def _fit_workflow(run: _Run, data: _Data) -> _Pairs:
+    run.step("building training examples (features as of each interaction)")
+    examples = build_examples(
+        data.split.train, data.prepared.state.users_before, data.prepared, data.clock
+    )
+    workflow = make_workflow(run.cfg.title_tokens)
+    workflow.fit(examples.frame)
+    workflow.save(run.out / "workflow.json")
+    return _Pairs(examples, workflow, workflow.transform(examples.frame))
+
+
+def _train_two_tower(run: _Run, data: _Data, pairs: _Pairs, tower: TwoTower) -> list[float]:
+    """Trains `tower`; returns the loss per epoch."""
+    run.step(f"training the two-tower model on {len(pairs.examples.frame):,} pairs")
+    counts = data.split.train["item_id"].value_counts()
+    log_q = np.log(counts.reindex(pairs.examples.frame["item_id"]).to_numpy() / counts.sum())
+    return tower.fit(
+        {k: pairs.x[k] for k in USER_OUTPUTS},
+        {k: pairs.x[k] for k in item_tower_inputs(pairs.workflow)},
+        log_q,
+        epochs=run.cfg.retrieval_epochs,
+        batch_size=run.cfg.retrieval_batch,
+        progress=lambda e, loss: run.step(f"  retrieval epoch {e + 1}: loss {loss:.4f}"),
+    )
+
+
+def _build_index(
+    run: _Run, data: _Data, pairs: _Pairs, tower: TwoTower
+) -> tuple[Catalog, ItemIndex, dict]:
+    """The catalog, its ANN index (saved) and the index's manifest section."""
+    run.step("embedding the catalog and building the ANN index")
+    catalog = Catalog.build(pairs.workflow, data.prepared.item_profiles)
+    item_emb = tower.embed_items(catalog.inputs)
+    built = time.perf_counter()
+    index = ItemIndex.build(item_emb, catalog.ids)
+    build_seconds = time.perf_counter() - built
+    index.save(run.out)
+    queries = tower.embed_users({k: pairs.x[k][:500] for k in USER_OUTPUTS})
+    summary = {
+        "type": type(index.index).__name__,
+        "items": len(index),
+        "recall_vs_exact@100": index.recall_vs_exact(queries, 100),
+        "build_seconds": round(build_seconds, 2),
+        "duplicate_vectors": duplicate_share(item_emb),
+    }
+    return catalog, index, summary
+
+
+def _train_ranker(
+    run: _Run, data: _Data, pairs: _Pairs, rows: RankerRows, ranker: keras.Model
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Trains `ranker` on the training period; returns its training rows and its hold-out
+    metrics."""
+    from models.ranking import fit_ranker
+
+    run.step(
+        f"training the DLRM ranker ({run.cfg.negatives} negatives per positive from the unseen "
+        "retrieval candidates)"
+    )
+    train = data.split.train
+    before = data.prepared.state.users_before
+    rx, ry, _ = rows.build(train, before, offset=0, positives=(pairs.examples, pairs.x))
+    fit_ranker(
+        ranker,
+        rx,
+        ry,
+        epochs=run.cfg.ranker_epochs,
+        seed=run.cfg.seed,
+        deep_lr_scale=run.cfg.ranker_deep_lr_scale,
+        progress=lambda e, loss: run.step(f"  ranker epoch {e + 1}: loss {loss:.4f}"),
+    )
+    state = data.prepared.state
+    test_state = replay(data.split.test, data.prepared.vectors, state.users, state.items)
+    tx, ty, in_candidates = rows.build(data.split.test, test_state.users_before, offset=len(train))
+    return rx, _ranker_metrics(ranker, tx, ty, in_candidates)
+
+
+def _export_onnx(
+    run: _Run, models: dict[str, tuple[keras.Model, dict[str, np.ndarray]]]
+) -> dict[str, float]:
+    """`{name: (Keras model, inputs)}` written as `<name>.onnx`; returns each export's largest
+    difference from Keras on the first 64 rows of its inputs."""
+    from models.onnx_export import export_onnx, parity
+
+    run.step("exporting ONNX models and checking parity with Keras")
+    onnx_parity = {}
+    for name, (model, inputs) in models.items():
+        export_onnx(model, run.out / f"{name}.onnx")
+        sample = {k: v[:64] for k, v in inputs.items()}
+        onnx_parity[name] = parity(model, run.out / f"{name}.onnx", sample)
+    return onnx_parity
+
+
+def _evaluate(
+    run: _Run, data: _Data, workflow: Workflow, index: ItemIndex, catalog: Catalog
+) -> dict:
+    """The exported pipeline on the temporal hold-out."""
+    from models.onnx_export import onnx_session
+
+    run.step("evaluating on the temporal hold-out (most-popular vs retrieval vs four-stage)")
+    rec = Recommender(
+        workflow,
+        onnx_session(run.out / "user_tower.onnx"),
+        onnx_session(run.out / "ranker.onnx"),
+        index,
+        catalog,
+    )
+    cfg = run.cfg
+    return evaluate(
+        rec,
+        data.prepared,
+        data.split.train,
+        data.split.test,
+        EvalConfig(
+            cfg.eval_points_per_user,
+            max_users=cfg.eval_max_users,
+            candidates=cfg.candidates,
+            seed=cfg.seed,
+        ),
+    )
+
+
+def _describe(run: _Run, data: _Data, workflow: Workflow, tower: TwoTower, items: int) -> dict:
+    """The manifest's description of the version: its data, inputs and model files."""
+    split, interactions = data.split, run.dataset.interactions
+    spec = workflow.output_spec()
+    return {
+        "format_version": MANIFEST_VERSION,
+        "version": run.out.name,
+        "dataset": run.dataset.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "train_seconds": round(time.time() - run.started, 1),
+        "config": asdict(run.cfg),
+        "data": {
+            "interactions": len(interactions),
+            "train": len(split.train),
+            "test": len(split.test),
+            "cut_timestamp": int(split.cut_timestamp),
+            "train_range": [
+                int(split.train["timestamp"].min()),
+                int(split.train["timestamp"].max()),
+            ],
+            "users": int(interactions["user_id"].nunique()),
+            "items": items,
+        },
+        "inputs": {
+            name: {"dtype": d, "width": w, "cardinality": c} for name, (d, w, c) in spec.items()
+        },
+        "dense_features": list(DENSE_FEATURES),
+        "genres": data.prepared.genres,
+        "models": {
+            "user_tower": {
+                "file": "user_tower.onnx",
+                "inputs": list(USER_OUTPUTS),
+                "output": "user_embedding",
+                "dim": run.cfg.dim,
+            },
+            "item_tower": {
+                "file": "item_tower.onnx",
+                "inputs": list(tower.item_inputs),
+                "output": "item_embedding",
+                "dim": run.cfg.dim,
+            },
+            "ranker": {
+                "file": "ranker.onnx",
+                "inputs": [*USER_OUTPUTS, "item_id", "item_year", "dense"],
+                "output": "score",
+            },
+        },
+    }
 
 
 def duplicate_share(vectors: np.ndarray) -> float:
@@ -340,6 +418,74 @@ def _ranker_metrics(ranker, x, y, in_candidates) -> dict[str, float]:
     return out
 
 
+@dataclass(frozen=True)
+class RankerRows:
+    """Builds the ranker's labelled rows: positives (label 1) and hard negatives from retrieval
+    (label 0) with their features.
+
+    Holds what the training and the hold-out rows are built from alike: the prepared data, the
+    whole log's popularity clock and seen pairs, the fitted workflow, the two-tower model and its
+    index, the config (negatives, candidates) and the generator that draws the negatives.
+    """
+
+    prepared: Prepared
+    clock: PopularityClock
+    seen: SeenBefore
+    workflow: Workflow
+    tower: TwoTower
+    index: ItemIndex
+    cfg: TrainConfig
+    rng: np.random.Generator
+
+    def build(
+        self,
+        interactions: pd.DataFrame,
+        before: list[UserActivity],
+        offset: int,
+        positives: tuple[Examples, dict[str, np.ndarray]] | None = None,
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """Rows for `interactions` (at `offset` in the log `seen` was built from), the user
+        states `before` each; `positives`: their examples and workflow outputs, if already
+        built. Returns inputs, labels and, per row, whether its positive was among the retrieval
+        candidates."""
+        pos_ex, pos_x = positives or self._examples(interactions, before)
+        user_emb = self.tower.embed_users({k: pos_x[k] for k in USER_OUTPUTS})
+        neg_items, in_candidates = hard_negatives(
+            user_emb,
+            self.index,
+            interactions["item_id"].to_numpy(),
+            interactions["user_id"].to_numpy(),
+            offset + np.arange(len(interactions)),
+            self.seen,
+            self.cfg.negatives,
+            self.cfg.candidates,
+            self.rng,
+        )
+        neg_items = neg_items.reshape(-1)
+        rep = np.repeat(np.arange(len(interactions)), self.cfg.negatives)
+        neg_ex, neg_x = self._examples(interactions.iloc[rep], [before[i] for i in rep], neg_items)
+        x = {k: np.concatenate([pos_x[k], neg_x[k]]) for k in pos_x}
+
+        index = self.index
+        item_emb = dict(zip(index.ids, index.index.reconstruct_n(0, len(index)), strict=True))
+        recent = np.stack([_recent_vector(s.recent_items, item_emb) for s in before])
+        pos_items = interactions["item_id"].to_numpy()
+        x["dense"] = np.concatenate(
+            [
+                _dense(pos_ex, pos_x, pos_items, user_emb, recent, item_emb),
+                _dense(neg_ex, neg_x, neg_items, user_emb[rep], recent[rep], item_emb),
+            ]
+        )
+        y = np.r_[np.ones(len(pos_ex.frame)), np.zeros(len(neg_ex.frame))].astype(np.float32)
+        return x, y, np.r_[in_candidates, in_candidates[rep]]
+
+    def _examples(
+        self, interactions: pd.DataFrame, before: list[UserActivity], item_ids=None
+    ) -> tuple[Examples, dict[str, np.ndarray]]:
+        examples = build_examples(interactions, before, self.prepared, self.clock, item_ids)
+        return examples, self.workflow.transform(examples.frame)
+
+
 def ranker_set(
     interactions,
     before,
@@ -354,60 +500,29 @@ def ranker_set(
     offset,
     positives=None,
 ):
-    """Positives (label 1) and hard negatives from retrieval (label 0) with their features.
+    """`RankerRows.build`, with the arguments in the order `models.continual` passes them."""
+    rows = RankerRows(prepared, clock, seen, workflow, tower, index, cfg, rng)
+    return rows.build(interactions, before, offset, positives)
 
-    `interactions` sit at `offset` in the log `seen` was built from. Also returns, per row,
-    whether its positive was among the retrieval candidates.
-    """
-    pos_ex, pos_x = positives or (None, None)
-    if pos_ex is None:
-        pos_ex = build_examples(interactions, before, prepared, clock)
-        pos_x = workflow.transform(pos_ex.frame)
-    user_emb = tower.embed_users({k: pos_x[k] for k in USER_OUTPUTS})
-    item_emb = dict(zip(index.ids, index.index.reconstruct_n(0, len(index)), strict=True))
-    neg_items, in_candidates = hard_negatives(
-        user_emb,
-        index,
-        interactions["item_id"].to_numpy(),
-        interactions["user_id"].to_numpy(),
-        offset + np.arange(len(interactions)),
-        seen,
-        cfg.negatives,
-        cfg.candidates,
-        rng,
+
+def _dense(
+    examples: Examples,
+    x: dict[str, np.ndarray],
+    items: np.ndarray,
+    user_emb: np.ndarray,
+    recent: np.ndarray,
+    item_emb: dict,
+) -> np.ndarray:
+    """The ranker's dense features of rows with these items, users and recent-item vectors."""
+    return dense_features(
+        _similarity(user_emb, items, item_emb),
+        examples.popularity,
+        x["item_genres"],
+        examples.affinity,
+        examples.user_events,
+        examples.idle_hours,
+        _similarity(recent, items, item_emb),
     )
-    rep = np.repeat(np.arange(len(interactions)), cfg.negatives)
-    neg_ex = build_examples(
-        interactions.iloc[rep],
-        [before[i] for i in rep],
-        prepared,
-        clock,
-        item_ids=neg_items.reshape(-1),
-    )
-    neg_x = workflow.transform(neg_ex.frame)
-    x = {k: np.concatenate([pos_x[k], neg_x[k]]) for k in pos_x}
-    pos_items = interactions["item_id"].to_numpy()
-    recent = np.stack([_recent_vector(s.recent_items, item_emb) for s in before])
-    scores = [
-        _similarity(user_emb, pos_items, item_emb),
-        _similarity(user_emb[rep], neg_items.reshape(-1), item_emb),
-    ]
-    recent_scores = [
-        _similarity(recent, pos_items, item_emb),
-        _similarity(recent[rep], neg_items.reshape(-1), item_emb),
-    ]
-    x["dense"] = np.concatenate(
-        [
-            dense_features(
-                s, e.popularity, xx["item_genres"], e.affinity, e.user_events, e.idle_hours, r
-            )
-            for s, r, e, xx in zip(
-                scores, recent_scores, (pos_ex, neg_ex), (pos_x, neg_x), strict=True
-            )
-        ]
-    )
-    y = np.r_[np.ones(len(pos_ex.frame)), np.zeros(len(neg_ex.frame))].astype(np.float32)
-    return x, y, np.r_[in_candidates, in_candidates[rep]]
 
 
 def _similarity(user_emb: np.ndarray, items: np.ndarray, item_emb: dict) -> np.ndarray:
