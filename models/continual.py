@@ -143,22 +143,19 @@ class Learner:
     def _fine_tune_ranker(self, events, users_before, clock, seen, offset, examples, x) -> list:
         """The ranker on the new positives and hard negatives from the current retrieval."""
         from models.ranking import fit_ranker
-        from models.train import ranker_set
+        from models.train import RankerRows
 
-        rx, ry, _ = ranker_set(
-            events,
-            users_before,
+        rows = RankerRows(
             self.prepared,
             clock,
+            seen,
             self.workflow,
             self.tower,
             self.index,
             self.train_cfg,
             self.rng,
-            seen,
-            offset=offset,
-            positives=(examples, x),
         )
+        rx, ry, _ = rows.build(events, users_before, offset=offset, positives=(examples, x))
         return fit_ranker(
             self.ranker,
             rx,

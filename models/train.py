@@ -40,7 +40,7 @@ from models.inputs import (
 )
 from models.recommender import Catalog, Recommender
 from models.workflow import Workflow
-from schemas.artifacts import point_current
+from schemas.artifacts import Artifacts, point_current
 from schemas.settings import CANDIDATES
 from state.features import UserActivity, replay
 
@@ -50,11 +50,6 @@ if TYPE_CHECKING:
     from models.retrieval import TwoTower
 
 MANIFEST_VERSION = 1
-WEIGHTS = {
-    "user_tower": "user_tower.weights.h5",
-    "item_tower": "item_tower.weights.h5",
-    "ranker": "ranker.weights.h5",
-}
 
 
 @dataclass
@@ -115,7 +110,7 @@ def train(dataset: Dataset, artifact_root: Path, cfg: TrainConfig, step: Step = 
         },
     )
     save_weights(out, tower, ranker)
-    (out / "items.json").write_text(json.dumps(data.prepared.item_profiles))
+    (out / Artifacts.ITEMS).write_text(json.dumps(data.prepared.item_profiles))
     _write_state(out, dataset, data.split.train, data.prepared)
     evaluation = _evaluate(run, data, pairs.workflow, index, catalog)
 
@@ -130,7 +125,7 @@ def train(dataset: Dataset, artifact_root: Path, cfg: TrainConfig, step: Step = 
         },
         "platform": {"python": platform.python_version(), "machine": platform.machine()},
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=_json))
+    (out / Artifacts.MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json))
     point_current(artifact_root, out)
     return out
 
@@ -190,7 +185,7 @@ def _fit_workflow(run: _Run, data: _Data) -> _Pairs:
     )
     workflow = make_workflow(run.cfg.title_tokens)
     workflow.fit(examples.frame)
-    workflow.save(run.out / "workflow.json")
+    workflow.save(run.out / Artifacts.WORKFLOW)
     return _Pairs(examples, workflow, workflow.transform(examples.frame))
 
 
@@ -285,8 +280,8 @@ def _evaluate(
     run.step("evaluating on the temporal hold-out (most-popular vs retrieval vs four-stage)")
     rec = Recommender(
         workflow,
-        onnx_session(run.out / "user_tower.onnx"),
-        onnx_session(run.out / "ranker.onnx"),
+        onnx_session(run.out / Artifacts.USER_TOWER),
+        onnx_session(run.out / Artifacts.RANKER),
         index,
         catalog,
     )
@@ -335,19 +330,19 @@ def _describe(run: _Run, data: _Data, workflow: Workflow, tower: TwoTower, items
         "genres": data.prepared.genres,
         "models": {
             "user_tower": {
-                "file": "user_tower.onnx",
+                "file": Artifacts.USER_TOWER,
                 "inputs": list(USER_OUTPUTS),
                 "output": "user_embedding",
                 "dim": run.cfg.dim,
             },
             "item_tower": {
-                "file": "item_tower.onnx",
+                "file": Artifacts.ITEM_TOWER,
                 "inputs": list(tower.item_inputs),
                 "output": "item_embedding",
                 "dim": run.cfg.dim,
             },
             "ranker": {
-                "file": "ranker.onnx",
+                "file": Artifacts.RANKER,
                 "inputs": [*USER_OUTPUTS, "item_id", "item_year", "dense"],
                 "output": "score",
             },
@@ -386,20 +381,19 @@ def build_models(spec: dict, cfg: TrainConfig):
 
 
 def save_weights(out: Path, tower, ranker) -> None:
-    folder = out / "weights"
-    folder.mkdir(exist_ok=True)
+    (out / Artifacts.WEIGHTS).mkdir(exist_ok=True)
     models = {"user_tower": tower.user_tower, "item_tower": tower.item_tower, "ranker": ranker}
     for name, model in models.items():
-        model.save_weights(folder / WEIGHTS[name])
+        model.save_weights(Artifacts(out).weights(name))
 
 
 def load_models(artifacts: Path, workflow):
     """A version's two-tower model and ranker with their trained weights."""
-    manifest = json.loads((artifacts / "manifest.json").read_text())
-    tower, ranker = build_models(workflow.output_spec(), TrainConfig(**manifest["config"]))
+    version = Artifacts(artifacts)
+    tower, ranker = build_models(workflow.output_spec(), TrainConfig(**version.manifest["config"]))
     models = {"user_tower": tower.user_tower, "item_tower": tower.item_tower, "ranker": ranker}
     for name, model in models.items():
-        model.load_weights(artifacts / "weights" / WEIGHTS[name])
+        model.load_weights(version.weights(name))
     return tower, ranker
 
 
@@ -486,25 +480,6 @@ class RankerRows:
         return examples, self.workflow.transform(examples.frame)
 
 
-def ranker_set(
-    interactions,
-    before,
-    prepared,
-    clock,
-    workflow,
-    tower,
-    index,
-    cfg,
-    rng,
-    seen,
-    offset,
-    positives=None,
-):
-    """`RankerRows.build`, with the arguments in the order `models.continual` passes them."""
-    rows = RankerRows(prepared, clock, seen, workflow, tower, index, cfg, rng)
-    return rows.build(interactions, before, offset, positives)
-
-
 def _dense(
     examples: Examples,
     x: dict[str, np.ndarray],
@@ -537,23 +512,23 @@ def _recent_vector(recent_items: list[str], item_emb: dict) -> np.ndarray:
 
 def _write_state(out: Path, dataset: Dataset, train: pd.DataFrame, prepared) -> None:
     """The stream state after the training period: the features Feast starts from."""
-    state = out / "state"
-    state.mkdir()
+    state = Artifacts(out).state
+    (out / Artifacts.STATE).mkdir()
     users = pd.DataFrame([{"user_id": u, **vars(s)} for u, s in prepared.state.users.items()])
     items = pd.DataFrame([{"item_id": i, **vars(s)} for i, s in prepared.state.items.items()])
-    users.to_parquet(state / "user_activity.parquet")
-    items.to_parquet(state / "item_stats.parquet")
-    dataset.users.to_parquet(state / "user_profile.parquet")
+    users.to_parquet(state("user_activity"))
+    items.to_parquet(state("item_stats"))
+    dataset.users.to_parquet(state("user_profile"))
     seen = [
         {"user_id": u, "item_id": i, "ts_ms": int(t) * 1000}
         for u, i, t in zip(train["user_id"], train["item_id"], train["timestamp"], strict=True)
     ]
-    pd.DataFrame(seen).to_parquet(state / "seen.parquet")
+    pd.DataFrame(seen).to_parquet(state("seen"))
     end = max(s.popularity_ms for s in prepared.state.items.values())
     by_popularity = sorted(prepared.state.items.items(), key=lambda kv: -kv[1].at(end))
-    (out / "popular.json").write_text(json.dumps([i for i, _ in by_popularity[:1000]]))
+    (out / Artifacts.POPULAR).write_text(json.dumps([i for i, _ in by_popularity[:1000]]))
     pd.DataFrame([{"item_id": i, **p} for i, p in prepared.item_profiles.items()]).to_parquet(
-        state / "item_profile.parquet"
+        state("item_profile")
     )
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from schemas.artifacts import Artifacts
 from schemas.serde import DecodeError, Serde
 from serving.operators import (
     MAX_K,
@@ -114,9 +115,9 @@ class InteractionProcessor:
         self.state = RedisState(redis_url, project, wait_aof, wait_replicas)
         self.reader = OnlineReader(redis_url, project=project)
         self.store = feature_store(feature_repo, redis_url)
-        manifest = json.loads((artifacts / "manifest.json").read_text())
+        manifest = Artifacts(artifacts).manifest
         self.genres = {g: n for n, g in enumerate(manifest["genres"])}
-        profiles = json.loads((artifacts / "items.json").read_text())
+        profiles = Artifacts(artifacts).read(Artifacts.ITEMS)
         self.vectors = {i: self._vector(p.get("genres")) for i, p in profiles.items()}
 
     def _vector(self, genres) -> np.ndarray:
