@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from schemas.settings import CANDIDATES
-from serving.graph import LocalRuntime
+from serving.graph import LocalRuntime, Step
 from serving.operators import GRAPH, decode, request_tensors, response_record
 from serving.triton_export import ENSEMBLE, LAYOUTS
 
@@ -267,8 +267,9 @@ class AsyncTritonRecommender:
 class LocalRecommender:
     """The same graph in this process (reference runtime)."""
 
-    def __init__(self, artifacts: Path, config: dict[str, Any]):
-        self.runtime: LocalRuntime = GRAPH.build(artifacts, serving_config(config))
+    def __init__(self, artifacts: Path, config: dict[str, Any], step: Step | None = None):
+        """`step`: called as each part starts to be built (see `Graph.instantiate`)."""
+        self.runtime: LocalRuntime = GRAPH.build(artifacts, serving_config(config), step)
         self.version = json.loads((artifacts / "manifest.json").read_text())["version"]
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -40,6 +40,7 @@ NUMPY = {
 }
 STATS = Tensor("TYPE_FP32", (4,))  # candidates in, candidates out, milliseconds, batch size
 Tensors = dict[str, np.ndarray]  # one request's tensors
+Step = Callable[[str], None]  # called with the name of each part as it starts
 
 
 class Operator:
@@ -116,15 +117,29 @@ class Graph:
             raise ValueError(f"response tensors nobody produces: {missing}")
         self.tensors = produced
 
-    def build(self, artifacts: Path, config: dict[str, Any]) -> LocalRuntime:
-        return LocalRuntime(self, self.instantiate(self.operators, artifacts, config))
+    def build(
+        self, artifacts: Path, config: dict[str, Any], step: Step | None = None
+    ) -> LocalRuntime:
+        return LocalRuntime(self, self.instantiate(self.operators, artifacts, config, step))
 
     def instantiate(
-        self, operators: list[type[Operator]], artifacts: Path, config: dict[str, Any]
+        self,
+        operators: list[type[Operator]],
+        artifacts: Path,
+        config: dict[str, Any],
+        step: Step | None = None,
     ) -> list[Operator]:
-        """These operators of the graph, sharing one item table."""
+        """These operators of the graph, sharing one item table. `step(name)`, if given, is
+        called as each part starts to be built ("item table", then each operator's name): a
+        hook for timings (bench.serving)."""
+        mark = step if step is not None else (lambda name: None)
+        mark("item table")
         items = self.items(artifacts, config)
-        return [op(artifacts, config, items) for op in operators]
+        built = []
+        for op in operators:
+            mark(op.name)
+            built.append(op(artifacts, config, items))
+        return built
 
 
 def run_batch(operators: list[Operator], batch: list[Tensors]) -> list[Tensors]:
