@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from schemas.artifacts import Artifacts
 from schemas.settings import CANDIDATES
 from serving.graph import LocalRuntime, Step
 from serving.operators import GRAPH, decode, request_tensors, response_record
@@ -270,7 +271,7 @@ class LocalRecommender:
     def __init__(self, artifacts: Path, config: dict[str, Any], step: Step | None = None):
         """`step`: called as each part starts to be built (see `Graph.instantiate`)."""
         self.runtime: LocalRuntime = GRAPH.build(artifacts, serving_config(config), step)
-        self.version = json.loads((artifacts / "manifest.json").read_text())["version"]
+        self.version = Artifacts(artifacts).version
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.runtime.run(tensors)
