@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +114,7 @@ class Backend:
     kind: str  # "server" | "cluster"
     settings: Settings  # its feature_repo() is the Feast repository on this Redis
     config: dict  # the serving config (redis_url, feast_project, ...)
+    triton_url: str | None = None  # a tritonserver of its own whose stages read this state
 
     @property
     def redis_url(self) -> str:
@@ -148,18 +151,59 @@ def backend(request) -> Backend:
     return request.getfixturevalue(f"{request.param}_backend")
 
 
-@pytest.fixture(scope="session")
-def cluster_triton_url(artifacts, cluster_backend, cluster_stack):
-    """A real tritonserver whose stages read the cluster."""
-    from streamrec.deploy import deploy
+# --- state of a module's own, for tests that write state ------------------------------------
+# The session's state (the `streamrec` project on each Valkey) is shared by every module: a test
+# that applies interactions, marks items unavailable or adds seen items there would change what
+# later tests see. Such tests get the trained state under a Feast project of their own.
 
-    yield deploy(cluster_stack.settings, cluster_stack, artifacts, load=False).triton
-    cluster_stack.down(("triton",))
+
+@contextmanager
+def _own_state(backend: Backend, artifacts: Path, root: Path, triton: bool) -> Iterator[Backend]:
+    """`backend`'s Valkey with the trained state loaded under a Feast project of its own (and,
+    with `triton`, a tritonserver of its own whose stages read that project); the project's keys
+    are deleted afterwards."""
+    from serving.triton_export import export_repository
+    from streamrec.stack.servers import start_triton, stop_service
+    from streams.rebuild import clear_state, load_snapshot
+
+    project = f"own_{uuid.uuid4().hex[:8]}"
+    settings = backend.settings.model_copy(update={"feast_project": project})
+    config = backend.config | {"feast_project": project}
+    service = None
+    try:
+        load_snapshot(settings, artifacts, backend.redis_url, None)
+        if triton:
+            repository = export_repository(artifacts, root / "models", config)
+            timeout = settings.triton_start_timeout
+            service = start_triton(root, timeout=timeout, repository=repository)
+        yield Backend(backend.kind, settings, config, service.endpoint if service else None)
+    finally:
+        if service is not None:
+            stop_service(service)
+        clear_state(backend.redis_url, project)
 
 
 @pytest.fixture(scope="module")
-def backend_triton_url(backend, request) -> str:
-    """The tritonserver whose stages read `backend`."""
-    return request.getfixturevalue(
-        "triton_url" if backend.kind == "server" else "cluster_triton_url"
-    )
+def own_state(backend, artifacts, tmp_path_factory) -> Iterator[Backend]:
+    """`backend` (server, then cluster) with the trained state under a project of this
+    module's own."""
+    root = tmp_path_factory.mktemp(f"own-{backend.kind}")
+    with _own_state(backend, artifacts, root, triton=False) as own:
+        yield own
+
+
+@pytest.fixture(scope="module")
+def own_backend(backend, artifacts, tmp_path_factory) -> Iterator[Backend]:
+    """`own_state` with a tritonserver of its own (`own_backend.triton_url`) reading it."""
+    root = tmp_path_factory.mktemp(f"own-{backend.kind}")
+    with _own_state(backend, artifacts, root, triton=True) as own:
+        yield own
+
+
+@pytest.fixture(scope="module")
+def own_server(server_backend, artifacts, tmp_path_factory) -> Iterator[Backend]:
+    """The Valkey server with the trained state under a project of this module's own, and a
+    tritonserver of its own (`own_server.triton_url`) reading it."""
+    root = tmp_path_factory.mktemp("own-server")
+    with _own_state(server_backend, artifacts, root, triton=True) as own:
+        yield own

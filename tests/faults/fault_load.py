@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import records
-from records import T0
+from records import T0, processed, wait_until
 
 from schemas.settings import Settings
 from streamrec.stack import EmbeddedStack
@@ -262,7 +262,14 @@ class Load:
             if answered and all(counts[u] >= n for u, n in expected.items()):
                 break
             time.sleep(0.2)
-        time.sleep(1.0)  # a moment more, to catch late duplicates and doubled effects
+        # Once the workers have committed every event, whatever comes of them is written: late
+        # duplicates and doubled effects included.
+        bootstrap = self.live.stack.endpoint("kafka")
+        wait_until(
+            lambda: processed(self.live.settings, bootstrap, ["interactions", "requests"]),
+            60,
+            "the workers to commit every event",
+        )
         self._draining = False
         self._threads[1].join(timeout=10)
         seen_at = {rid: got[0][2] for rid, got in self.responses.items()}
@@ -295,13 +302,3 @@ class Load:
             if rid in self.requests and self.requests[rid] >= t and got[0][1]["status"] == "ok"
         ]
         return min(times, default=None)
-
-
-def wait_until(condition, timeout: float, what: str) -> float:
-    """Poll `condition` until it holds; returns the monotonic time it first held."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return time.monotonic()
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

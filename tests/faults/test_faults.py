@@ -17,7 +17,8 @@ from collections import Counter
 
 import pytest
 import redis
-from fault_load import ROWS, Live, Load, wait_until
+from fault_load import ROWS, Live, Load
+from records import wait_until
 
 from streamrec.stack.process import pid_alive
 from streamrec.workers import Workers
@@ -51,11 +52,13 @@ def run(live: Live, name: str, inject, broker_restarts: bool = False, **rates) -
                 load.interaction(probe)
             return False
 
-        applied = wait_until(probe_applied, 120, "an interaction after the fault")
+        wait_until(probe_applied, 120, "an interaction after the fault")
+        applied = time.monotonic()
         try:
-            answered = wait_until(
+            wait_until(
                 lambda: load.first_ok_after(cleared) is not None, 120, "a request after the fault"
             )
+            answered = time.monotonic()
         except AssertionError as e:  # worker stuck, or this test's reader? Say which.
             health = live.workers.health()
             raise AssertionError(f"{e}; {len(load.responses)} answers read; {health}") from e

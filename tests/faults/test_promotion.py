@@ -12,7 +12,8 @@ import time
 import numpy as np
 import pytest
 import records
-from fault_load import Live, Load, wait_until
+from fault_load import Live, Load
+from records import wait_until
 from test_faults import measure
 
 from models.continual import ContinualConfig

@@ -1,4 +1,8 @@
-"""The client library against the real embedded broker, a worker, Valkey and tritonserver."""
+"""The client library against the real embedded broker, a worker, Valkey and tritonserver.
+
+The worker applies the interactions the client tracks: it runs on state and a tritonserver of
+the module's own (`own_server`), never on the session's.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def live(base_settings, kafka, redis_url, triton_url, artifacts, serving_config):
-    settings = stack_settings(base_settings, kafka, redis_url, triton_url, artifacts)
+def live(own_server, kafka, artifacts):
+    own = own_server
+    settings = stack_settings(own.settings, kafka, own.redis_url, own.triton_url, artifacts)
     workers = Workers(settings)
     workers.start(1)
     yield settings
@@ -53,7 +58,7 @@ def test_an_invalid_request_is_answered_with_an_error(client):
 
 
 def test_track_changes_the_next_recommendation(client):
-    user = f"client-{uuid.uuid4().hex[:6]}"  # its own: the session's users stay as loaded
+    user = f"client-{uuid.uuid4().hex[:6]}"  # a new user: no history, and none of its own
     top = client.recommend(user, k=10).item_ids[0]
     event = client.track(user, top, "click", ts=T0)  # the data set's time, as the state's
     client.flush()

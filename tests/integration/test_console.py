@@ -1,5 +1,9 @@
 """The web console (`streamrec ui`) in a real headless browser (Debian's chromium, through
-Selenium) against the real stack: a worker, the broker, Valkey and tritonserver."""
+Selenium) against the real stack: a worker, the broker, Valkey and tritonserver.
+
+A click in the console is an interaction of the user shown (196): the worker applies it to
+state and a tritonserver of the module's own (`own_server`), never to the session's.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from records import T0, stack_settings
+from records import T0, stack_settings, wait_until
 
 from streamrec.client import Client
 from streamrec.stack.process import free_port, spawn, stop, wait_ready
@@ -25,9 +29,10 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
 @pytest.fixture(scope="module")
-def console_url(base_settings, kafka, redis_url, triton_url, artifacts, serving_config):
+def console_url(own_server, kafka, artifacts):
+    own = own_server
     settings = stack_settings(
-        base_settings, kafka, redis_url, triton_url, artifacts, request_deadline_ms=60_000
+        own.settings, kafka, own.redis_url, own.triton_url, artifacts, request_deadline_ms=60_000
     )
     workers = Workers(settings)
     workers.start(1)
@@ -69,23 +74,14 @@ def browser():
     driver.quit()
 
 
-def _until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
-
-
 def test_the_console_shows_live_figures_and_a_click_leaves_the_list(console_url, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
     url, settings = console_url
     stop_traffic = threading.Event()
 
-    def traffic():  # requests, and interactions of a user and items of its own (the session's
-        # catalog keeps its popularity, which other tests' rankings depend on)
+    def traffic():  # requests, and interactions of a user and items of its own (the catalog
+        # keeps its popularity, which the list clicked below depends on)
         with Client(settings=settings, timeout=60.0) as client:
             for n in itertools.count():
                 if stop_traffic.is_set():
@@ -97,8 +93,8 @@ def test_the_console_shows_live_figures_and_a_click_leaves_the_list(console_url,
     thread.start()
     try:
         browser.get(url)
-        _until(lambda: browser.find_element(By.ID, "workers").text == "1", 30, "the worker")
-        rate = _until(
+        wait_until(lambda: browser.find_element(By.ID, "workers").text == "1", 30, "the worker")
+        rate = wait_until(
             lambda: _number(browser.find_element(By.ID, "responses_per_s").text), 30, "a rate"
         )
         assert rate > 0
@@ -114,10 +110,10 @@ def test_the_console_shows_live_figures_and_a_click_leaves_the_list(console_url,
             ".map((row) => row.dataset.item)"
         )
 
-    item = _until(listed, 60, "the user's list")[0]
+    item = wait_until(listed, 60, "the user's list")[0]
     started = time.monotonic()
     browser.find_element(By.CSS_SELECTOR, f"#items tr[data-item='{item}'] button.click").click()
-    _until(
+    wait_until(
         lambda: (shown := listed()) and item not in shown,
         2.0,
         f"item {item} to leave the list after the click",

@@ -1,4 +1,9 @@
-"""The four-stage ensemble on a real tritonserver against the in-process runtime."""
+"""The four-stage ensemble on a real tritonserver against the in-process runtime.
+
+The tests that write state (a seen item, an unavailable item) write it under a project of the
+module's own, served by a tritonserver of its own (`own_server`): the session's state stays as
+loaded for every other test.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from records import wait_until
 
 from schemas.records import RecommendationRequest
 from serving.client import AsyncTritonRecommender, LocalRecommender, TritonRecommender
@@ -33,6 +39,14 @@ def local(artifacts, serving_config):
 @pytest.fixture(scope="module")
 def state(serving_config):
     return RedisState(serving_config["redis_url"], prefix=serving_config["feast_project"])
+
+
+@pytest.fixture(scope="module")
+def writable(own_server):
+    """The Triton client and the state of the module's own deployment, for tests that write."""
+    client = TritonRecommender(own_server.triton_url)
+    yield client, RedisState(own_server.redis_url, prefix=own_server.config["feast_project"])
+    client.close()
 
 
 def _request(user: str, k: int = 10, **fields) -> dict:
@@ -156,7 +170,8 @@ def test_explanations_name_sampling_and_backfill(triton):
     ]
 
 
-def test_a_consumed_item_never_appears_again(triton, state):
+def test_a_consumed_item_never_appears_again(writable):
+    triton, state = writable
     before = triton.recommend(_request("42"))
     top = _items(before)[0]
     pipe = state.pipeline()
@@ -167,7 +182,8 @@ def test_a_consumed_item_never_appears_again(triton, state):
     assert after["removed"]["seen"] == before["removed"]["seen"] + 1
 
 
-def test_an_unavailable_item_disappears_for_everyone(triton, state):
+def test_an_unavailable_item_disappears_for_everyone(writable):
+    triton, state = writable
     users = ["10", "20", "30"]
     top = _items(triton.recommend(_request(users[0])))[0]
     pipe = state.pipeline()
@@ -250,10 +266,7 @@ def _kill_stub(server_pid: int, stage: str) -> int:
             continue
         if any(arg.endswith(script) for arg in cmdline):
             child.kill()
-            deadline = time.monotonic() + 5
-            while not _dead(child):
-                assert time.monotonic() < deadline, f"stub {child.pid} outlived SIGKILL"
-                time.sleep(0.05)
+            wait_until(lambda c=child: _dead(c), 5, f"stub {child.pid} to die of SIGKILL")
             return child.pid
     raise AssertionError(f"no stub process for {stage}")
 

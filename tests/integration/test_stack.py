@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
+
 import numpy as np
 import pytest
 import redis
 import tritonclient.grpc as grpcclient
+from records import wait_until
 
 from streamrec.stack.process import group_members, pid_alive
 from streamrec.stack.servers import shm_regions, start_triton, stop_service
@@ -35,8 +38,12 @@ def test_triton_starts_serves_and_stops_without_leftovers(tmp_path):
 
 def test_valkey_is_a_real_server_with_persistence(redis_url):
     r = redis.Redis.from_url(redis_url)
-    r.set("streamrec:test", "1")
-    assert r.get("streamrec:test") == b"1"
+    key = f"test-stack-{uuid.uuid4().hex}"  # outside every project; gone afterwards
+    try:
+        r.set(key, "1")
+        assert r.get(key) == b"1"
+    finally:
+        r.delete(key)
     assert r.config_get("appendonly")["appendonly"] == "yes"
     assert r.info("server")["executable"].endswith("valkey-server")
 
@@ -74,7 +81,6 @@ def test_external_endpoints_are_used_and_nothing_is_started(base_settings, tmp_p
 def test_a_dead_service_is_healed_on_its_port_with_its_data(base_settings, tmp_path):
     import os
     import signal
-    import time
 
     from streamrec.stack import EmbeddedStack
 
@@ -85,9 +91,7 @@ def test_a_dead_service_is_healed_on_its_port_with_its_data(base_settings, tmp_p
         client.set("streamrec:kept", "yes")
         client.execute_command("WAITAOF", 1, 0, 1000)  # on disk, as the workers make sure
         os.kill(before.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while pid_alive(before.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: not pid_alive(before.pid), 10, "Valkey to die of SIGKILL")
         assert {s["service"]: s["state"] for s in stack.status()}["redis"] == "dead"
         after = stack.up(("redis",))["redis"]
         assert after.pid != before.pid and after.endpoint == before.endpoint

@@ -1,4 +1,8 @@
-"""Stream workers (real Faust processes) on the embedded broker, Valkey and tritonserver."""
+"""Stream workers (real Faust processes) on the embedded broker, Valkey and tritonserver.
+
+The workers write state (interactions, item updates): the tests that run them on it use state
+and a tritonserver of the module's own (`own_backend`), never the session's.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +10,34 @@ import time
 import uuid
 
 import pytest
-from records import T0, interaction, produce, request, stack_settings
+from records import (
+    T0,
+    interaction,
+    processed,
+    produce,
+    read_topic,
+    request,
+    stack_settings,
+    wait_until,
+)
 
 from state.feature_store import feature_store
 from state.store import RedisState
 from streamrec.workers import Workers, log_of
-from streams.kafka import EventConsumer
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def live(backend, kafka, backend_triton_url, artifacts):
+def live(own_backend, kafka, artifacts):
     """Fresh topics and one worker for the module, publishing in Kafka transactions."""
     # A generous default deadline: these tests assert answers, and a loaded machine must not
     # turn them into `expired` ones. Deadlines are tested with explicit ones.
     settings = stack_settings(
-        backend.settings,
+        own_backend.settings,
         kafka,
-        backend.redis_url,
-        backend_triton_url,
+        own_backend.redis_url,
+        own_backend.triton_url,
         artifacts,
         kafka_transactions=True,
         request_deadline_ms=60_000,
@@ -37,27 +49,28 @@ def live(backend, kafka, backend_triton_url, artifacts):
 
 
 @pytest.fixture(scope="module")
-def state(backend):
-    return RedisState(backend.redis_url, prefix=backend.config["feast_project"])
+def state(own_backend):
+    return RedisState(own_backend.redis_url, prefix=own_backend.config["feast_project"])
+
+
+def settled(settings, roles: list[str], timeout: float = 60.0) -> None:
+    """Until the workers have committed every event of these topics: whatever comes of them
+    (effects, answers, dead letters, duplicates) is written by then."""
+    wait_until(
+        lambda: processed(settings, settings.kafka_bootstrap, roles),
+        timeout,
+        f"the workers to commit every event of {', '.join(roles)}",
+    )
 
 
 def responses(settings, request_ids: set[str], timeout: float = 60.0) -> dict[str, list[dict]]:
-    """All responses to these requests (a list each, to see duplicates) once each has one."""
-    consumer = EventConsumer(
-        settings, settings.kafka_bootstrap, ["recommendations"], f"reader-{uuid.uuid4().hex}"
-    )
+    """All responses to these requests (a list each, to see duplicates) once the workers have
+    committed every request."""
+    settled(settings, ["requests"], timeout)
     got: dict[str, list[dict]] = {}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not request_ids <= set(got):
-        event = consumer.poll(0.2)
-        if event is not None and event.value and event.value["request_id"] in request_ids:
-            got.setdefault(event.value["request_id"], []).append(event.value)
-    extra_until = time.monotonic() + 1.0  # a moment more, to catch duplicates
-    while time.monotonic() < extra_until:
-        event = consumer.poll(0.1)
-        if event is not None and event.value and event.value["request_id"] in request_ids:
-            got.setdefault(event.value["request_id"], []).append(event.value)
-    consumer.close()
+    for response in read_topic(settings, settings.kafka_bootstrap, "recommendations"):
+        if response["request_id"] in request_ids:
+            got.setdefault(response["request_id"], []).append(response)
     return got
 
 
@@ -65,15 +78,6 @@ def ask(settings, user: str, k: int = 10) -> dict:
     r = request(user, k)
     produce(settings, "requests", [r])
     return responses(settings, {r["request_id"]})[r["request_id"]][0]
-
-
-def wait_for(condition, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def items_of(response: dict) -> list[str]:
@@ -111,7 +115,7 @@ def test_an_interaction_removes_the_item_from_the_users_next_recommendation(live
     user = "59"
     top = items_of(ask(live, user))[0]
     produce(live, "interactions", [interaction(user, top, T0 + 1000)])
-    wait_for(lambda: top in state.seen(user), what="the interaction to be applied")
+    wait_until(lambda: top in state.seen(user), 30, "the interaction to be applied")
     assert top not in items_of(ask(live, user, k=50))
 
 
@@ -128,7 +132,7 @@ def test_features_read_back_from_feast_reflect_the_events(live, artifacts):
             ["user_activity:recent_items", "user_activity:event_count"], [{"user_id": user}]
         ).to_dict()
 
-    wait_for(lambda: features()["event_count"][0] == len(items), what="Feast to show 4 events")
+    wait_until(lambda: features()["event_count"][0] == len(items), 30, "Feast to show 4 events")
     assert features()["recent_items"][0] == list(reversed(items))
     response = ask(live, user)
     assert response["path"] == "personalized"
@@ -148,22 +152,21 @@ def test_an_item_marked_unavailable_disappears_from_all_responses(live, state):
         "timestamp_ms": T0,
     }
     produce(live, "item_updates", [update])
-    wait_for(lambda: state.unavailable_mask([target]) == [True], what="the item update")
+    wait_until(lambda: state.unavailable_mask([target]) == [True], 30, "the item update")
     try:
         for user in users:
             assert target not in items_of(ask(live, user, k=100))
-    finally:
+    finally:  # the module's other tests see the item again
         produce(live, "item_updates", [update | {"available": True, "timestamp_ms": T0 + 1}])
-        wait_for(lambda: state.unavailable_mask([target]) == [False], what="re-enabling")
+        wait_until(lambda: state.unavailable_mask([target]) == [False], 30, "re-enabling")
 
 
 def test_malformed_bytes_are_dead_lettered_and_later_events_still_processed(live, state):
     user = f"dlq-{uuid.uuid4().hex[:6]}"
     produce(live, "interactions", [interaction(user, "1", T0)], raw=[b"\x00broken bytes"])
-    wait_for(lambda: state.seen(user) == ["1"], what="the valid event after the bad one")
-    consumer = EventConsumer(live, live.kafka_bootstrap, ["dead_letter"], uuid.uuid4().hex)
-    letters = [e.value for e in consumer.events(idle_timeout=3)]
-    consumer.close()
+    wait_until(lambda: state.seen(user) == ["1"], 30, "the valid event after the bad one")
+    settled(live, ["interactions"])
+    letters = read_topic(live, live.kafka_bootstrap, "dead_letter")
     broken = [d for d in letters if d["value"] == b"\x00broken bytes"]
     assert len(broken) == 1
     assert broken[0]["topic"] == live.topics.interactions
@@ -172,7 +175,7 @@ def test_malformed_bytes_are_dead_lettered_and_later_events_still_processed(live
 
 
 def test_a_new_catalog_item_is_embedded_and_retrievable_without_retraining(
-    live, state, artifacts, backend
+    live, state, artifacts, own_backend
 ):
     from serving.operators import GRAPH, Retrieval
 
@@ -187,9 +190,9 @@ def test_a_new_catalog_item_is_embedded_and_retrievable_without_retraining(
         "timestamp_ms": T0,
     }
     produce(live, "item_updates", [update])
-    wait_for(lambda: item in state.catalog_additions([item]), what="the catalog addition")
+    wait_until(lambda: item in state.catalog_additions([item]), 30, "the catalog addition")
     # The stage's own code and item table, in this process, taking in the change stream
-    (retrieval,) = GRAPH.instantiate([Retrieval], artifacts, backend.config)
+    (retrieval,) = GRAPH.instantiate([Retrieval], artifacts, own_backend.config)
     index = retrieval.items.index
     assert item in index.row
     own = index.vectors([item])
@@ -199,12 +202,9 @@ def test_a_new_catalog_item_is_embedded_and_retrievable_without_retraining(
     assert item in best
 
 
-def test_a_worker_killed_mid_stream_loses_and_doubles_nothing(
-    backend, kafka, backend_triton_url, artifacts, state
-):
-    settings = stack_settings(
-        backend.settings, kafka, backend.redis_url, backend_triton_url, artifacts
-    )
+def test_a_worker_killed_mid_stream_loses_and_doubles_nothing(own_backend, kafka, artifacts, state):
+    own = own_backend
+    settings = stack_settings(own.settings, kafka, own.redis_url, own.triton_url, artifacts)
     users = [f"kill-{uuid.uuid4().hex[:6]}-{n}" for n in range(20)]
     events = [interaction(users[n % 20], str(1 + n % 300), T0 + n * 1000) for n in range(600)]
     requests = [request(users[n % 20], k=5) for n in range(150)]
@@ -213,24 +213,17 @@ def test_a_worker_killed_mid_stream_loses_and_doubles_nothing(
         workers.start(1)
         produce(settings, "interactions", events)
         produce(settings, "requests", requests)
-        wait_for(lambda: sum(len(state.seen(u)) for u in users) > 50, what="some progress")
+        wait_until(lambda: sum(len(state.seen(u)) for u in users) > 50, 30, "some progress")
         workers.kill(workers.running()[0])
         workers.start(1)
         got = responses(settings, {r["request_id"] for r in requests}, timeout=120)
+        settled(settings, ["interactions"])  # every event applied, any replay of them too
     finally:
         workers.stop_all()
     assert set(got) == {r["request_id"] for r in requests}  # none lost (duplicates allowed)
     expected: dict[str, int] = {}
     for e in events:
         expected[e["user_id"]] = expected.get(e["user_id"], 0) + 1
-    wait_for(
-        lambda: all(
-            s is not None and s.event_count == expected[u]
-            for u, s in zip(users, state.users(users), strict=True)
-        ),
-        timeout=60,
-        what="every event applied",
-    )
     for user, s in zip(users, state.users(users), strict=True):
         assert s.event_count == expected[user]  # not doubled by the replay after the kill
         assert set(state.seen(user)) == {e["item_id"] for e in events if e["user_id"] == user}

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from records import request, stack_settings
+from records import request, stack_settings, wait_until
 
 from serving.client import ENSEMBLE, AsyncTritonRecommender, TritonRecommender
 from serving.operators import request_tensors, response_record
@@ -43,15 +43,6 @@ def tritons(artifacts, serving_config, tmp_path_factory):
     finally:
         for service in services.values():
             stop_service(service)
-
-
-def until(condition, timeout: float, what: str, every: float = 0.1):
-    """Poll `condition` until it returns something true; that value."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(every)
-    return value
 
 
 def pool_metrics(port: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -179,7 +170,7 @@ def test_a_killed_server_is_ejected_readmitted_after_its_restart_and_no_request_
         scrape = lambda: pool_metrics(worker.metrics_port)  # noqa: E731
 
         # Both servers take traffic.
-        _, before = until(
+        _, before = wait_until(
             lambda: (m := scrape())[1].get(a, 0) >= 20 and m[1].get(b, 0) >= 20 and m,
             120,
             "both servers to answer 20 requests",
@@ -187,11 +178,13 @@ def test_a_killed_server_is_ejected_readmitted_after_its_restart_and_no_request_
         # SIGKILL a (the server and its stage stubs), mid-stream.
         killed_at = time.monotonic()
         os.killpg(tritons["a"].pid, signal.SIGKILL)
-        until(lambda: not pid_alive(tritons["a"].pid), 30, "tritonserver a to exit")
-        up, at_ejection = until(lambda: (m := scrape())[0][a] == 0 and m, 30, "a's ejection")
+        wait_until(lambda: not pid_alive(tritons["a"].pid), 30, "tritonserver a to exit")
+        up, at_ejection = wait_until(lambda: (m := scrape())[0][a] == 0 and m, 30, "a's ejection")
         ejected_s = time.monotonic() - killed_at
         answered_at_kill = len(stream.answers)
-        until(lambda: len(stream.answers) >= answered_at_kill + 60, 120, "60 answers without a")
+        wait_until(
+            lambda: len(stream.answers) >= answered_at_kill + 60, 120, "60 answers without a"
+        )
         _, during = scrape()
 
         # Restart a on its port and repository; the pool readmits it once a canary passes.
@@ -199,13 +192,13 @@ def test_a_killed_server_is_ejected_readmitted_after_its_restart_and_no_request_
         root = Path(tritons["a"].log).parent
         tritons["a"] = start_triton(root, timeout=180, previous=tritons["a"])
         ready_at = time.monotonic()
-        until(lambda: scrape()[0][a] == 1, 60, "a's readmission", every=0.05)
+        wait_until(lambda: scrape()[0][a] == 1, 60, "a's readmission", every=0.05)
         readmitted_at = time.monotonic()
-        _, after = until(
+        _, after = wait_until(
             lambda: (m := scrape())[1][a] >= during[a] + 20 and m, 120, "a to answer 20 more"
         )
         stream.stop()
-        until(lambda: set(stream.sent) <= set(stream.answers), 120, "every answer")
+        wait_until(lambda: set(stream.sent) <= set(stream.answers), 120, "every answer")
         _, final = scrape()
         served_by_a = TritonRecommender(a).client.get_inference_statistics(ENSEMBLE)
     finally:

@@ -5,11 +5,11 @@ sample of users; `STREAMREC_REPLAY_USERS=1000 STREAMREC_REPLAY_POINTS=3` runs a 
 from __future__ import annotations
 
 import os
-import time
 import uuid
 
 import numpy as np
 import pytest
+from records import processed, read_topic, wait_until
 
 from schemas.settings import TopicNames
 from serving.client import serving_config
@@ -18,7 +18,6 @@ from state.load import load_features
 from state.store import RedisState
 from streamrec.stack.servers import start_redis, start_triton, stop_service
 from streamrec.workers import Workers
-from streams.kafka import EventConsumer
 from streams.replay import Recorder, build_timeline, produce_timeline, served_quality
 from streams.topics import create_topics
 
@@ -79,11 +78,17 @@ def run_replay(base_settings, kafka, artifacts, replay_stack, timeline) -> dict:
         with Recorder(settings, kafka) as recorder:
             result = produce_timeline(timeline, settings, kafka, recorder, state.acked)
             assert recorder.wait(ids, timeout=60)
-            time.sleep(1.0)  # anything doubled would arrive now
-            responses = dict(recorder.responses)
-        consumer = EventConsumer(settings, kafka, ["dead_letter"], f"{prefix}-dlq")
-        dead = [e.value for e in consumer.events(idle_timeout=3)]
-        consumer.close()
+        # Once the workers have committed every event, all that comes of them is on the topics,
+        # anything doubled included: read them to their ends.
+        wait_until(
+            lambda: processed(settings, kafka, ["interactions", "requests"]),
+            60,
+            "the workers to commit every event",
+        )
+        responses: dict[str, list[dict]] = {}
+        for response in read_topic(settings, kafka, "recommendations"):
+            responses.setdefault(response["request_id"], []).append(response)
+        dead = read_topic(settings, kafka, "dead_letter")
     finally:
         workers.stop_all()
     return {"responses": responses, "result": result, "dead": dead, "settings": settings}
