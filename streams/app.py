@@ -1,6 +1,8 @@
 """The Faust app: agents over the topics of `streams.topics`, as plain async functions.
 
-Run a worker with `streamrec serve workers` (or `faust -A streams.app worker --without-web`).
+Run a worker with `streamrec serve workers`, or with `faust -A streams.app worker --without-web`
+where STREAMREC_KAFKA_BOOTSTRAP, STREAMREC_REDIS_URL and STREAMREC_TRITON_URL are set (a worker
+never looks for the embedded stack).
 An event's offset is acked, and so committed, only after its effects are durable (written and
 fsynced by Redis, its dead letter or response acknowledged by the broker); `streams.durable`
 retries through dependency outages and dead-letters poison events. Every effect is idempotent
@@ -129,21 +131,12 @@ class Runtime:
 
         s = self.settings
         if name == "item_updates":
-            return ItemUpdateProcessor(
-                self.serdes["item_updates"],
-                self.redis_url,
-                s.feast_project,
-                s.redis_wait_aof,
-                s.redis_wait_replicas,
-            )
+            return ItemUpdateProcessor(self.serdes["item_updates"], self._state())
         return InteractionProcessor(
             self.serdes["interactions"],
-            self.redis_url,
+            self._state(),
             s.feature_repo(),
             current_artifacts(s.artifact_dir),
-            s.feast_project,
-            s.redis_wait_aof,
-            s.redis_wait_replicas,
         )
 
     @cached_property

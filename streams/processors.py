@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from models.workflow import MultiHot
 from schemas.artifacts import Artifacts
 from schemas.serde import DecodeError, Serde
 from serving.operators import (
@@ -99,33 +100,20 @@ def _check_interaction(r: dict) -> str | None:
 class InteractionProcessor:
     name = "interactions"
 
-    def __init__(
-        self,
-        serde: Serde,
-        redis_url: str,
-        feature_repo: Path,
-        artifacts: Path,
-        project: str = "streamrec",
-        wait_aof: bool = True,
-        wait_replicas: int = 0,
-    ):
+    def __init__(self, serde: Serde, state: RedisState, feature_repo: Path, artifacts: Path):
         from state.feature_store import OnlineReader, feature_store
 
         self.serde = serde
-        self.state = RedisState(redis_url, project, wait_aof, wait_replicas)
-        self.reader = OnlineReader(redis_url, project=project)
-        self.store = feature_store(feature_repo, redis_url)
-        manifest = Artifacts(artifacts).manifest
-        self.genres = {g: n for n, g in enumerate(manifest["genres"])}
-        profiles = Artifacts(artifacts).read(Artifacts.ITEMS)
+        self.state = state
+        self.reader = OnlineReader(state.redis_url, project=state.prefix)
+        self.store = feature_store(feature_repo, state.redis_url)
+        version = Artifacts(artifacts)
+        self.genres = MultiHot(version.manifest["genres"])
+        profiles = version.read(Artifacts.ITEMS)
         self.vectors = {i: self._vector(p.get("genres")) for i, p in profiles.items()}
 
     def _vector(self, genres) -> np.ndarray:
-        v = np.zeros(len(self.genres), dtype=np.float32)
-        for g in genres or []:
-            if g in self.genres:
-                v[self.genres[g]] = 1.0
-        return v
+        return self.genres.transform_one(list(genres or []))
 
     def process(self, events: list[RawEvent]) -> BatchResult:
         """Users' state → Feast projection → popularity and ack → fsync; safe to run again after
@@ -249,16 +237,9 @@ def _check_item_update(r: dict) -> str | None:
 class ItemUpdateProcessor:
     name = "item_updates"
 
-    def __init__(
-        self,
-        serde: Serde,
-        redis_url: str,
-        project: str = "streamrec",
-        wait_aof: bool = True,
-        wait_replicas: int = 0,
-    ):
+    def __init__(self, serde: Serde, state: RedisState):
         self.serde = serde
-        self.state = RedisState(redis_url, project, wait_aof, wait_replicas)
+        self.state = state
 
     def process(self, events: list[RawEvent]) -> BatchResult:
         good, dead = decode_all(self.serde, events, self.name, _check_item_update)

@@ -492,6 +492,7 @@ def rebuild(
     SnapshotError or RetentionError before touching Redis if the log cannot rebuild the state.
     """
     from state.load import load_features
+    from state.store import RedisState
     from streams.processors import InteractionProcessor, ItemUpdateProcessor
     from streams.topics import serde_for
 
@@ -506,14 +507,15 @@ def rebuild(
     progress("load", 0, 1)
     result.cleared_keys = clear_state(redis_url, project)
     repo = load_features(artifacts, redis_url, settings.feature_repo(), project)
-    wait = (settings.redis_wait_aof, settings.redis_wait_replicas)
+
+    def state() -> RedisState:
+        return RedisState(redis_url, project, settings.redis_wait_aof, settings.redis_wait_replicas)
+
     processors = {
         "interactions": InteractionProcessor(
-            serde_for(settings, "interactions"), redis_url, repo, artifacts, project, *wait
+            serde_for(settings, "interactions"), state(), repo, artifacts
         ),
-        "item_updates": ItemUpdateProcessor(
-            serde_for(settings, "item_updates"), redis_url, project, *wait
-        ),
+        "item_updates": ItemUpdateProcessor(serde_for(settings, "item_updates"), state()),
     }
     result.load_seconds = time.monotonic() - started
     progress("load", 1, 1)

@@ -1,7 +1,8 @@
 """The stream processors driven directly (no Faust) against the real Valkey fixture.
 
 Only the Triton *client* is replaced, by the in-process graph wrapped in a stub that can be told
-to fail or stall. Users and items are fresh per test, so the shared Valkey keeps its state.
+to fail or stall. The processors write state (users, seen items, item popularity, availability):
+they write it under a project of the module's own (`own_state`), never into the session's.
 """
 
 from __future__ import annotations
@@ -43,19 +44,16 @@ def raw(role: str, records: list[dict]) -> list[RawEvent]:
 
 
 @pytest.fixture(scope="module")
-def interactions(backend, artifacts):
+def interactions(own_state, artifacts):
+    state = RedisState(own_state.redis_url, own_state.config["feast_project"])
     return InteractionProcessor(
-        serde("interactions"),
-        backend.redis_url,
-        backend.settings.feature_repo(),
-        artifacts,
-        backend.config["feast_project"],
+        serde("interactions"), state, own_state.settings.feature_repo(), artifacts
     )
 
 
 @pytest.fixture(scope="module")
-def state(backend) -> RedisState:
-    return RedisState(backend.redis_url, prefix=backend.config["feast_project"])
+def state(own_state) -> RedisState:
+    return RedisState(own_state.redis_url, prefix=own_state.config["feast_project"])
 
 
 def test_a_redelivered_batch_and_a_repeated_event_take_effect_once(interactions, state):
@@ -98,10 +96,10 @@ def test_a_batch_that_failed_after_its_transaction_is_projected_and_acked_on_ret
 
 
 def test_a_concurrent_change_of_the_users_state_retries_the_transaction(
-    interactions, state, backend, monkeypatch
+    interactions, state, own_state, monkeypatch
 ):
     user = f"cas-{uuid.uuid4().hex[:6]}"
-    other = redis_client(backend.redis_url)  # another writer
+    other = redis_client(own_state.redis_url)  # another writer
     real = InteractionProcessor._stored_states
     calls = []
 
@@ -134,10 +132,8 @@ def test_a_concurrent_change_of_the_users_state_retries_the_transaction(
     assert state.user_records([(user, ["e-8"])])[0][1:] == ([False], set())
 
 
-def test_item_updates_out_of_order_keep_the_newest(backend, state):
-    processor = ItemUpdateProcessor(
-        serde("item_updates"), backend.redis_url, backend.config["feast_project"]
-    )
+def test_item_updates_out_of_order_keep_the_newest(own_state, state):
+    processor = ItemUpdateProcessor(serde("item_updates"), state)
     item = f"ooo-{uuid.uuid4().hex[:6]}"
     # In one batch: the older update loses to the newer one.
     result = processor.process(
@@ -172,8 +168,8 @@ class StubTriton:
 
 
 @pytest.fixture(scope="module")
-def local(artifacts, backend) -> LocalRecommender:
-    return LocalRecommender(artifacts, backend.config)
+def local(artifacts, own_state) -> LocalRecommender:
+    return LocalRecommender(artifacts, own_state.config)
 
 
 def answer(processor: RequestProcessor, records: list[dict]) -> list[dict]:

@@ -20,6 +20,7 @@ from records import T0, interaction, item_update, produce, stack_settings
 from typer.testing import CliRunner
 
 from schemas.settings import get_settings
+from state.store import RedisState
 from streams.kafka import client_config
 from streams.processors import InteractionProcessor, ItemUpdateProcessor, RawEvent
 from streams.rebuild import (
@@ -232,13 +233,12 @@ def test_rebuild_after_a_flush_restores_the_state_from_before(env, artifacts):
     processors = {
         "interactions": InteractionProcessor(
             serde_for(settings, "interactions"),
-            settings.redis_url,
+            RedisState(settings.redis_url, PROJECT),
             settings.feature_repo(),
             artifacts,
-            PROJECT,
         ),
         "item_updates": ItemUpdateProcessor(
-            serde_for(settings, "item_updates"), settings.redis_url, PROJECT
+            serde_for(settings, "item_updates"), RedisState(settings.redis_url, PROJECT)
         ),
     }
     positions = {
