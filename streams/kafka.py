@@ -295,7 +295,10 @@ class EventConsumer:
 class ResponseStream:
     """The recommendations topic read in a thread of its own, each decoded response handed to
     `on_response` (undecodable ones skipped), until `close()`. `from_now`: as `EventConsumer`'s
-    (no group to join; nothing produced after this returns is missed)."""
+    (no group to join; nothing produced after this returns is missed). `idle_backoff_s` > 0 (in
+    a group, not `from_now`): read with aiokafka, spacing out empty fetches up to that long
+    (`space_out_empty_fetches`): librdkafka asks a broker that answers empty fetches at once
+    (the embedded one) again and again, about half a core of this process and of the broker."""
 
     def __init__(
         self,
@@ -304,25 +307,62 @@ class ResponseStream:
         on_response: Callable[[dict], None],
         group: str,
         from_now: bool = False,
+        idle_backoff_s: float = 0.0,
     ):
-        self._consumer = EventConsumer(
-            settings, bootstrap, ["recommendations"], group, from_now=from_now
-        )
+        self._consumer = None
+        if idle_backoff_s > 0 and not from_now:
+            run, args = self._run_aiokafka, (settings, bootstrap, group, idle_backoff_s)
+        else:
+            self._consumer = EventConsumer(
+                settings, bootstrap, ["recommendations"], group, from_now=from_now
+            )
+            run, args = self._run, ()
         self._on_response = on_response
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="streamrec-responses", daemon=True)
+        self._thread = threading.Thread(
+            target=run, args=args, name="streamrec-responses", daemon=True
+        )
         self._thread.start()
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
-        self._consumer.close()
+        if self._consumer is not None:
+            self._consumer.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             event = self._consumer.poll(0.1)
             if event is not None and event.value:
                 self._on_response(event.value)
+
+    def _run_aiokafka(self, *args: Any) -> None:
+        asyncio.run(self._read_aiokafka(*args))
+
+    async def _read_aiokafka(
+        self, settings: Settings, bootstrap: str, group: str, backoff_s: float
+    ) -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        space_out_empty_fetches(backoff_s)
+        serde = serde_for(settings, "recommendations")
+        consumer = AIOKafkaConsumer(
+            topic_name(settings, "recommendations"),
+            bootstrap_servers=bootstrap,
+            group_id=group,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            **aiokafka_settings(settings),
+        )
+        await consumer.start()
+        try:
+            while not self._stop.is_set():
+                batches = await consumer.getmany(timeout_ms=100)
+                for message in (m for batch in batches.values() for m in batch):
+                    with contextlib.suppress(ValueError):  # undecodable: skipped
+                        self._on_response(serde.decode(message.value))
+        finally:
+            await consumer.stop()
 
 
 class EmptyFetchBackoff:

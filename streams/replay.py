@@ -164,31 +164,39 @@ class ReplayResult:
 
 
 class Recorder:
-    """Consumes the recommendations topic in a background thread, keeping every response."""
+    """Consumes the recommendations topic in a background thread, keeping every response and
+    when the first one to each request arrived (`time.perf_counter()`). `idle_backoff_s`: as
+    `ResponseStream`'s (a reader that costs little between answers: the benchmarks)."""
 
-    def __init__(self, settings: Settings, bootstrap: str):
+    def __init__(self, settings: Settings, bootstrap: str, idle_backoff_s: float = 0.0):
         self._settings, self._bootstrap = settings, bootstrap
+        self._idle_backoff_s = idle_backoff_s
         self.responses: dict[str, list[dict]] = {}
+        self.arrived: dict[str, float] = {}
         self._changed = threading.Condition()
         self._stream: ResponseStream | None = None
 
     def __enter__(self) -> Recorder:
         group = f"replay-recorder-{uuid.uuid4().hex[:8]}"
-        self._stream = ResponseStream(self._settings, self._bootstrap, self._keep, group)
+        self._stream = ResponseStream(
+            self._settings, self._bootstrap, self._keep, group, idle_backoff_s=self._idle_backoff_s
+        )
         return self
 
     def __exit__(self, *exc) -> None:
         self._stream.close()
 
     def _keep(self, response: dict) -> None:
+        arrived = time.perf_counter()
         with self._changed:
+            self.arrived.setdefault(response["request_id"], arrived)
             self.responses.setdefault(response["request_id"], []).append(response)
             self._changed.notify_all()
 
     def wait(self, request_ids: set[str], timeout: float) -> bool:
         """Until every id has a response (or `timeout` seconds); True if all arrived."""
         with self._changed:
-            done = self._changed.wait_for(lambda: request_ids <= set(self.responses), timeout)
+            done = self._changed.wait_for(lambda: request_ids <= self.responses.keys(), timeout)
         return done
 
     def write(self, path: Path) -> None:

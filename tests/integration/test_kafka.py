@@ -131,3 +131,21 @@ def test_topic_creation_is_idempotent(settings, kafka):
     again = create_topics(settings, kafka)
     assert set(again.values()) == {"exists"}
     assert len(again) == len(TOPICS)
+
+
+def test_a_recorder_reading_with_spaced_out_fetches_keeps_every_response(settings, kafka):
+    """`idle_backoff_s` (the benchmarks' reader: aiokafka, empty fetches spaced out): every
+    response is kept with its arrival time; undecodable bytes are skipped."""
+    from streams.replay import Recorder
+
+    base = example_records(int(time.time() * 1000))["recommendation_response"]
+    ids = {f"spaced-{uuid.uuid4().hex}-{i}" for i in range(3)}
+    with Recorder(settings, kafka, idle_backoff_s=0.002) as recorder:
+        producer, started = EventProducer(settings, kafka), time.perf_counter()
+        producer.send_raw("recommendations", b"not a response")
+        for rid in ids:
+            producer.send("recommendations", base | {"request_id": rid})
+        producer.close()
+        assert recorder.wait(ids, 30)
+    assert all(started < recorder.arrived[rid] < time.perf_counter() for rid in ids)
+    assert all(recorder.responses[rid][0]["request_id"] == rid for rid in ids)
