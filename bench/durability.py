@@ -4,20 +4,17 @@ published plainly or in a Kafka transaction with its request offsets (results/du
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
-from bench.common import console, machine_info, markdown_table, summarize, write_results
+from bench import common
+from bench.common import summarize
 from schemas.settings import Settings
 from state.features import UserActivity
 from state.store import RedisState
-from streamrec.stack import EmbeddedStack
 from streams.kafka import TransactionalPublisher
 from streams.topics import create_topics, topic_name
 
@@ -59,46 +56,42 @@ async def kafka_publish(settings: Settings, bootstrap: str, rounds: int, n: int)
     return {name: summarize(t[len(t) // 10 :]) for name, t in ms.items()}
 
 
-def redis_variants(stacks: list[EmbeddedStack], rounds: int, batch: int) -> dict[str, dict]:
-    """The three commit variants, round after round: the machine's noise hits all alike."""
-    everysec, always = (RedisState(s.endpoint("redis")) for s in stacks)
-    always.client.config_set("appendfsync", "always")
-    variants = [("everysec, no wait (not durable)", everysec, False),
-                ("everysec + WAITAOF (streamrec)", everysec, True),
-                ("appendfsync always", always, False)]  # fmt: skip
-    ms: dict[str, list[float]] = {name: [] for name, _, _ in variants}
-    for _ in range(rounds):
-        for name, state, wait in variants:
-            ms[name].append(redis_commit(state, batch, wait))
-    return {name: summarize(t) for name, t in ms.items()}
+OPTIONS = [
+    ("--rounds", 400, "batches per variant"),
+    ("--batch", 50, "interactions per Redis batch"),
+    ("--responses", 32, "responses per Kafka batch"),
+]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser("python -m bench.durability", description=__doc__)
-    parser.add_argument("--rounds", type=int, default=400, help="batches per variant (400)")
-    parser.add_argument("--batch", type=int, default=50, help="interactions per Redis batch (50)")
-    parser.add_argument("--responses", type=int, default=32, help="responses per Kafka batch (32)")
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:  # Valkey everysec with the broker, Valkey always
-        settings = dict(partitions=4, kafka_bootstrap=None, redis_url=None)
-        stacks = [EmbeddedStack(Settings(run_dir=Path(tmp) / n, **settings)) for n in "ab"]
-        try:
-            stacks[0].up(("redis", "kafka"))
-            stacks[1].up(("redis",))
-            redis = redis_variants(stacks, args.rounds, args.batch)
-            create_topics(stacks[0].settings, bootstrap := stacks[0].endpoint("kafka"))
-            kafka = kafka_publish(stacks[0].settings, bootstrap, args.rounds, args.responses)
-            kafka = asyncio.run(kafka)
-        finally:
-            for stack in stacks:
-                stack.down()
-    rows = [[f"Redis commit of {args.batch} interactions", k, s] for k, s in redis.items()]
-    rows += [[f"Kafka publish of {args.responses} responses", k, s] for k, s in kafka.items()]
+    args = common.parser("python -m bench.durability", __doc__, OPTIONS).parse_args(argv)
+    r = common.run_info("durability") | {"config": vars(args)}
+    with (  # Valkey everysec with the broker; Valkey always
+        common.embedded_stack("durability", False, partitions=4) as stack,
+        common.embedded_stack("durability-always", False) as always,
+    ):
+        stack.up(("redis", "kafka"))
+        always.up(("redis",))
+        everysec, fsync = (RedisState(s.endpoint("redis")) for s in (stack, always))
+        fsync.client.config_set("appendfsync", "always")
+        variants = [
+            ("everysec, no wait (not durable)", everysec, False),
+            ("everysec + WAITAOF (streamrec)", everysec, True),
+            ("appendfsync always", fsync, False),
+        ]
+        ms: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+        for _ in range(args.rounds):  # round after round: the machine's noise hits all alike
+            for name, state, wait in variants:
+                ms[name].append(redis_commit(state, args.batch, wait))
+        r["redis"] = {name: summarize(t) for name, t in ms.items()}
+        create_topics(stack.settings, bootstrap := stack.endpoint("kafka"))
+        kafka = kafka_publish(stack.settings, bootstrap, args.rounds, args.responses)
+        r["kafka"] = asyncio.run(kafka)
+    rows = [[f"Redis commit of {args.batch} interactions", k, s] for k, s in r["redis"].items()]
+    rows += [[f"Kafka publish of {args.responses} responses", k, s] for k, s in r["kafka"].items()]
     rows = [[what, variant, s["p50"], s["p99"]] for what, variant, s in rows]
-    table = markdown_table(["what", "variant", "p50 ms", "p99 ms"], rows)
-    data = {"args": vars(args), "machine": machine_info(), "redis": redis, "kafka": kafka}
-    write_results("durability", data, f"# What durability costs\n\n{table}\n")
-    console.print(table)
+    r, table = common.finished(r), common.table("what|variant|p50 ms|p99 ms", rows)
+    common.publish("durability", r, [common.header("What it costs", r), table])
 
 
 if __name__ == "__main__":

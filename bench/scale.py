@@ -4,19 +4,15 @@
     .venv/bin/python -m bench.scale --artifacts DIR --workers 1,2 --rates 50,100 --duration 3 \\
         --events 2000 --leave-s 5 --tail-s 3 --steady-rate 50 --label short   # a few minutes
 
-bench.e2e's stack, burst and rate sweep for each worker count (events/s, the highest rate with
-p99 ≤ --slo-ms, CPU-ms per request by process). Under a steady open-loop load: each join, a
-rolling restart (each worker SIGTERMed and started again in its static membership slot), a leave
-by SIGTERM and one by SIGKILL (a replacement in the slot after --leave-s); per event the workers'
-`partitions assigned` and rebalance log lines, the longest gap between answers and the latency.
-Writes bench/results/scale-<label>.{json,md}.
+bench.e2e's burst and sweep for each worker count; under a steady load, each join, a rolling
+restart and two leaves (bench/README.md explains the tables). Writes scale-<label>.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import os
+import functools
 import re
 import sys
 import threading
@@ -27,11 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from bench import common, e2e, loadgen
-from bench.common import Phases, fmt, summarize
-from streamrec.stack.process import pid_alive, stop
-from streams.kafka import client_config
-from streams.replay import Recorder
+from bench import common, e2e
+from bench.common import Block, Phases, cells, fmt, summarize, table
+from streamrec.stack.process import stop
 from streams.topics import topic_name
 
 LINE = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\] \[\d+\] \[\w+\]:? (.*)$", re.M)
@@ -46,12 +40,6 @@ OPTIONS = [
 DEFAULTS = {"partitions": 8, "rates": "50,100,200,300,400,600", "duration": 8.0}
 EVENT = "seconds exit_s action_s assigned_by_others rebalance_warnings last_assigned_after_s"
 EVENT += " rebalance_s held longest_gap_ms latency not_ok unanswered last_over_slo_after_s"
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = e2e.parse(e2e.parser("python -m bench.scale", __doc__, OPTIONS, DEFAULTS), argv)
-    args.counts = sorted(int(x) for x in args.workers.split(","))
-    return args
 
 
 def start_one(live: e2e.System) -> dict[str, Any]:
@@ -90,14 +78,11 @@ def window(ids: list, sent: list, answers: dict, t0: float, t1: float, slo_ms: f
     ok = [(h[0] - s) * 1000 for h, s in hits if h and h[1]["status"] == "ok"]
     late = [h[0] for h, s in hits if h and (h[1]["status"] != "ok" or (h[0] - s) * 1e3 > slo_ms)]
     arrived = sorted(a for a, _ in answers.values() if t0 <= a < t1)
-    return {
-        "seconds": round(t1 - t0, 1),
-        "latency": " / ".join(fmt(summarize(ok).get(q)) for q in ("p50", "p99", "max")),
-        "not_ok": sum(h is not None for h, _ in hits) - len(ok),
-        "unanswered": sum(h is None for h, _ in hits),
-        "last_over_slo_after_s": round(max(late) - t0, 2) if late else None,
-        "longest_gap_ms": round(float(np.diff([t0, *arrived, t1]).max()) * 1000, 1),
-    }
+    out = {"seconds": round(t1 - t0, 1), "unanswered": sum(h is None for h, _ in hits)}
+    out["latency"] = " / ".join(fmt(summarize(ok).get(q)) for q in ("p50", "p99", "max"))
+    out["not_ok"] = sum(h is not None for h, _ in hits) - len(ok)
+    out["last_over_slo_after_s"] = round(max(late) - t0, 2) if late else None
+    return out | {"longest_gap_ms": round(float(np.diff([t0, *arrived, t1]).max()) * 1000, 1)}
 
 
 def event(m: dict, nxt: dict, lines: list, figures: dict) -> dict[str, Any]:
@@ -109,25 +94,18 @@ def event(m: dict, nxt: dict, lines: list, figures: dict) -> dict[str, Any]:
     assigned = [t for t, _, _, held in lines if w0 <= t < w1 and held is not None]
     warned = [t for t, _, text, _ in others if REBALANCE.search(text)]
     first = next((t for t in warned if assigned and assigned[-1] >= t), None)
-    held = " ".join(f"{slot}:{len(latest.get(log, ()))}" for slot, log in nxt["live"])
-    return (
-        {k: v for k, v in m.items() if k not in ("t", "wall", "live", "log")}
-        | figures
-        | {
-            "assigned_by_others": sum(x[3] is not None for x in others),
-            "rebalance_warnings": len(warned),
-            "last_assigned_after_s": round(assigned[-1] - w0, 2) if assigned else None,
-            "rebalance_s": round(assigned[-1] - first, 2) if first is not None else None,
-            "held": held,
-        }
-    )
+    out = {k: v for k, v in m.items() if k not in ("t", "wall", "live", "log")} | figures
+    out["held"] = " ".join(f"{slot}:{len(latest.get(log, ()))}" for slot, log in nxt["live"])
+    out |= {"assigned_by_others": sum(x[3] is not None for x in others)}
+    out |= {"rebalance_warnings": len(warned)}
+    out["last_assigned_after_s"] = round(assigned[-1] - w0, 2) if assigned else None
+    return out | {"rebalance_s": round(assigned[-1] - first, 2) if first is not None else None}
 
 
 def under_load(live: e2e.System, name: str, actions: list, est_s: float) -> dict[str, Any]:
     """A steady load for 3 s + `est_s` + --tail-s while `actions` ((label, fn) pairs) run one
     after another from 3 s in; figures per action, from its start to the next one's."""
-    args, marks = live.args, []
-    seconds = 3.0 + est_s + args.tail_s
+    args, marks, seconds = live.args, [], 3.0 + est_s + live.args.tail_s
     reqs = live.requests(round(args.steady_rate * seconds), name.replace(" ", "-"), args.seed)
 
     def play() -> None:
@@ -147,73 +125,50 @@ def under_load(live: e2e.System, name: str, actions: list, est_s: float) -> dict
         thread.start()
         step = live.run_step(args.steady_rate, name, reqs, 0)
         thread.join(300)
-    ids, sent = [r["request_id"] for r in reqs], step["_sent"]
-    answers, topic = live.answers(ids), topic_name(live.settings, "requests")
+    ids, sent, answers = [r["request_id"] for r in reqs], step["_sent"], step["_answers"]
     logs = {w.log for w in live.workers.running()} | {m["log"] for m in marks if "log" in m}
-    lines, events = log_lines(logs, topic), []
+    lines, events = log_lines(logs, topic_name(live.settings, "requests")), []
     for m, nxt in zip(marks, marks[1:], strict=False):
         t1 = max(sent[-1], nxt["t"]) if nxt["event"] == "done" else nxt["t"]
         events.append(event(m, nxt, lines, window(ids, sent, answers, m["t"], t1, args.slo_ms)))
-    alive = [s.name for s in live.stack.services().values() if all(map(pid_alive, s.pids))]
     before = window(ids, sent, answers, sent[0], marks[0]["t"], args.slo_ms)
     totals = {k: step[k] for k in ("requests", "ok", "expired", "error", "unanswered")}
-    return {"name": name, "before": before, "events": events, "alive_after": alive} | totals
-
-
-def by_count(live: e2e.System, n: int) -> dict[str, Any]:
-    """Burst (events/s, CPU-ms per event) and rate sweep with `n` workers."""
-    live.warm_up(f"w{n}")
-    before = loadgen.cpu_snapshot(live.processes)
-    with live.phases.phase(f"burst, {n} worker(s)", f"({live.args.events:,} events)"):
-        burst = live.burst(f"w{n}")
-    spent = loadgen.cpu_spent(before, loadgen.cpu_snapshot(live.processes))
-    burst["cpu_ms_per_event"] = {k: round(v / live.args.events * 1e3, 3) for k, v in spent.items()}
-    sweep, keep = live.sweep(), ("rate", "achieved_rps", "latency_ms", "steady", "sustainable")
-    steps = [{k: x[k] for k in keep} | {"cpu": x["cpu"]} for x in sweep["steps"]]
-    return {"burst": burst, "highest_rps": sweep["highest_sustainable_rps"], "steps": steps}
-
-
-def events_under_load(live: e2e.System, est: float) -> dict[str, Any]:
-    """Each join to the next worker count (then its burst and sweep), a rolling restart and the
-    two leaves. `est`: seconds a worker takes to start under load."""
-    joins, counts, start = [], {}, lambda: start_one(live)
-    for n in live.args.counts:
-        if (have := len(live.workers.running())) < n:
-            acts = [(f"worker {i + 1} starts", start) for i in range(have, n)]
-            joins.append(under_load(live, f"join {have} → {n}", acts, est * (n - have)))
-            est = max(est, *(e["action_s"] + 5 for e in joins[-1]["events"]))
-        counts[n] = by_count(live, n)
-    slots = sorted(w.slot for w in live.workers.running())
-    acts = [(f"restart slot {s}", lambda s=s: leave(live, s)) for s in slots]
-    rolling = under_load(live, "rolling restart", acts, (est + 5) * len(slots))
-    leaves, last, wait = [], slots[-1], live.args.leave_s
-    for kill, sig in ((False, "SIGTERM"), (True, "SIGKILL")):
-        acts = [(f"{sig} slot {last}", lambda k=kill: leave(live, last, k, wait))]
-        acts.append((f"replacement in slot {last}", start))
-        leaves.append(under_load(live, f"leave by {sig}", acts, wait + est + 5))
-    return {"by_workers": counts, "joins": joins, "rolling_restart": rolling, "leaves": leaves}
+    return {"name": name, "before": before, "events": events} | totals
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    phases, machine = Phases(), common.machine_info()
-    started = datetime.now().astimezone().isoformat(timespec="seconds")
-    with (
-        e2e.running_system(args, phases, args.counts[0]) as live,
-        Recorder(live.settings, live.bootstrap, e2e.READER_BACKOFF_S) as live.recorder,
-    ):
-        live.generator = loadgen.Generator(client_config(live.settings, live.bootstrap))
+    """Each worker count's burst and sweep (joining the workers under load), a rolling restart
+    and the two leaves."""
+    phases, r, joins, counts = Phases(), common.run_info(args.label), [], {}
+    with e2e.running_system(args, phases, args.counts[0]) as live, live.traffic():
+        start = functools.partial(start_one, live)
         start_s = round(phases.seconds["start stream workers"] / args.counts[0], 1)
-        results = events_under_load(live, 2 * start_s + 5)  # a start under load, estimated
-        live.generator.close()
-    return results | {
-        "label": args.label,
-        "started": started,
-        "machine": machine,
-        "config": vars(args),
-        "worker_start_s": start_s,
-        "wall_s": round(time.perf_counter() - phases.started, 1),
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-    }
+        est = 2 * start_s + 5  # seconds a worker takes to start under load, estimated
+        for n in args.counts:
+            if (have := len(live.workers.running())) < n:
+                acts = [(f"worker {i + 1} starts", start) for i in range(have, n)]
+                joins.append(under_load(live, f"join {have} → {n}", acts, est * (n - have)))
+                est = max(est, *(e["action_s"] + 5 for e in joins[-1]["events"]))
+            tag, name = f"w{n}", f"burst, {n} worker(s)"
+            live.warm_up(tag)
+            burst = live.measured(name, "", functools.partial(live.burst, tag), args.events)
+            steps = live.sweep()["steps"]
+            held = [x for x in steps if x["sustainable"]]
+            best = max(held, key=lambda x: x["rate"]) if held else {"latency_ms": {}, "cpu": {}}
+            sweep = [(x["rate"], fmt(x["latency_ms"].get("p99"), 0), x["steady"]) for x in steps]
+            sweep = [f"{rt:g}: {p99}" + ("" if ok else " (not steady)") for rt, p99, ok in sweep]
+            counts[n] = {"burst": burst, "highest": best, "sweep": ", ".join(sweep)}
+            counts[n]["cpu_ms_per_event"] = live.cpu[name]["cpu_ms"]
+        slots = sorted(w.slot for w in live.workers.running())
+        acts = [(f"restart slot {s}", functools.partial(leave, live, s)) for s in slots]
+        r["rolling_restart"] = under_load(live, "rolling restart", acts, (est + 5) * len(slots))
+        r["leaves"], last, wait = [], slots[-1], args.leave_s
+        for kill, sig in ((False, "SIGTERM"), (True, "SIGKILL")):
+            acts = [(f"{sig} slot {last}", functools.partial(leave, live, last, kill, wait))]
+            acts.append((f"replacement in slot {last}", start))
+            r["leaves"].append(under_load(live, f"leave by {sig}", acts, wait + est + 5))
+    r |= {"by_workers": counts, "joins": joins, "config": vars(args), "worker_start_s": start_s}
+    return common.finished(r)
 
 
 COUNT = "workers|events/s|events/s 10→90 %|× 1 worker|req/s, p99 ≤ {slo_ms:g} ms|× 1 worker"
@@ -223,68 +178,54 @@ EVENTS = "event|s|exit s|action s|assigned (others)|rebalance warnings|last assi
 EVENTS += "|rebalance s|held|gap ms|p50 / p99 / max ms|not ok|unanswered|last over SLO after s"
 
 
-def count_row(n: int, x: dict[str, Any], one: dict[str, Any]) -> list[Any]:
-    """A worker count's row: throughput, the highest rate held and CPU-ms per request there."""
-    b, held = x["burst"], [s for s in x["steps"] if s["sustainable"]]
-    best = max(held, key=lambda s: s["rate"]) if held else {"latency_ms": {}, "cpu": {}}
-    cpu, sweep = best["cpu"].get("cpu_ms"), []
-    for s in x["steps"]:
-        sweep.append(f"{s['rate']:g}: {fmt(s['latency_ms'].get('p99'), 0)}")
-        sweep[-1] += "" if s["steady"] else " (not steady)"
-    triton = round(cpu["tritonserver"] + cpu["triton stubs"], 2) if cpu else None
-    serving = round(sum(cpu[k] for k in e2e.SERVING), 2) if cpu else None
-    row = [n, b["events_per_s"], b["events_per_s_10_to_90pct"]]
-    row += [fmt(common.ratio(b["events_per_s"], one["burst"]["events_per_s"])), x["highest_rps"]]
-    row += [fmt(common.ratio(x["highest_rps"], one["highest_rps"]))]
-    row += [" / ".join(fmt(best["latency_ms"].get(q)) for q in ("p50", "p99"))]
-    row += [*((cpu or {}).get(k) for k in ("stream worker", "broker")), triton]
-    row += [(cpu or {}).get("valkey"), serving]
-    per_event = [fmt(b["cpu_ms_per_event"][k], 3) for k in ("stream worker", "broker", "valkey")]
-    return row + [" / ".join(per_event), ", ".join(sweep)]
-
-
-def report(r: dict[str, Any]) -> str:
+def report(r: dict[str, Any]) -> list[Block]:
+    """The report's blocks; bench/README.md explains each table."""
     m, cfg, rr, by = r["machine"], r["config"], r["rolling_restart"], r["by_workers"]
+    one, counts = by[min(by)], []
+    for n, x in by.items():  # throughput, the highest rate held and CPU-ms per request there
+        b, best, rate = x["burst"], x["highest"], x["highest"].get("rate")
+        cpu = best["cpu"].get("cpu_ms", {})
+        serving = [cpu.get(k) for k in e2e.SERVING]
+        triton, total = (round(sum(v), 2) if cpu else None for v in (serving[2:4], serving))
+        ratios = [common.ratio(b["events_per_s"], one["burst"]["events_per_s"])]
+        ratios.append(common.ratio(rate, one["highest"].get("rate")))
+        per_event = [x["cpu_ms_per_event"][k] for k in ("stream worker", "broker", "valkey")]
+        row = [n, b["events_per_s"], b["events_per_s_10_to_90pct"], fmt(ratios[0]), rate]
+        row += [fmt(ratios[1]), " / ".join(fmt(best["latency_ms"].get(q)) for q in ("p50", "p99"))]
+        row += [serving[0], serving[1], triton, serving[4], total]
+        counts.append(row + [" / ".join(fmt(v, 3) for v in per_event), x["sweep"]])
     events, loads = [], [*r["joins"], rr, *r["leaves"]]
     for load in loads:
-        events.append([f"*{load['name']}: before*", *e2e.cells(load["before"], EVENT)])
+        events.append([f"*{load['name']}: before*", *cells(load["before"], EVENT)])
         for e in load["events"]:
             failed = f" (failed: {e['failed']})" if "failed" in e else ""
-            events.append([e["event"] + failed, *e2e.cells(e, EVENT)])
-    alive = "; ".join(f"{x['name']}: {', '.join(x['alive_after'])}" for x in loads)
-    intro = (
+            events.append([e["event"] + failed, *cells(e, EVENT)])
+    return [
+        common.header("Many workers", r),
         f"One embedded stack, {cfg['partitions']} partitions per topic, workers added between "
         f"measurements. **The machine has {m['cpus_usable']} cores**, shared by the workers, "
         "broker, Triton, Valkey, the load generator and the response reader (and other work on "
-        f"the machine): 4 workers cannot scale linearly here. {cfg['note']}"
-    )
-    throughput = (
+        f"the machine): 4 workers cannot scale linearly here. {cfg['note']}",
+        "## Throughput by worker count",
         f"Events/s: a burst of {cfg['events']:,} interactions. Req/s: the open-loop sweep, "
         f"{cfg['warmup_s']:g} + {cfg['duration']:g} s a step; CPU-ms per answered request at "
-        "the highest rate that held the target."
-    )
-    rows = [count_row(n, x, by[min(by)]) for n, x in by.items()]
-    steady = f"{cfg['steady_rate']:g} req/s open loop; a row covers its event until the next."
-    summary = (
+        "the highest rate that held the target.",
+        table(COUNT.format(**cfg), counts),
+        "## Joins, rolling restart and leaves under a steady load",
+        f"{cfg['steady_rate']:g} req/s open loop; a row covers its event until the next.",
+        table(EVENTS, events),
         f"Rolling restart in all: {rr['requests']:,} requests, {rr['ok']:,} ok, {rr['expired']:,} "
         f"expired, {rr['error']:,} errors, {rr['unanswered']:,} unanswered. A worker starts in "
-        f"{r['worker_start_s']:g} s (unloaded, until ready). Servers still running after each "
-        f"load: {alive}."
-    )
-    return "\n".join(
-        [e2e.header(r, "Many workers"), "", intro, ""]
-        + e2e.table("Throughput by worker count", throughput, COUNT.format(**cfg), rows)
-        + e2e.table("Joins, rolling restart and leaves under a steady load", steady, EVENTS, events)
-        + [summary]
-    )
+        f"{r['worker_start_s']:g} s (unloaded, until ready).",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    result = common.public(run(parse_args(argv)))
-    markdown = report(result)
-    paths = common.write_results(f"scale-{result['label']}", result, markdown)
-    common.console.print(markdown, markup=False)
-    common.console.print("wrote " + " and ".join(map(str, paths)))
+    p = common.parser("python -m bench.scale", __doc__, e2e.SHARED + OPTIONS, **DEFAULTS)
+    args = e2e.parse(p, argv)
+    args.counts = common.numbers(p, "--workers", args.workers, int)
+    r = run(args)
+    common.publish(f"scale-{r['label']}", r, report(r))
     return 0
 
 

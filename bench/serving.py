@@ -7,18 +7,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
-import json
-import os
 import re
-import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,78 +18,49 @@ import pandas as pd
 import psutil
 import redis
 
-from bench.common import console, machine_info, markdown_table, ratio, summarize, write_results
-from schemas.artifacts import current_artifacts
-from schemas.records import RecommendationRequest
-from schemas.settings import Settings
+from bench import common
+from bench.common import Block, ratio, summarize, table
+from schemas.artifacts import Artifacts
 from serving.client import AsyncTritonRecommender, LocalRecommender, TritonRecommender
 from serving.operators import GRAPH, decode, request_tensors
 from serving.triton_export import LAYOUTS
 from streamrec.deploy import deploy
 from streamrec.stack import EmbeddedStack
-from streamrec.stack.process import StartupError
 
 MIB, SCORE_TOLERANCE, P = 2**20, 1e-5, ("p50", "p90", "p99", "mean")
 Tensors = dict[str, np.ndarray]
 Answers = list[tuple[int, Tensors]]  # (request index, outputs)
-Block = str | dict[str, Any]  # of the report: a paragraph, or a table (headers, rows)
-
-
-def int_list(text: str) -> list[int]:
-    if min(values := [int(v) for v in text.split(",")]) < 1:
-        raise argparse.ArgumentTypeError("values must be >= 1")
-    return values
-
-
 OPTIONS = [
-    ("--artifacts", Path, ".streamrec/artifacts", "a trained version, or a root with `current`"),
-    ("--label", str, None, "results: serving-<label>.* (default: the artifacts' data set)"),
-    ("--requests", int, 320, "distinct requests in the seeded list (10 %% cold-start)"),
-    ("--batch", int, 32, "the batch size B compared with 1"),
-    ("--batches", int, 100, "in-process: groups of B requests, 1 by 1 and as a batch"),
-    ("--layout-batches", int, 25, "the same per Triton layout, on both runtimes"),
-    ("--layouts", lambda s: s.split(","), "stages,fused,executor", "Triton layouts, in turn"),
-    ("--throughput-layout", str, "executor", "the layout measured with requests in flight"),
-    ("--in-flight", int_list, "1,2,4,8,16,32", "requests in flight, a throughput level each"),
-    ("--throughput-seconds", float, 6.0, "measured seconds per throughput level"),
-    ("--p99-target-ms", float, 100.0, "the highest rate within this p99 is reported"),
-    ("--seed", int, 0, "seed of the request list and of the groups"),
-    ("--instances", int, 1, "Triton instances per model"),
-    ("--max-batch", int, 64, "Triton max_batch_size"),
-    ("--queue-delay-us", int, 200, "Triton dynamic batcher's max queue delay"),
+    ("--artifacts", common.ARTIFACTS, "a trained version, or a root with `current`"),
+    ("--label", None, "results: serving-<label>.* (default: the artifacts' data set)"),
+    ("--requests", 320, "distinct requests in the seeded list (10 % cold-start)"),
+    ("--batch", 32, "the batch size B compared with 1"),
+    ("--batches", 100, "in-process: groups of B requests, 1 by 1 and as a batch"),
+    ("--layout-batches", 25, "the same per Triton layout, on both runtimes"),
+    ("--layouts", "stages,fused,executor", "Triton layouts, in turn"),
+    ("--throughput-layout", "executor", "the layout measured with requests in flight"),
+    ("--in-flight", "1,2,4,8,16,32", "requests in flight, a throughput level each"),
+    ("--throughput-seconds", 6.0, "measured seconds per throughput level"),
+    ("--p99-target-ms", 100.0, "the highest rate within this p99 is reported"),
+    ("--seed", 0, "seed of the request list and of the groups"),
+    ("--instances", 1, "Triton instances per model"),
+    ("--max-batch", 64, "Triton max_batch_size"),
+    ("--queue-delay-us", 200, "Triton dynamic batcher's max queue delay"),
+    ("--keep", False, "keep the stack's directory (logs)"),
 ]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser("python -m bench.serving", description=__doc__)
-    for flag, kind, default, text in OPTIONS:
-        text += "" if default is None else f" (default: {default})"
-        p.add_argument(flag, type=kind, default=default, help=text)
-    p.add_argument("--keep", action="store_true", help="keep the stack's directory (logs)")
-    args = p.parse_args(argv)
-    if set(args.layouts) - set(LAYOUTS) or args.throughput_layout not in args.layouts:
-        p.error(f"--layouts: some of {', '.join(LAYOUTS)}, --throughput-layout among them")
-    if not 2 <= args.batch <= args.requests or min(args.batches, args.layout_batches) < 1:
-        p.error("--batch must be between 2 and --requests, --batches and --layout-batches >= 1")
-    return args
-
-
-def rss_mb(proc: psutil.Process) -> float:
-    return proc.memory_info().rss / MIB
-
-
-def triton_processes(pid: int) -> dict[str, list[psutil.Process]]:
+def triton_processes(pid: int) -> dict[str, list[int]]:
     """tritonserver and its Python-backend stubs, by model (`stub <model>`)."""
-    out: dict[str, list[psutil.Process]] = {"tritonserver": [psutil.Process(pid)]}
-    for child in out["tritonserver"][0].children(recursive=True):
+    out = {"tritonserver": [pid]}
+    for child in psutil.Process(pid).children(recursive=True):
         found = re.search(r"/([^/\s]+)/\d+/model\.py", " ".join(child.cmdline()))
-        out.setdefault(f"stub {found[1]}" if found else f"child {child.pid}", []).append(child)
+        out.setdefault(f"stub {found[1]}" if found else f"child {child.pid}", []).append(child.pid)
     return out
 
 
-def cpu_seconds(groups: dict[str, list[psutil.Process]]) -> dict[str, float]:
-    """User + system CPU seconds of each group of processes so far."""
-    return {k: sum(sum(p.cpu_times()[:2]) for p in procs) for k, procs in groups.items()}
+def rss_mb(pids: list[int]) -> float:
+    return round(sum(psutil.Process(pid).memory_info().rss for pid in pids) / MIB, 1)
 
 
 class Marks(list):
@@ -107,9 +70,9 @@ class Marks(list):
     def __call__(self, name: str) -> None:
         self.append((name, time.perf_counter()))
 
-    def seconds(self) -> dict[str, float]:
+    def seconds(self) -> list[list[Any]]:
         ends = [t for _, t in self[1:]] + [time.perf_counter()]
-        return {name: round(end - t, 2) for (name, t), end in zip(self, ends, strict=True)}
+        return [[name, round(end - t, 2)] for (name, t), end in zip(self, ends, strict=True)]
 
 
 class Series:
@@ -158,72 +121,44 @@ def difference(ref: Tensors, got: Tensors) -> str | None:
     return f"scores differ by up to {diff:.2e}" if diff > SCORE_TOLERANCE else None
 
 
-def table(headers: str, rows: list[list[Any]]) -> dict[str, Any]:
-    """A report table: `|`-separated headers, rows of cells."""
-    return {"headers": headers.split("|"), "rows": rows}
-
-
 class ServingBench:
     """One run on its own stack: timed phases, the steps' figures, the parity counts."""
 
-    def __init__(self, args: argparse.Namespace, stack: EmbeddedStack, artifacts: Path) -> None:
-        self.args, self.stack, self.artifacts = args, stack, artifacts
-        self.manifest = json.loads((artifacts / "manifest.json").read_text())
-        self.t0, self.seconds = time.perf_counter(), {}
-        self.machine, self.started = machine_info(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    def __init__(self, args: argparse.Namespace, stack: EmbeddedStack) -> None:
+        self.args, self.stack, self.artifacts = args, stack, Artifacts(args.artifacts)
+        self.r, self.phases = common.run_info(args.label), common.Phases()
         self.sections: dict[str, list[Block]] = {}  # the steps' parts of the report
         self.layouts: dict[str, dict[Any, Any]] = {}
         self.parity: dict[str, list[int]] = {}  # label: [answers, differing]
         self.examples: list[str] = []  # the first differences of each label
 
-    def log(self, message: str) -> None:
-        console.print(f"[dim]{time.perf_counter() - self.t0:7.1f}s[/dim] {message}")
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        self.log(f"[bold cyan]▶ {name}[/bold cyan]")
-        t0 = time.perf_counter()
-        yield
-        self.seconds[name] = round(time.perf_counter() - t0, 2)
-        self.log(f"{name}: {self.seconds[name]:,.1f} s")
-
     def prepare(self) -> None:
         """Valkey loaded by `deploy`, the in-process runtime with the item features (else loaded
-        by the first request), each part timed by the product's step hooks."""
-        load, build = Marks(), Marks()
-        with self.phase("start valkey"):
-            self.stack.up(("redis",))
-        with self.phase("load features"):
+        by the first request), each part timed by the product's step hooks; the requests (known
+        users drawn uniformly and 10 % never seen, an hour after the training state's end),
+        answered in-process one by one (the reference); the groups of B requests."""
+        a, path, load, build = self.args, self.artifacts.path, Marks(), Marks()
+        with self.phases.phase("load features"):
             load("import feast")
             import feast  # noqa: F401 (its first import takes seconds)
 
             load("deploy: state snapshot into Feast and Redis, Triton repository exported")
-            settings, stack = self.stack.settings, self.stack
-            self.config = deploy(settings, stack, self.artifacts, start=False).config
+            self.config = deploy(self.stack.settings, self.stack, path, start=False).config
             self.load_s = load.seconds()
-        with self.phase("build in-process runtime"):
-            self.local = LocalRecommender(self.artifacts, self.config, step=build)
+        with self.phases.phase("build in-process runtime"):
+            self.local = LocalRecommender(path, self.config, step=build)
             build("item features (first use)")
             len(self.local.runtime.operators[0].items.features)
             self.build_s = build.seconds()
-        self.rss = round(rss_mb(psutil.Process()), 1)
-
-    def answer_reference(self) -> None:
-        """Known users drawn uniformly and 10 % never seen, an hour after the training state's
-        end, answered in-process one by one; the groups of B requests the steps run."""
-        a, state, rng = self.args, self.artifacts / "state", np.random.default_rng(self.args.seed)
-        users = pd.read_parquet(state / "user_activity.parquet")
-        popular = pd.read_parquet(state / "item_stats.parquet")["popularity_ms"]
+        self.rss = rss_mb([psutil.Process().pid])
+        users = pd.read_parquet(self.artifacts.state("user_activity"))
+        popular = pd.read_parquet(self.artifacts.state("item_stats"))["popularity_ms"]
         now = int(max(users["last_event_ms"].max(), popular.max())) + 3_600_000
-        known, cold = sorted(users["user_id"]), rng.random(a.requests) < 0.1
-        ids = [f"bench-unknown-{i}" if c else rng.choice(known) for i, c in enumerate(cold)]
+        known, rng = sorted(users["user_id"]), np.random.default_rng(a.seed + 1)
+        self.requests = common.requests(known, a.requests, a.seed, 0.1, now, "serving")
         count = max(a.batches, a.layout_batches)
         self.groups = [rng.choice(a.requests, a.batch, False).tolist() for _ in range(count)]
-        with self.phase("reference answers"):
-            request = partial(
-                RecommendationRequest, k=10, temperature=0.0, seed=1, timestamp_ms=now
-            )
-            self.requests = [request(u).to_record() for u in ids]
+        with self.phases.phase("reference answers"):
             self.tensors = [request_tensors(r) for r in self.requests]
             self.reference = [self.local.run(t) for t in self.tensors]
             for idx in self.groups[:2]:  # warm-up at batch B
@@ -255,37 +190,39 @@ class ServingBench:
     def in_process(self) -> None:
         """The in-process graph at batch 1 and batch B over the same groups, interleaved."""
         B = self.args.batch
-        with self.phase(f"in-process batch 1 vs {B}"):
+        with self.phases.phase(f"in-process batch 1 vs {B}"):
             series = self.interleaved({"in-process": self.local}, self.args.batches)
         one, big = series["in-process 1"], series[f"in-process {B}"]
         s1, sb, st1, stb = one.summary(), big.summary(), one.stages(), big.stages()
         rows = [[str(n), s["n"], *(s[k] for k in (*P, "rps"))] for n, s in ((1, s1), (B, sb))]
         rows.append([f"ratio {B} / 1", None, *(ratio(sb[k], s1[k]) for k in (*P, "rps"))])
-        stages = [[op, a["p50"], a["p99"], b["p50"], b["p99"], ratio(b["p50"], a["p50"]), a["flow"]]
-                  for (op, a), b in zip(st1.items(), stb.values(), strict=True)]  # fmt: skip
+        stages = []
+        for (op, a), b in zip(st1.items(), stb.values(), strict=True):
+            stages.append([op, a["p50"], a["p99"], b["p50"], b["p99"], ratio(b["p50"], a["p50"])])
+            stages[-1].append(a["flow"])
+        headers = f"stage|batch 1 p50|batch 1 p99|batch {B} p50|batch {B} p99|p50 ratio|"
         self.sections["in_process"] = [
             f"## In-process graph: batch 1 vs batch {B} (ms per request)",
             table("batch|calls|p50|p90|p99|mean|req/s", rows),
             "Per stage (ms per request = the stage's time in a call / its batch size):",
-            table(f"stage|batch 1 p50|batch 1 p99|batch {B} p50|batch {B} p99|p50 ratio|"
-                  "candidates in → out (median)", stages),
-        ]  # fmt: skip
+            table(headers + "candidates in → out (median)", stages),
+        ]
 
     def layout(self, layout: str) -> None:
         """One tritonserver with `layout`: start-up, Triton vs in-process at batch 1 and B, the
         throughput levels on --throughput-layout, its processes' RSS; then it is stopped."""
-        a = self.args
-        with self.phase(f"{layout}: start tritonserver"):
-            url = deploy(self.stack.settings, self.stack, self.artifacts, load=False, layout=layout,
-                         instances=a.instances, max_batch=a.max_batch,
-                         queue_delay_us=a.queue_delay_us).triton  # fmt: skip
+        a, path = self.args, self.artifacts.path
+        export = {"instances": a.instances, "max_batch": a.max_batch}
+        export |= {"queue_delay_us": a.queue_delay_us, "layout": layout}
+        with self.phases.phase(f"{layout}: start tritonserver"):
+            url = deploy(self.stack.settings, self.stack, path, load=False, **export).triton
         out = self.layouts[layout] = {}
         client, t0 = TritonRecommender(url, timeout=120.0), time.perf_counter()
         client.run(self.tensors[0])  # it loads the item features table
         out["first"] = round(time.perf_counter() - t0, 2)
         Series().run(client, 1, self.tensors, list(range(20)))  # warm-up, then at batch B:
         Series().run(client, a.batch, self.tensors, self.groups[0])
-        with self.phase(f"{layout}: Triton vs in-process"):
+        with self.phases.phase(f"{layout}: Triton vs in-process"):
             runtimes = {"in-process": self.local, "triton": client}
             series = self.interleaved(runtimes, a.layout_batches, f"{layout}: ")
         client.close()
@@ -295,26 +232,26 @@ class ServingBench:
         pid = self.stack.services()["triton"].pid
         if layout == a.throughput_layout:
             self.throughput(url, pid)
-        rss = {k: round(sum(map(rss_mb, ps)), 1) for k, ps in triton_processes(pid).items()}
+        rss = {k: rss_mb(pids) for k, pids in triton_processes(pid).items()}
         out["rss"] = rss | {"total": round(sum(rss.values()), 1)}
         self.stack.down(("triton",))
 
     def throughput(self, url: str, pid: int) -> None:
         """A closed loop per --in-flight level; the highest rate with p99 within the target."""
-        groups = {"bench (client)": [psutil.Process()]} | triton_processes(pid)
-        groups["valkey"] = [psutil.Process(p) for p in self.stack.services()["redis"].pids]
+        groups = {"bench (client)": [psutil.Process().pid]} | triton_processes(pid)
+        groups["valkey"] = self.stack.services()["redis"].pids
         levels, target = [], self.args.p99_target_ms
         for n in self.args.in_flight:
-            with self.phase(f"throughput: {n} in flight"):
+            with self.phases.phase(f"throughput: {n} in flight"):
                 levels.append(asyncio.run(self.closed_loop(url, n, groups)))
         best = max((lv for lv in levels if lv[4] <= target), key=lambda lv: lv[2], default=None)
         cpu = "".join(f"CPU-ms/req {g}|" for g in [*groups, "total"])
+        found = f"**{best[2]:,.1f} req/s** ({best[0]} in flight)." if best else "none."
         self.sections["throughput"] = [
             f"## Throughput on Triton ({self.args.throughput_layout} layout, requests in flight)",
             table(f"in flight|requests|req/s|p50 ms|p99 ms|batch formed|{cpu}cores busy", levels),
-            f"Highest rate with p99 ≤ {target:g} ms: **{best[2]:,.1f} req/s** ({best[0]} in "
-            "flight)." if best else f"No level kept p99 ≤ {target:g} ms.",
-        ]  # fmt: skip
+            f"Highest rate with p99 ≤ {target:g} ms: {found}",
+        ]
 
     async def closed_loop(self, url: str, in_flight: int, groups: dict) -> list[Any]:
         """`in_flight` asyncio workers on one gRPC channel, each sending its next request when
@@ -332,122 +269,98 @@ class ServingBench:
 
         await rec.connect()
         for record, seconds in ((False, min(2.0, measured / 4)), (True, measured)):
-            before, start = cpu_seconds(groups), time.perf_counter()
-            until = start + seconds
+            before = common.cpu_snapshot(groups)
+            until = before[0] + seconds
             await asyncio.gather(*(worker(until, record) for _ in range(in_flight)))
-        wall, after, n = time.perf_counter() - start, cpu_seconds(groups), len(series.ms)
+        after, n = common.cpu_snapshot(groups), len(series.ms)
         await rec.close()
         self.check(f"throughput {in_flight} in flight", series.answers)
-        cpu = [round((after[k] - before[k]) * 1000 / n, 2) for k in groups]
-        busy = round((sum(after.values()) - sum(before.values())) / wall, 2)
-        s = summarize(series.ms)
-        return [in_flight, n, round(n / wall, 1), s["p50"], s["p99"], series.formed(), *cpu,
-                round(sum(cpu), 2), busy]  # fmt: skip
+        spent, wall, s = common.cpu_spent(before, after), after[0] - before[0], summarize(series.ms)
+        cpu = [round(v * 1000 / n, 2) for v in spent.values()]  # ms per request, by group
+        figures = [in_flight, n, round(n / wall, 1), s["p50"], s["p99"], series.formed(), *cpu]
+        return figures + [round(sum(cpu), 2), round(sum(spent.values()) / wall, 2)]
 
-    def header(self) -> list[Block]:
-        a, m, d, ix = self.args, self.machine, self.manifest["data"], self.manifest["index"]
-        c = self.config
-        return [
-            f"# Serving benchmark: {a.label}",
-            f"{self.started} · {m['cpus_usable']} CPUs "
-            f"({m.get('cpu_model')}) · {m['memory_mb'].get('MemTotal', 0) / 1024:,.0f} GiB · "
-            f"Python {m['python']} · load average (1/5/15 min) at start "
-            f"{m['load_average_at_start']}, at end {[round(x, 2) for x in os.getloadavg()]} · "
-            f"commit {m.get('git_commit')}",
-            f"Artifacts `{self.manifest['version']}`: {d['items']:,} items, {d['users']:,} users, "
+    def report(self) -> list[Block]:
+        """The report's blocks: the run, the steps' sections, start-up, memory, correctness."""
+        a, r, c, d = self.args, self.r, self.config, self.artifacts.manifest["data"]
+        ix = self.artifacts.manifest["index"]
+        intro = (
+            f"Artifacts `{self.artifacts.version}`: {d['items']:,} items, {d['users']:,} users, "
             f"{d['interactions']:,} events, index {ix['type']} (recall vs exact@100 "
             f"{ix.get('recall_vs_exact@100', 0):.3f}). {a.requests} distinct requests, {self.cold} "
             f"of them cold-start users, {self.short} personalized ones for which retrieval found "
             f"fewer than {c['candidates']} items; k=10, temperature 0, {c['candidates']} "
             f"candidates. Triton: {a.instances} instance(s) per model, max_batch_size "
-            f"{a.max_batch}, dynamic batching with {a.queue_delay_us} µs queue delay, gRPC.",
-        ]
-
-    def layout_section(self) -> list[Block]:
-        rows = []
+            f"{a.max_batch}, dynamic batching with {a.queue_delay_us} µs queue delay, gRPC."
+        )
+        rows = []  # Triton vs in-process per layout
         for b in (1, self.args.batch):
             fastest = min(self.layouts, key=lambda n: self.layouts[n][b][1]["p50"])
             for name, lay in self.layouts.items():
                 (loc, tri, formed), pair = lay[b], ("p50", "p99")
                 figures = [x for k in pair for x in (loc[k], tri[k], ratio(tri[k], loc[k]))]
                 rows.append([name, b, *figures, formed, "✔" if name == fastest else ""])
-        return [
-            "## Triton vs in-process at the same batch size, per layout (ms per request)",
-            table("layout|batch|in-process p50|Triton p50|ratio p50|in-process p99|Triton p99|"
-                  "ratio p99|batch Triton formed|fastest", rows),
-        ]  # fmt: skip
+        headers = "layout|batch|in-process p50|Triton p50|ratio p50|in-process p99|Triton p99|"
+        headers += "ratio p99|batch Triton formed|fastest"
+        title = "## Triton vs in-process at the same batch size, per layout (ms per request)"
+        steps = [*self.sections["in_process"], title, table(headers, rows)]
+        steps += self.sections["throughput"]
+        return [common.header("Serving benchmark", r), intro, *steps] + self.appendix()
 
-    def startup(self) -> list[Block]:
-        seconds, lays = self.seconds, self.layouts
-        starts = [[n, seconds[f"{n}: start tritonserver"], x["first"]] for n, x in lays.items()]
-        return [
-            "## Start-up (s)",
-            table("in-process build|seconds", [list(kv) for kv in self.build_s.items()]),
-            table("layout|server start|first request", starts),
-            table("load features|seconds", [list(kv) for kv in self.load_s.items()]),
-            table("phase|seconds", [list(kv) for kv in self.seconds.items()]),
+    def appendix(self) -> list[Block]:
+        """Start-up, memory and correctness."""
+        seconds, client = self.phases.seconds, redis.Redis.from_url(self.stack.endpoint("redis"))
+        starts = [
+            [n, seconds[f"{n}: start tritonserver"], x["first"]] for n, x in self.layouts.items()
         ]
-
-    def memory(self) -> list[Block]:
-        client = redis.Redis.from_url(self.stack.endpoint("redis"))
-        valkey = sum(rss_mb(psutil.Process(p)) for p in self.stack.services()["redis"].pids)
-        used = client.info("memory")["used_memory"] / MIB
-        rows = [["bench process, in-process runtime built", self.rss],
-                ["bench process, at the end", round(rss_mb(psutil.Process()), 1)]]  # fmt: skip
+        rss = [["bench process, in-process runtime built", self.rss]]
+        rss.append(["bench process, at the end", rss_mb([psutil.Process().pid])])
         for n, x in self.layouts.items():
-            rows += [[f"triton {n}: {k}", v] for k, v in x["rss"].items()]
-        rows += [["valkey RSS", round(valkey, 1)], ["valkey used_memory", round(used, 1)]]
-        keys = f"Valkey keys: {client.dbsize():,}."
-        return ["## Memory (RSS MiB)", table("process|MiB", rows), keys]
-
-    def correctness(self) -> list[Block]:
+            rss += [[f"triton {n}: {k}", v] for k, v in x["rss"].items()]
+        rss.append(["valkey RSS", rss_mb(self.stack.services()["redis"].pids)])
+        rss.append(["valkey used_memory", round(client.info("memory")["used_memory"] / MIB, 1)])
         total, differ = (sum(c[i] for c in self.parity.values()) for i in (0, 1))
         first = ["First differences:", "\n".join(f"- {e}" for e in self.examples[:12])]
         return [
+            "## Start-up (s)",
+            table("in-process build|seconds", self.build_s),
+            table("layout|server start|first request", starts),
+            table("load features|seconds", self.load_s),
+            table("phase|seconds", [list(kv) for kv in seconds.items()]),
+            "## Memory (RSS MiB)",
+            table("process|MiB", rss),
+            f"Valkey keys: {client.dbsize():,}.",
             "## Correctness",
             f"{total:,} answers checked against the in-process batch-1 reference (items and "
             f"order exact, path, removed counts, scores within 1e-5): **{differ:,} mismatches**.",
             table("answers|checked|differ", [[k, *v] for k, v in self.parity.items()]),
         ] + (first if self.examples else [])
 
-    def report(self) -> list[Block]:
-        s = self.sections
-        return (self.header() + s["in_process"] + self.layout_section() + s["throughput"]
-                + self.startup() + self.memory() + self.correctness())  # fmt: skip
-
 
 def main(argv: list[str] | None = None) -> int:
     """The steps on a stack of their own (stopped at the end); the report written."""
-    args = parse_args(argv)
-    os.environ.pop("STREAMREC_REDIS_URL", None)  # the operators would prefer it to the stack's
-    run_dir = Path(tempfile.mkdtemp(prefix="streamrec-bench-serving-"))
-    settings = Settings(run_dir=run_dir, kafka_bootstrap=None, redis_url=None, triton_url=None)
-    try:
-        path = args.artifacts
-        path = path if (path / "manifest.json").exists() else current_artifacts(path)
-        b = ServingBench(args, EmbeddedStack(settings), path.resolve())
-        args.label = args.label or b.manifest["dataset"]
+    p = common.parser("python -m bench.serving", __doc__, OPTIONS)
+    args = p.parse_args(argv)
+    args.layouts = args.layouts.split(",")
+    args.in_flight = common.numbers(p, "--in-flight", args.in_flight, int)
+    if set(args.layouts) - set(LAYOUTS) or args.throughput_layout not in args.layouts:
+        p.error(f"--layouts: some of {', '.join(LAYOUTS)}, --throughput-layout among them")
+    if not 2 <= args.batch <= args.requests or min(args.batches, args.layout_batches) < 1:
+        p.error("--batch must be between 2 and --requests, --batches and --layout-batches >= 1")
+    args.artifacts = common.artifacts(args.artifacts)
+    args.label = args.label or Artifacts(args.artifacts).manifest["dataset"]
+    with common.embedded_stack(f"serving-{args.label}", args.keep) as stack:
+        b = ServingBench(args, stack)
         b.prepare()
-        b.answer_reference()
         b.in_process()
         for layout in args.layouts:
             b.layout(layout)
-        blocks = b.report()
-    except (FileNotFoundError, StartupError) as e:
-        console.print(f"[bold red]benchmark failed:[/bold red] {e}")
-        return 1
-    finally:
-        stopped = ", ".join(EmbeddedStack(settings).down())
-        console.print(f"stopped {stopped}; run directory {run_dir}")
-        if not args.keep:
-            shutil.rmtree(run_dir, ignore_errors=True)
-    render = [x if isinstance(x, str) else markdown_table(x["headers"], x["rows"]) for x in blocks]
-    result = {"config": vars(args), "artifacts": b.manifest, "parity": b.parity, "report": blocks}
-    paths = write_results(f"serving-{args.label}", result, "\n\n".join(render))
-    console.print("\n\n".join(render), markup=False)
-    console.print(f"wrote {paths[0]} and {paths[1]}")
+        b.r = common.finished(b.r)
+        blocks = b.report()  # Valkey still up: its memory
+    r = b.r | {"config": vars(args), "artifacts": b.artifacts.manifest, "parity": b.parity}
+    common.publish(f"serving-{args.label}", r | {"report": blocks}, blocks)
     if b.examples:
-        console.print("[bold red]benchmark failed:[/bold red] answers differ (see Correctness)")
+        common.console.print("[bold red]benchmark failed:[/bold red] answers differ")
     return 1 if b.examples else 0
 
 
