@@ -35,9 +35,6 @@ class Artifacts:
     EVALUATION: ClassVar[str] = "evaluation.json"  # `streamrec evaluate`'s default output
     PREQUENTIAL: ClassVar[str] = "prequential.json"
 
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
-
     def state(self, table: str) -> Path:
         """A table of the state snapshot: user_activity, item_stats, user_profile, ..."""
         return self.path / self.STATE / f"{table}.parquet"
