@@ -260,12 +260,14 @@ class _Publisher:
 
         async def send_all() -> None:
             sent = [await self.topics[role].send(key=k, value=v) for k, v in messages]
-            # Bounded: a send caught in a broker restart may never resolve, and a stuck agent
-            # stalls Faust's fetcher for every topic. On time-out the batch is sent again.
-            await asyncio.wait_for(asyncio.gather(*sent), SEND_TIMEOUT_S)
+            await asyncio.gather(*sent)
 
+        # Bounded as a whole: around a broker restart a send may wait for the topic's metadata
+        # or for room in the producer's buffer (up to Faust's producer request timeout, 20 min)
+        # and its acknowledgement may never come; a stuck agent holds its request slots and
+        # stalls Faust's fetcher. On time-out the batch is sent again.
         if messages:
-            await until_sent(send_all, role)
+            await until_sent(lambda: asyncio.wait_for(send_all(), SEND_TIMEOUT_S), role)
 
     async def dead_letters(self, letters: list[dict], processor: str) -> None:
         await self.publish("dead_letter", self._encoded(letters))
