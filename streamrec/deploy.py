@@ -23,7 +23,7 @@ class Deployment:
     repository: Path  # the exported Triton model repository
     config: dict[str, Any]  # the serving config the models were exported with
     snapshot: dict[str, Any] | None  # load_snapshot's record (None: the state was not loaded)
-    triton: str | None  # Triton's endpoint; None when it is external and was not restarted
+    triton: str | None  # the restarted Triton's endpoint (None: not started, or external)
 
 
 def deploy(
@@ -53,11 +53,8 @@ def deploy(
         except StackNotRunning:
             bootstrap = None
         snapshot = load_snapshot(settings, artifacts, redis_url, bootstrap)
-    config = serving_config(
-        {"redis_url": redis_url, "feast_project": settings.feast_project}
-        | {"candidates": settings.candidates}
-        | (serving or {})
-    )
+    base = {"redis_url": redis_url, "feast_project": settings.feast_project}
+    config = serving_config(base | {"candidates": settings.candidates} | (serving or {}))
     repository = export_repository(artifacts, stack.root / "triton" / "models", config, **export)
     triton = None
     if start and not stack.external("triton"):
